@@ -1,0 +1,233 @@
+"""The shared core of every gradient attack: state guard, input gradients, projections, and PGD.
+
+``pgd`` is the one iterative first-order loop in the library (Madry et al. 2018). FGSM (Goodfellow et
+al. 2015) is PGD with one full step and no random start; MI-FGSM (Dong et al. 2018) is PGD with
+``momentum``; CW-Linf is PGD on the CW margin; the BPDA/EOT wrappers only change the model it sees.
+Attacks are pure: the model's train/eval mode, its parameters and their requires_grad flags are
+restored exactly, and every output satisfies ``||x_adv - x||_p <= eps`` and ``0 <= x_adv <= 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from robustlab.attacks.losses import objective
+from robustlab.validation import check_batch, check_eps
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def frozen(model: Model) -> Iterator[None]:
+    """Turn off parameter gradients for the attack, then restore every flag and the train/eval mode.
+
+    The model is *not* switched to eval mode: the caller decides (evaluation runs in eval mode; a
+    training objective may attack in either). Parameter tensors are never written.
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    modes = [m.training for m in model.modules()]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        for m, mode in zip(model.modules(), modes, strict=True):
+            m.training = mode
+
+
+def input_gradient(
+    model: Model, x: torch.Tensor, labels: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient of the summed per-sample ``loss_fn`` w.r.t. ``x``; returns (grad, per-sample loss, logits)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        loss = loss_fn(logits, labels)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    return grad.detach(), loss.detach(), logits.detach()
+
+
+def _flat_norm(t: torch.Tensor, p: float) -> torch.Tensor:
+    return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(delta: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
+    """Project a perturbation onto the Linf or L2 ball of radius ``eps`` (scalar or per-sample)."""
+    if isinstance(eps, torch.Tensor):
+        eps = eps.view(-1, *([1] * (delta.dim() - 1)))
+    if norm == "linf":
+        return torch.maximum(torch.minimum(delta, eps * torch.ones_like(delta)), -eps * torch.ones_like(delta))
+    factor = (eps / _flat_norm(delta, 2).clamp_min(1e-12)).clamp(max=1.0)
+    return delta * factor
+
+
+def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest-ascent direction under the norm: sign for Linf, unit-L2 gradient for L2."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / _flat_norm(grad, 2).clamp_min(1e-12)
+
+
+def random_init(x: torch.Tensor, eps: float | torch.Tensor, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    """A uniform random start in the Linf ball, or a uniform point in the L2 ball."""
+    if isinstance(eps, torch.Tensor):
+        eps = eps.view(-1, *([1] * (x.dim() - 1)))
+    if norm == "linf":
+        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device) * 2 - 1
+        return noise * eps
+    direction = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+    direction = direction / _flat_norm(direction, 2).clamp_min(1e-12)
+    radius = torch.rand(x.shape[0], generator=generator, device="cpu").to(x.device)
+    radius = radius.pow(1.0 / x[0].numel()).view(-1, *([1] * (x.dim() - 1)))
+    return direction * radius * eps
+
+
+def clip_to_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
+    """Project ``x_adv`` back into the eps-ball around ``x`` and the [0, 1] box."""
+    return (x + project(x_adv - x, eps, norm)).clamp_(0.0, 1.0)
+
+
+def pgd(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    steps: int = 10,
+    step_size: float | None = None,
+    norm: str = "linf",
+    random_start: bool = True,
+    restarts: int = 1,
+    loss: str = "ce",
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+    momentum: float = 0.0,
+    early_stop: bool = False,
+    generator: torch.Generator | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Projected gradient ascent on ``loss`` inside the ``norm`` ball of radius ``eps``.
+
+    Args:
+        step_size: defaults to ``2.5 * eps / steps`` (Madry et al.'s rule of thumb).
+        restarts: independent random restarts; a sample keeps the first restart that fools the model.
+        targeted: move towards ``target`` (required) instead of away from ``y``.
+        momentum: MI-FGSM decay factor mu (Dong et al. 2018); 0 gives plain PGD.
+        early_stop: stop updating a sample once it is misclassified (targeted: classified as target).
+            This never weakens an accuracy evaluation (the sample already counts as broken) and saves
+            compute; adversarial *training* wants the loss maximiser instead, so it is off by default.
+    Returns:
+        x_adv with ``||x_adv - x||_norm <= eps`` and values in [0, 1].
+    """
+    if validate:
+        check_batch(x, y)
+        check_eps(eps, norm)
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if targeted and target is None:
+        raise ValueError("a targeted attack needs target labels")
+    if eps == 0 or steps == 0:
+        return x.detach().clone()
+    step_size = 2.5 * eps / steps if step_size is None else step_size
+    labels = target if targeted else y
+    loss_fn = objective(loss, targeted)
+    x = x.detach()
+    best = x.clone()
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    with frozen(model):
+        for _ in range(max(1, restarts)):
+            todo = (~fooled).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            x_adv, done = _pgd_run(
+                model, x[todo], labels[todo], y[todo], eps, steps, step_size, norm,
+                random_start, loss_fn, targeted, momentum, early_stop, generator,
+            )
+            best[todo] = x_adv
+            fooled[todo] = done
+    return best
+
+
+def _is_fooled(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor, targeted: bool) -> torch.Tensor:
+    prediction = logits.argmax(1)
+    return prediction == target if targeted else prediction != y
+
+
+def _pgd_run(
+    model: Model,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+    norm: str,
+    random_start: bool,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    targeted: bool,
+    momentum: float,
+    early_stop: bool,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One PGD run from one (random) start; returns (x_adv, fooled-at-return)."""
+    x_adv = clip_to_ball(x + random_init(x, eps, norm, generator), x, eps, norm) if random_start else x.clone()
+    velocity = torch.zeros_like(x)
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    active = torch.arange(x.shape[0], device=x.device)
+    for _ in range(steps):
+        grad, _, logits = input_gradient(model, x_adv[active], labels[active], loss_fn)
+        if early_stop:
+            hit = _is_fooled(logits, y[active], labels[active], targeted)
+            fooled[active[hit]] = True
+            keep = ~hit
+            active, grad = active[keep], grad[keep]
+            if active.numel() == 0:
+                break
+        if momentum:
+            grad = grad / grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+            velocity[active] = momentum * velocity[active] + grad
+            grad = velocity[active]
+        step = x_adv[active] + step_size * ascent_direction(grad, norm)
+        x_adv[active] = clip_to_ball(step, x[active], eps, norm)
+    if active.numel():
+        with torch.no_grad():
+            logits = model(x_adv[active])
+        fooled[active] = _is_fooled(logits, y[active], labels[active], targeted)
+    return x_adv.detach(), fooled
+
+
+def fgsm(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    targeted: bool = False,
+    target: torch.Tensor | None = None,
+    random_start: bool = False,
+    step_size: float | None = None,
+    loss: str = "ce",
+    generator: torch.Generator | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Fast Gradient Sign Method: one step of size eps (Goodfellow et al. 2015).
+
+    With ``random_start=True`` and ``step_size=1.25 * eps`` this is the FGSM-RS of fast adversarial
+    training (Wong et al. 2020).
+    """
+    return pgd(
+        model, x, y, eps=eps, steps=1, step_size=eps if step_size is None else step_size, norm=norm,
+        random_start=random_start, loss=loss, targeted=targeted, target=target, generator=generator,
+        validate=validate,
+    )

@@ -1,0 +1,87 @@
+"""Attacks by name, so configs and the CLI can say ``"pgd-20"`` or ``{"name": "cw", "steps": 30}``.
+
+``make_attack(spec, eps=..., norm=...)`` returns a callable ``attack(model, x, y) -> x_adv``. A trailing
+``-N`` in a name sets ``steps``. Every registered attack takes ``eps`` and ``norm`` keyword arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from robustlab.attacks.core import fgsm, pgd
+from robustlab.errors import RobustlabError
+
+Attack = Callable[..., torch.Tensor]
+
+ATTACKS: dict[str, Attack] = {}
+_STEPS_SUFFIX = re.compile(r"^(?P<name>[a-z0-9_]+?)-(?P<steps>\d+)$")
+
+
+def register_attack(name: str, fn: Attack | None = None):
+    """Register ``fn`` under ``name`` (usable as a decorator)."""
+    if fn is None:
+        return functools.partial(register_attack, name)
+    ATTACKS[name] = fn
+    return fn
+
+
+def cw_linf(model, x, y, *, eps: float, norm: str = "linf", **kwargs: Any) -> torch.Tensor:
+    """"CW" of robustness tables: PGD on the Carlini-Wagner margin loss under the same budget."""
+    kwargs.setdefault("steps", 30)
+    return pgd(model, x, y, eps=eps, norm=norm, loss="cw", **kwargs)
+
+
+def mifgsm(model, x, y, *, eps: float, norm: str = "linf", **kwargs: Any) -> torch.Tensor:
+    """MI-FGSM (Dong et al. 2018): momentum PGD, no random start, step eps/steps, decay 1.0."""
+    steps = kwargs.pop("steps", 10)
+    kwargs.setdefault("momentum", 1.0)
+    kwargs.setdefault("random_start", False)
+    kwargs.setdefault("step_size", eps / steps)
+    return pgd(model, x, y, eps=eps, norm=norm, steps=steps, **kwargs)
+
+
+register_attack("fgsm", fgsm)
+register_attack("pgd", pgd)
+register_attack("cw_linf", cw_linf)
+register_attack("mifgsm", mifgsm)
+
+
+def parse_attack_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``"pgd-20"`` -> ("pgd", {"steps": 20}); ``{"name": "cw", "steps": 30}`` -> ("cw", {"steps": 30})."""
+    if isinstance(spec, dict):
+        params = dict(spec)
+        name = str(params.pop("name", ""))
+    else:
+        name, params = str(spec).strip().lower(), {}
+        match = _STEPS_SUFFIX.match(name)
+        if match and match.group("name") in ATTACKS:
+            name, params = match.group("name"), {"steps": int(match.group("steps"))}
+    name = name.replace("-", "_") if name.replace("-", "_") in ATTACKS else name
+    if name not in ATTACKS:
+        raise RobustlabError(f"unknown attack '{name}'; valid: {', '.join(sorted(ATTACKS))}")
+    return name, params
+
+
+def make_attack(spec: str | dict[str, Any], *, eps: float, norm: str = "linf", **defaults: Any) -> Attack:
+    """A ready-to-call ``attack(model, x, y)`` for ``spec`` at budget ``eps``.
+
+    Unknown parameters for the chosen attack are rejected with the names it accepts.
+    """
+    name, params = parse_attack_spec(spec)
+    fn = ATTACKS[name]
+    merged = {**defaults, **params}
+    accepted = inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(merged) - set(accepted))
+        if unknown:
+            names = ", ".join(k for k in accepted if k not in ("model", "x", "y"))
+            raise RobustlabError(f"attack '{name}' has no parameter {', '.join(unknown)}; accepted: {names}")
+    attack = functools.partial(fn, eps=eps, norm=norm, **merged)
+    attack.__name__ = name  # type: ignore[attr-defined]
+    return attack

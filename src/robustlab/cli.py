@@ -1,0 +1,145 @@
+"""The ``robustlab`` command line: train, evaluate, demo (attack, audit, experiment, report build on it).
+
+Every user mistake is a :class:`~robustlab.errors.RobustlabError`; ``main`` prints it as one line on
+stderr and exits with status 2, so no traceback ever reaches the user for a bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from robustlab.errors import RobustlabError
+
+app = typer.Typer(
+    name="robustlab",
+    help="Train, attack and evaluate adversarially robust image classifiers.\n\n"
+    "Images are always [0, 1] pixels and eps is in pixel units (0.3, or 8/255).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config file (optional; flags and --set override it)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config field: section.key=value")]
+
+
+def _flag_overrides(**flags: Any) -> list[str]:
+    mapping = {
+        "dataset": "data.dataset", "data_dir": "data.data_dir", "model": "model.name", "defense": "defense.name",
+        "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "eps": "threat.eps",
+        "seed": "seed", "device": "train.device",
+    }
+    return [f"{mapping[k]}={v}" for k, v in flags.items() if v is not None]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+@app.command()
+def train(
+    config: ConfigArg = None,
+    dataset: Annotated[str | None, typer.Option(help="digits, mnist, cifar10, imagenet-subset, folder:PATH, npz:PATH")] = None,
+    model: Annotated[str | None, typer.Option(help="lenet5, small_cnn, resnet18, preact_resnet18, wide_resnet, efficientnet_b0")] = None,
+    defense: Annotated[str | None, typer.Option(help="training objective, e.g. standard, pgd_at, trades, hybrid")] = None,
+    epochs: Annotated[int | None, typer.Option(help="number of epochs")] = None,
+    eps: Annotated[str | None, typer.Option(help="perturbation budget in pixels, e.g. 0.3 or 8/255")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="batch size")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="dataset root (default $ROBUSTLAB_DATA or ~/.cache/robustlab/data)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/DATASET-MODEL-DEFENSE-sSEED)")] = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a finished run in --out")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Train a model with a defence; writes a run directory (resumes it if interrupted)."""
+    from robustlab.config import load_config
+    from robustlab.training import train as run_training
+
+    overrides = _flag_overrides(
+        dataset=dataset, model=model, defense=defense, epochs=epochs, eps=eps, lr=lr, batch_size=batch_size,
+        seed=seed, data_dir=data_dir, device=device,
+    ) + list(set_ or [])
+    cfg = load_config(config, overrides)
+    out = out or Path("runs") / f"{cfg.data.dataset.replace(':', '_').replace('/', '_')}-{cfg.model.name}-{cfg.defense.name}-s{cfg.seed}"
+    result = run_training(cfg, out, overwrite=overwrite, progress=progress)
+    console.print(
+        f"finished {cfg.defense.name} on {cfg.data.dataset}: clean test accuracy "
+        f"{_percent(result.metrics['clean_accuracy'])}% in {result.metrics['cost']['train_seconds']:.1f}s -> {out}"
+    )
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by robustlab train")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+) -> None:
+    """Evaluate a trained run on its test split and update metrics.json."""
+    from robustlab.evaluation import evaluate_run
+
+    metrics = evaluate_run(run_dir, device)
+    console.print(f"clean accuracy: {_percent(metrics['clean_accuracy'])}% on {metrics['test_size']} test images")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where the demo's runs go")] = Path("runs/demo"),
+    epochs: Annotated[int, typer.Option(min=1, max=200, help="epochs per defence")] = 15,
+    eps: Annotated[str, typer.Option(help="Linf budget in pixels")] = "0.1",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="retrain even if the demo runs exist")] = True,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Train defences on the embedded digits data and compare clean / FGSM / PGD accuracy (no download)."""
+    from robustlab.config import parse_number
+    from robustlab.demo import run_demo
+    from robustlab.validation import check_eps
+
+    budget = check_eps(parse_number(eps), "linf", "--eps")
+    rows = run_demo(out, epochs=epochs, eps=budget, seed=seed, overwrite=overwrite, progress=progress)
+    table = Table(title=f"digits, LeNet-5, Linf eps={budget:g}: test accuracy (%)")
+    for column in ("defense", "clean", "FGSM", "PGD-20", "train s"):
+        table.add_column(column, justify="left" if column == "defense" else "right")
+    for row in rows:
+        table.add_row(row["defense"], _percent(row["clean"]), _percent(row["fgsm"]), _percent(row["pgd-20"]),
+                      f"{row['seconds']:.1f}")
+    console.print(table)
+    console.print(f"runs written to {out}/")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning user errors into one line and exit status 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except RobustlabError as error:
+        err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun the same command to resume from the last finished epoch")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as error:  # click usage errors surface here with standalone_mode=False
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

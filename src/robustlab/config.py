@@ -1,0 +1,259 @@
+"""Validated run configuration: YAML in, clear errors out.
+
+A run is described by :class:`RunConfig` (data, model, optimisation, threat model, defence). Every
+section forbids unknown keys, so a typo such as ``train.epoch`` is reported with the allowed names.
+Overrides use dotted paths (``--set train.epochs=5``) and values are parsed as YAML; budgets accept
+fractions such as ``8/255``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from robustlab.errors import ConfigError
+
+_FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+
+
+def parse_number(value: Any) -> Any:
+    """Accept ``"8/255"`` (and plain numbers) wherever a budget or rate is expected."""
+    if isinstance(value, str):
+        match = _FRACTION.match(value)
+        if match:
+            denominator = float(match.group(2))
+            if denominator == 0:
+                raise ValueError("division by zero")
+            return float(match.group(1)) / denominator
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"expected a number or a fraction like 8/255, got {value!r}") from None
+    return value
+
+
+Budget = Annotated[float, BeforeValidator(parse_number), Field(ge=0.0, le=1.0)]
+Rate = Annotated[float, BeforeValidator(parse_number), Field(gt=0.0, le=10.0)]
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: str = "digits"
+    data_dir: str | None = None
+    val_size: int = Field(default=1000, ge=0, description="validation images carved from the train split")
+    split_seed: int = 0
+    augment: Literal["auto", "none", "flip", "crop", "crop_flip"] = "auto"
+    train_subset: int | None = Field(default=None, ge=1, description="use only the first N train images")
+    test_subset: int | None = Field(default=None, ge=1, description="use only the first N test images")
+
+    @model_validator(mode="after")
+    def _known_dataset(self) -> DataConfig:
+        from robustlab.data import validate_dataset_name
+
+        validate_dataset_name(self.dataset)
+        return self
+
+
+class ModelConfig(Section):
+    name: str = "lenet5"
+    depth: int | None = Field(default=None, ge=10, le=106)
+    width: int | None = Field(default=None, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _known_model(self) -> ModelConfig:
+        from robustlab.models import validate_model_name
+
+        validate_model_name(self.name)
+        return self
+
+
+class TrainConfig(Section):
+    epochs: int = Field(default=10, ge=1, le=10_000)
+    batch_size: int = Field(default=128, ge=1, le=65_536)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: Rate = 0.01
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
+    schedule: Literal["constant", "piecewise", "cosine", "onecycle"] = "cosine"
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="fractions of training")
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    select: Literal["last", "val_clean", "val_robust"] = "val_clean"
+    val_attack_steps: int = Field(default=10, ge=1, le=1000)
+    val_robust_size: int = Field(default=500, ge=1)
+    amp: bool = False
+    channels_last: bool = False
+    device: str = "auto"
+    deterministic: bool = False
+    log_every: int = Field(default=0, ge=0)
+
+
+class ThreatConfig(Section):
+    """The threat model shared by adversarial training and evaluation: pixel-space budget and norm."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: Annotated[float, BeforeValidator(parse_number), Field(ge=0.0, le=64.0)] = 0.3
+
+    @model_validator(mode="after")
+    def _pixel_range(self) -> ThreatConfig:
+        if self.norm == "linf" and self.eps > 1.0:
+            raise ValueError(f"eps={self.eps:g} exceeds the [0, 1] pixel range for an Linf budget")
+        return self
+
+
+class DefenseConfig(BaseModel):
+    """``name`` picks a training objective; the remaining keys are that objective's parameters.
+
+    Parameters are validated against the objective's own params model (see ``robustlab.defenses``), so
+    a misspelt parameter is reported with the names the chosen defence accepts.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "standard"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_defense(self) -> DefenseConfig:
+        from robustlab.defenses import validate_defense
+
+        validate_defense(self.name, self.params)
+        return self
+
+
+class RunConfig(Section):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    threat: ThreatConfig = Field(default_factory=ThreatConfig)
+    defense: DefenseConfig = Field(default_factory=DefenseConfig)
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            break
+    return model
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per problem: dotted field name, what is wrong, and the allowed names for unknown keys."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(str(p) for p in item["loc"])
+        where = ".".join(loc) or "config"
+        if item["type"] == "extra_forbidden":
+            section = _section_at(loc)
+            allowed = _field_names(section)
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"unknown key '{where}'{hint}; allowed: {', '.join(allowed)}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {message}")
+    return "; ".join(lines)
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict into a RunConfig, raising ConfigError with field names on failure."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing, unreadable or malformed file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must contain a mapping (key: value), got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    path, _, text = assignment.partition("=")
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {assignment!r} has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Build a RunConfig from an optional YAML file, a base dict, and ``key=value`` overrides."""
+    raw: dict[str, Any] = dict(base or {})
+    if path is not None:
+        raw = deep_merge(raw, read_yaml(path))
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    return build_config(raw)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively with ``update`` (neither input is modified)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """A plain, YAML-serialisable dict of the config (defence parameters inlined)."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,154 @@
+"""Dataset registry: name -> in-memory train / validation / test splits in pixel space.
+
+``load_dataset("mnist", data_dir=...)`` returns :class:`DatasetSplits` whose tensors are uint8 NCHW; the
+validation split is carved deterministically from the training split (size and seed recorded, and
+hashed so a run can prove which images it was selected on). The test split is never used for model
+selection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from robustlab.data.loader import TensorLoader
+from robustlab.data.sources import (
+    RawDataset,
+    default_data_dir,
+    load_cifar10,
+    load_digits,
+    load_image_folder,
+    load_imagenet_subset,
+    load_mnist,
+    load_npz,
+)
+from robustlab.errors import DataError
+
+__all__ = [
+    "DATASETS",
+    "DatasetSplits",
+    "Split",
+    "TensorLoader",
+    "default_data_dir",
+    "load_dataset",
+    "validate_dataset_name",
+]
+
+#: name -> (loader taking the data root, default augmentation for training)
+DATASETS: dict[str, tuple[Callable[[Path], RawDataset], str]] = {
+    "digits": (lambda root: load_digits(), "none"),
+    "mnist": (load_mnist, "none"),
+    "cifar10": (load_cifar10, "crop_flip"),
+    "imagenet-subset": (load_imagenet_subset, "crop_flip"),
+}
+_PREFIXES = ("folder:", "npz:")
+
+
+def validate_dataset_name(name: str) -> None:
+    """Raise DataError listing the valid names unless ``name`` is a registered dataset or a path source."""
+    if name in DATASETS or name.startswith(_PREFIXES):
+        return
+    valid = ", ".join([*DATASETS, "folder:PATH", "npz:PATH"])
+    raise DataError(f"unknown dataset '{name}'; valid: {valid}")
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def float_images(self) -> torch.Tensor:
+        return self.images.float().div_(255.0)
+
+    def head(self, n: int | None) -> Split:
+        return self if n is None else Split(self.images[:n], self.labels[:n])
+
+
+@dataclass
+class DatasetSplits:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    default_augment: str
+    split_seed: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def describe(self) -> dict[str, object]:
+        """Sizes, seed and content hashes of each split, for a run's metadata.json."""
+        return {
+            "dataset": self.name,
+            "num_classes": self.num_classes,
+            "image_shape": list(self.train.images.shape[1:]),
+            "split_seed": self.split_seed,
+            "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+            "hashes": {"train": self.train.digest(), "val": self.val.digest(), "test": self.test.digest()},
+        }
+
+
+def _raw(name: str, root: Path) -> RawDataset:
+    if name.startswith("folder:"):
+        return load_image_folder(Path(name.removeprefix("folder:")).expanduser())
+    if name.startswith("npz:"):
+        return load_npz(Path(name.removeprefix("npz:")).expanduser())
+    return DATASETS[name][0](root)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.float().div_(255.0).transpose(0, 1).reshape(images.shape[1], -1)
+    std = x.std(dim=1).clamp_min(1e-3)
+    return tuple(round(v, 4) for v in x.mean(dim=1).tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    val_size: int = 1000,
+    split_seed: int = 0,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+) -> DatasetSplits:
+    """Load ``name`` and carve ``val_size`` validation images from its training split with ``split_seed``."""
+    validate_dataset_name(name)
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    raw = _raw(name, root)
+    if raw.x_train.shape[0] != raw.y_train.shape[0] or raw.x_test.shape[0] != raw.y_test.shape[0]:
+        raise DataError(f"dataset '{name}': image and label counts differ")
+    n_train = raw.x_train.shape[0]
+    if val_size >= n_train:
+        raise DataError(f"data.val_size={val_size} must be smaller than the {n_train} training images")
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(split_seed))
+    val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
+    train = Split(raw.x_train[train_index], raw.y_train[train_index]).head(train_subset)
+    val = Split(raw.x_train[val_index], raw.y_train[val_index])
+    test = Split(raw.x_test, raw.y_test).head(test_subset)
+    mean, std = _channel_stats(train.images)
+    default_augment = DATASETS[name][1] if name in DATASETS else "none"
+    num_classes = raw.num_classes
+    names = raw.class_names or [str(i) for i in range(num_classes)]
+    return DatasetSplits(name, train, val, test, num_classes, names, mean, std, default_augment, split_seed)

@@ -1,0 +1,202 @@
+"""Raw dataset sources, each returning uint8 NCHW tensors for the train and test splits.
+
+Sources: ``digits`` (scikit-learn's bundled 8x8 handwritten digits: the embedded, offline default),
+``mnist`` and ``cifar10`` (torchvision's on-disk layout, downloaded when online), ``imagenet-subset``
+and ``folder:PATH`` (an ImageFolder tree with ``train/`` and ``val/`` or ``test/``), and ``npz:PATH``
+(arrays ``x_train, y_train, x_test, y_test``, uint8 HWC). Nothing here is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robustlab.errors import DataError
+
+DATA_ENV = "ROBUSTLAB_DATA"
+
+
+@dataclass
+class RawDataset:
+    """Train and test splits as uint8 tensors (N, C, H, W) with int64 labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) or int(max(self.y_train.max(), self.y_test.max())) + 1
+
+
+def default_data_dir() -> Path:
+    """``$ROBUSTLAB_DATA`` if set, else ``~/.cache/robustlab/data``."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "robustlab" / "data"
+
+
+def _missing(name: str, root: Path, reason: str) -> DataError:
+    return DataError(
+        f"dataset '{name}' is not under {root} and could not be downloaded ({reason}); "
+        f"pass --data-dir (or set {DATA_ENV}) to a folder that holds it"
+    )
+
+
+def load_digits() -> RawDataset:
+    """scikit-learn's 1,797 8x8 digits (values 0-16), scaled to uint8; a fixed 20% test split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    labels = bunch.target.astype(np.int64)
+    order = np.random.default_rng(20240).permutation(len(labels))
+    n_test = len(labels) // 5
+    test, train = order[:n_test], order[n_test:]
+    return RawDataset(
+        torch.from_numpy(images[train]),
+        torch.from_numpy(labels[train]),
+        torch.from_numpy(images[test]),
+        torch.from_numpy(labels[test]),
+        [str(d) for d in range(10)],
+    )
+
+
+def _torchvision_split(cls: type, root: Path, train: bool, name: str, download: bool):
+    try:
+        return cls(root=str(root), train=train, download=False)
+    except RuntimeError:
+        if not download:
+            raise _missing(name, root, "downloads disabled") from None
+    try:
+        return cls(root=str(root), train=train, download=True)
+    except Exception as error:  # network errors come in many types
+        raise _missing(name, root, type(error).__name__) from None
+
+
+def _as_nchw(array: np.ndarray) -> torch.Tensor:
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4:
+        array = array.transpose(0, 3, 1, 2)
+    else:
+        raise DataError(f"images must be (N, H, W) or (N, H, W, C), got shape {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def load_mnist(root: Path, download: bool = True) -> RawDataset:
+    from torchvision.datasets import MNIST
+
+    train = _torchvision_split(MNIST, root, True, "mnist", download)
+    test = _torchvision_split(MNIST, root, False, "mnist", download)
+    return RawDataset(
+        train.data[:, None].contiguous(),
+        train.targets.long(),
+        test.data[:, None].contiguous(),
+        test.targets.long(),
+        [str(d) for d in range(10)],
+    )
+
+
+def load_cifar10(root: Path, download: bool = True) -> RawDataset:
+    from torchvision.datasets import CIFAR10
+
+    train = _torchvision_split(CIFAR10, root, True, "cifar10", download)
+    test = _torchvision_split(CIFAR10, root, False, "cifar10", download)
+    return RawDataset(
+        _as_nchw(train.data),
+        torch.tensor(train.targets, dtype=torch.long),
+        _as_nchw(test.data),
+        torch.tensor(test.targets, dtype=torch.long),
+        list(train.classes),
+    )
+
+
+def _read_image_folder(folder: Path, classes: list[str], size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for path in sorted((folder / cls).iterdir()):
+            if not path.is_file():
+                continue
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("RGB")
+                    if size is None:
+                        size = image.size[0]
+                    if image.size != (size, size):
+                        image = image.resize((size, size), Image.BILINEAR)
+                    images.append(np.asarray(image, dtype=np.uint8))
+            except (UnidentifiedImageError, OSError) as error:
+                raise DataError(f"cannot read image {path}: {error}") from None
+            labels.append(label)
+    if not images:
+        raise DataError(f"no images found under {folder}")
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def load_image_folder(path: Path, size: int | None = None, name: str | None = None) -> RawDataset:
+    """An ImageFolder tree: ``path/train/<class>/*`` and ``path/val/<class>/*`` (or ``test/``)."""
+    name = name or f"folder:{path}"
+    train_dir = path / "train"
+    test_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(
+            f"dataset '{name}': expected {path}/train/<class>/ and {path}/val/<class>/ (or test/); "
+            "pass --data-dir to the folder that holds it"
+        )
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    x_train, y_train = _read_image_folder(train_dir, classes, size)
+    x_test, y_test = _read_image_folder(test_dir, classes, x_train.shape[1])
+    names = _class_descriptions(path, classes)
+    return RawDataset(_as_nchw(x_train), torch.from_numpy(y_train), _as_nchw(x_test), torch.from_numpy(y_test), names)
+
+
+def _class_descriptions(path: Path, classes: list[str]) -> list[str]:
+    """Use ``classes.txt`` (index, wnid, description) when present for readable class names."""
+    described = {}
+    listing = path / "classes.txt"
+    if listing.is_file():
+        for line in listing.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                described[parts[1]] = parts[2].split(",")[0]
+    return [described.get(c, c) for c in classes]
+
+
+def load_imagenet_subset(root: Path) -> RawDataset:
+    path = root / "imagenet-subset"
+    if not path.is_dir():
+        raise _missing("imagenet-subset", root, "it is not downloadable; copy the folder there")
+    return load_image_folder(path, name="imagenet-subset")
+
+
+def load_npz(path: Path) -> RawDataset:
+    """Arrays ``x_train, y_train, x_test, y_test`` (uint8 images HWC or HW) from an .npz, no pickle."""
+    if not path.is_file():
+        raise DataError(f"npz dataset not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)
+            if missing:
+                raise DataError(f"{path} lacks arrays: {', '.join(sorted(missing))}")
+            arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (ValueError, OSError) as error:
+        raise DataError(f"cannot read {path} as .npz: {error}") from None
+    for key in ("x_train", "x_test"):
+        if arrays[key].dtype != np.uint8:
+            raise DataError(f"{path}: {key} must be uint8 pixels in [0, 255], got {arrays[key].dtype}")
+    return RawDataset(
+        _as_nchw(arrays["x_train"]),
+        torch.from_numpy(arrays["y_train"].astype(np.int64)),
+        _as_nchw(arrays["x_test"]),
+        torch.from_numpy(arrays["y_test"].astype(np.int64)),
+    )

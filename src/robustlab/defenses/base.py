@@ -1,0 +1,78 @@
+"""What every training defence is: an objective ``(model, x, y, state) -> (loss, stats)``.
+
+The training loop (``robustlab.training``) knows nothing about any particular defence. It calls the
+objective on each batch, and its optional hooks at epoch boundaries, where the objective may read the
+validation metrics the loop measured (the hybrid defence's alpha comes from there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class ObjectiveParams(BaseModel):
+    """Base for an objective's parameters: unknown names are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class TrainState:
+    """Where training is: read by objectives for schedules (e.g. the hybrid's eps ramp)."""
+
+    epoch: int = 0  # 0-based
+    epochs: int = 1
+    step: int = 0  # global iteration count
+    steps_per_epoch: int = 1
+    eps: float = 0.0  # the run's target budget (config threat.eps)
+    norm: str = "linf"
+    generator: torch.Generator | None = None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1]."""
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+class Objective:
+    """A training defence. Subclasses set ``name``, ``Params`` and implement ``loss``.
+
+    ``needs_val_robust``: ask the loop to measure validation PGD accuracy every epoch.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
+    needs_val_robust: ClassVar[bool] = False
+
+    def __init__(self, params: ObjectiveParams | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def on_epoch_start(self, state: TrainState) -> dict[str, float]:
+        """Called before each epoch; returns values to log in that epoch's history row."""
+        return {}
+
+    def on_epoch_end(self, state: TrainState, val_metrics: dict[str, float]) -> dict[str, float]:
+        """Called after validation with ``val_clean_acc`` (and ``val_robust_acc`` when requested)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state needed to resume (e.g. the current alpha)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""

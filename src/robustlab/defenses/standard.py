@@ -1,0 +1,20 @@
+"""Standard (empirical risk minimisation) training: cross-entropy on clean images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlab.defenses.base import Objective, TrainState
+
+
+class StandardObjective(Objective):
+    """``CE(f(x), y)``: the undefended baseline every defence is compared with."""
+
+    name = "standard"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}

@@ -1,0 +1,45 @@
+"""Batched accuracy helpers shared by training-time validation and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from robustlab.data import Split
+
+
+def iterate(split: Split, batch_size: int, device: torch.device):
+    """Yield float [0, 1] image batches and labels from a uint8 split."""
+    for start in range(0, len(split), batch_size):
+        x = split.images[start : start + batch_size].to(device).float().div_(255.0)
+        yield x, split.labels[start : start + batch_size].to(device)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, batch_size: int = 512, device: torch.device | None = None) -> torch.Tensor:
+    """Predicted classes for every image of ``split`` (CPU int64)."""
+    device = device or next(model.parameters()).device
+    return torch.cat([model(x).argmax(1).cpu() for x, _ in iterate(split, batch_size, device)])
+
+
+def accuracy(model: nn.Module, split: Split, batch_size: int = 512) -> float:
+    """Clean top-1 accuracy on ``split`` in [0, 1]."""
+    return float((predict(model, split, batch_size) == split.labels).float().mean())
+
+
+def robust_accuracy(
+    model: nn.Module,
+    split: Split,
+    attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    batch_size: int = 256,
+) -> float:
+    """Accuracy on ``attack(model, x, y)`` for every batch of ``split`` (model kept in its current mode)."""
+    device = next(model.parameters()).device
+    correct = 0
+    for x, y in iterate(split, batch_size, device):
+        x_adv = attack(model, x, y)
+        with torch.no_grad():
+            correct += int((model(x_adv).argmax(1) == y).sum())
+    return correct / max(1, len(split))

@@ -1,0 +1,225 @@
+"""Run directories: everything a training run produces, written atomically, never silently overwritten.
+
+Layout of ``RUN_DIR/``::
+
+    config.yaml         the validated config that produced the run
+    metadata.json       versions, seed, git commit, device, data split sizes and hashes, status
+    history.csv         one row per epoch
+    model.safetensors   the selected (best-validation) weights
+    last.safetensors    weights at the end of the last finished epoch  } what an interrupted
+    resume.pt           optimiser / scheduler / RNG / objective state  } run resumes from
+    metrics.json        final evaluation
+
+Every file is written to a temporary sibling, fsynced, then renamed over the target, so a crash or
+SIGKILL leaves either the old or the new file, never a torn one. ``resume.pt`` holds only tensors and
+plain containers and is loaded with ``weights_only=True``: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from robustlab.errors import CheckpointError, RobustlabError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + fsync + rename; on failure the old file is intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise RobustlabError(f"could not write {path}: {error.strerror or error}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"missing file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"corrupt JSON in {path}: {error}") from None
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows (dicts, possibly with differing keys) as CSV; columns in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Read a history CSV back, converting numeric cells to float."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            rows.append({k: _number(v) for k, v in row.items()})
+    return rows
+
+
+def _number(text: str | None) -> Any:
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def save_weights(path: str | Path, model: nn.Module) -> None:
+    """Save a model's state dict as safetensors, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save_safetensors_bytes(tensors))
+
+
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Load safetensors weights into ``model``; a missing, corrupt or mismatched file is a CheckpointError."""
+    path = Path(path)
+    try:
+        tensors = load_safetensors_bytes(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"weights not found: {path}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"corrupt or truncated weights file {path}: {error}") from None
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0:2]
+        raise CheckpointError(f"weights in {path} do not fit the model: {' '.join(first)}") from None
+
+
+def load_foreign_checkpoint(path: str | Path, model: nn.Module) -> None:
+    """Load a user's own checkpoint: safetensors, or a .pt/.pth state dict read with ``weights_only=True``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        load_weights(path, model)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as error:  # torch raises many types for corrupt or unsafe files
+        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {str(error).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    target = model.net if hasattr(model, "net") and not any(k.startswith("net.") for k in state) else model
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"weights in {path} do not fit the model: {str(error).splitlines()[0]}") from None
+
+
+def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_resume_state(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"corrupt resume state {path}: {str(error).splitlines()[0]}") from None
+
+
+class RunDir:
+    """Paths and status of one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    metadata = property(lambda self: self.path / "metadata.json")
+    history = property(lambda self: self.path / "history.csv")
+    weights = property(lambda self: self.path / "model.safetensors")
+    last_weights = property(lambda self: self.path / "last.safetensors")
+    resume = property(lambda self: self.path / "resume.pt")
+    metrics = property(lambda self: self.path / "metrics.json")
+
+    def exists(self) -> bool:
+        return self.config.exists()
+
+    def is_finished(self) -> bool:
+        if not self.metadata.exists():
+            return False
+        try:
+            return read_json(self.metadata).get("status") == "finished"
+        except CheckpointError:
+            return False
+
+    def write_config(self, config_dict: dict[str, Any]) -> None:
+        atomic_write_text(self.config, yaml.safe_dump(config_dict, sort_keys=False))
+
+    def read_config_dict(self) -> dict[str, Any]:
+        if not self.config.exists():
+            raise CheckpointError(f"{self.path} is not a run directory (no config.yaml)")
+        try:
+            data = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"corrupt config.yaml in {self.path}: {str(error).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"corrupt config.yaml in {self.path}: not a mapping")
+        return data
+
+    def update_metadata(self, **fields: Any) -> dict[str, Any]:
+        data = read_json(self.metadata) if self.metadata.exists() else {}
+        data.update(fields)
+        write_json(self.metadata, data)
+        return data
+
+    def update_metrics(self, **fields: Any) -> dict[str, Any]:
+        data = read_json(self.metrics) if self.metrics.exists() else {}
+        data.update(fields)
+        write_json(self.metrics, data)
+        return data

@@ -1,0 +1,355 @@
+"""One training loop for every defence.
+
+``train(config, run_dir)`` builds data, model, objective, optimiser (SGD / Adam) and an lr schedule
+(constant, piecewise, cosine, one-cycle; stepped per iteration), then runs epochs with a progress bar.
+After each epoch it measures validation clean accuracy (and PGD accuracy at the run's eps when the
+objective or the selection rule needs it), appends a history row, saves the best weights by the
+selection metric, and checkpoints everything needed to resume. Interrupted runs resume from the last
+finished epoch; a finished run is never overwritten unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robustlab.attacks import pgd
+from robustlab.config import RunConfig, build_config, config_to_dict
+from robustlab.data import DatasetSplits, TensorLoader
+from robustlab.defenses import Objective, TrainState, build_objective
+from robustlab.errors import RobustlabError
+from robustlab.metrics import accuracy, robust_accuracy
+from robustlab.rundir import (
+    RunDir,
+    load_resume_state,
+    load_weights,
+    read_csv,
+    save_resume_state,
+    save_weights,
+    write_csv,
+)
+from robustlab.runs import prepare_data, prepare_model, seed_everything, select_device
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    model: nn.Module
+    data: DatasetSplits
+
+
+def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    t = config.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=False)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int):
+    """Per-iteration lr schedule: constant, piecewise (milestones as fractions), cosine, or one-cycle."""
+    t = config.train
+    total = t.epochs * steps_per_epoch
+    if t.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=total, pct_start=0.4)
+    if t.schedule == "cosine":
+        factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    elif t.schedule == "piecewise":
+        bounds = [int(m * total) for m in t.milestones]
+        factor = lambda step: t.gamma ** sum(step >= b for b in bounds)  # noqa: E731
+    else:
+        factor = lambda step: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def git_commit() -> str | None:
+    if shutil.which("git") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment() -> dict[str, Any]:
+    import robustlab
+
+    return {
+        "robustlab": robustlab.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(_flatten(random.getstate()))}
+    np_state = np.random.get_state()
+    state["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    state["numpy_pos"] = int(np_state[2])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _flatten(python_state: tuple) -> list[int]:
+    version, internal, gauss = python_state
+    return [version, *internal, -1 if gauss is None else 0]
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    flat = state["python"]
+    random.setstate((flat[0], tuple(flat[1:-1]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
+    """Create or validate the run directory; returns True when an unfinished run should resume."""
+    if run.path.exists() and any(run.path.iterdir()) and not run.exists():
+        if not overwrite:
+            raise RobustlabError(f"{run.path} exists and is not a robustlab run; choose another --out")
+    if run.exists():
+        if overwrite:
+            shutil.rmtree(run.path)
+        elif run.is_finished():
+            raise RobustlabError(f"{run.path} holds a finished run; pass --overwrite to replace it")
+        else:
+            previous = build_config(run.read_config_dict())
+            if config_to_dict(previous) != config_to_dict(config):
+                raise RobustlabError(
+                    f"{run.path} holds an unfinished run with a different config; "
+                    "resume it with the same config or pass --overwrite"
+                )
+            return run.resume.exists() and run.last_weights.exists()
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(config_to_dict(config))
+    return False
+
+
+class Trainer:
+    """Runs one config to completion in one run directory."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        progress: bool = True,
+        data: DatasetSplits | None = None,
+    ) -> None:
+        self.config = config
+        self.run = RunDir(run_dir)
+        self.resuming = _prepare_run_dir(self.run, config, overwrite)
+        self.progress = progress
+        self.device = select_device(config.train.device)
+        seed_everything(config.seed, config.train.deterministic)
+        self.data = data if data is not None else prepare_data(config)
+        self.model = prepare_model(config, self.data).to(self.device)
+        if config.train.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.objective: Objective = build_objective(config.defense.name, config.defense.params)
+        augment = self.data.default_augment if config.data.augment == "auto" else config.data.augment
+        self.loader = TensorLoader(
+            self.data.train.images, self.data.train.labels, config.train.batch_size,
+            shuffle=True, augment=augment, device=self.device, seed=config.seed, drop_last=len(self.data.train) > config.train.batch_size,
+        )
+        self.optimizer = make_optimizer(self.model, config)
+        self.scheduler = make_scheduler(self.optimizer, config, len(self.loader))
+        self.history: list[dict[str, Any]] = []
+        self.best_score = -math.inf
+        self.start_epoch = 0
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+
+    # --- checkpointing -------------------------------------------------------------------------
+    def _save_checkpoint(self, epoch: int) -> None:
+        save_weights(self.run.last_weights, self.model)
+        write_csv(self.run.history, self.history)
+        save_resume_state(
+            self.run.resume,
+            {
+                "epoch": epoch,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(),
+                "generator": self.generator.get_state(),
+                "best_score": self.best_score,
+                "objective": self.objective.state_dict(),
+            },
+        )
+
+    def _resume(self) -> None:
+        state = load_resume_state(self.run.resume)
+        load_weights(self.run.last_weights, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.best_score = float(state["best_score"])
+        self.objective.load_state_dict(state["objective"])
+        self.history = read_csv(self.run.history)[: state["epoch"] + 1]
+        self.start_epoch = int(state["epoch"]) + 1
+
+    # --- validation ----------------------------------------------------------------------------
+    def _validate(self) -> dict[str, float]:
+        t = self.config.train
+        self.model.eval()
+        metrics = {"val_clean_acc": accuracy(self.model, self.data.val)}
+        if self.objective.needs_val_robust or t.select == "val_robust":
+            eps, norm = self.config.threat.eps, self.config.threat.norm
+            attack = partial(
+                pgd, eps=eps, norm=norm, steps=t.val_attack_steps, generator=self.generator, early_stop=True
+            )
+            metrics["val_robust_acc"] = robust_accuracy(self.model, self.data.val.head(t.val_robust_size), attack)
+        return metrics
+
+    def _score(self, metrics: dict[str, float]) -> float:
+        select = self.config.train.select
+        if select == "last":
+            return math.inf
+        return metrics["val_robust_acc" if select == "val_robust" else "val_clean_acc"]
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        config, run = self.config, self.run
+        if self.resuming:
+            self._resume()
+        else:
+            run.update_metadata(
+                status="running", seed=config.seed, environment=environment(), device=str(self.device),
+                data=self.data.describe(), defense=config.defense.name, parameters=sum(p.numel() for p in self.model.parameters()),
+            )
+        state = TrainState(
+            epochs=config.train.epochs, steps_per_epoch=len(self.loader), eps=config.threat.eps,
+            norm=config.threat.norm, generator=self.generator,
+        )
+        state.step = self.start_epoch * state.steps_per_epoch
+        autocast = (
+            partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+            if config.train.amp and self.device.type == "cuda"
+            else nullcontext
+        )
+        bar = tqdm(
+            total=config.train.epochs * len(self.loader), initial=state.step, disable=not self.progress,
+            desc=f"{config.defense.name} {config.model.name}/{config.data.dataset}", unit="batch", leave=False,
+        )
+        for epoch in range(self.start_epoch, config.train.epochs):
+            state.epoch = epoch
+            state.log.clear()
+            self.loader.set_epoch(epoch)
+            row: dict[str, Any] = {"epoch": epoch + 1, **self.objective.on_epoch_start(state)}
+            sums: dict[str, float] = {}
+            started = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            for x, y in self.loader:
+                if config.train.channels_last and self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                self.model.train()
+                with autocast():
+                    loss, stats = self.objective.loss(self.model, x, y, state)
+                if not torch.isfinite(loss):
+                    raise RobustlabError(f"training diverged at epoch {epoch + 1} (loss is {loss.item()}); lower train.lr")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                state.step += 1
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("loss", "acc", "alpha", "eps_t")})
+            seconds = time.perf_counter() - started
+            row.update({f"train_{k}": v / len(self.loader) for k, v in sums.items()})
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            val = self._validate()
+            row.update(val)
+            row.update(self.objective.on_epoch_end(state, val))
+            row["epoch_seconds"] = round(seconds, 3)
+            row["peak_memory_mb"] = round(peak_memory_mb(self.device), 1)
+            if state.log:
+                row["events"] = " | ".join(state.log)
+            self.history.append(row)
+            score = self._score(val)
+            if score >= self.best_score or epoch == 0:
+                self.best_score = max(score, self.best_score)
+                save_weights(run.weights, self.model)
+                row["selected"] = 1
+            self._save_checkpoint(epoch)
+            bar.write(self._epoch_line(row)) if self.progress else None
+        bar.close()
+        return self._finish()
+
+    @staticmethod
+    def _epoch_line(row: dict[str, Any]) -> str:
+        keys = ["train_loss", "val_clean_acc", "val_robust_acc", "eps_t", "alpha", "epoch_seconds"]
+        parts = [f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), float | int)]
+        return f"epoch {row['epoch']}: " + " ".join(parts)
+
+    def _finish(self) -> TrainResult:
+        run = self.run
+        load_weights(run.weights, self.model)
+        self.model.eval()
+        train_seconds = float(sum(r.get("epoch_seconds") or 0 for r in self.history))
+        epochs = max(1, len(self.history))
+        metrics = {
+            "clean_accuracy": accuracy(self.model, self.data.test),
+            "test_size": len(self.data.test),
+            "cost": {
+                "train_seconds": round(train_seconds, 3),
+                "seconds_per_epoch": round(train_seconds / epochs, 3),
+                "peak_memory_mb": max((r.get("peak_memory_mb") or 0) for r in self.history),
+                "device": str(self.device),
+            },
+            "selected_epoch": max((int(r["epoch"]) for r in self.history if r.get("selected")), default=epochs),
+        }
+        run.update_metrics(**metrics)
+        run.update_metadata(status="finished")
+        return TrainResult(run.path, self.history, metrics, self.model, self.data)
+
+
+def train(
+    config: RunConfig | dict[str, Any],
+    run_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    data: DatasetSplits | None = None,
+) -> TrainResult:
+    """Train ``config`` into ``run_dir`` (resuming an unfinished run there) and return the result."""
+    if not isinstance(config, RunConfig):
+        config = build_config(config)
+    return Trainer(config, run_dir, overwrite=overwrite, progress=progress, data=data).fit()
