@@ -120,6 +120,9 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning user errors into one line and exit status 2."""
+    from robustlab.commands import load_commands
+
+    load_commands()
     try:
         app(args=argv, standalone_mode=False)
     except RobustlabError as error:
