@@ -1,0 +1,85 @@
+"""Statistics checked against scipy and hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from robustlab.errors import InputError
+from robustlab.stats import bootstrap_ci, calibration_error, expected_calibration_error, mcnemar
+
+
+def _paired(b: int, c: int, both: int = 7, neither: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    a = np.array([1] * b + [0] * c + [1] * both + [0] * neither, dtype=bool)
+    other = np.array([0] * b + [1] * c + [1] * both + [0] * neither, dtype=bool)
+    return a, other
+
+
+@pytest.mark.parametrize(("b", "c"), [(0, 5), (3, 3), (2, 9), (12, 4), (1, 0)])
+def test_mcnemar_exact_matches_scipy_binomtest(b, c):
+    result = mcnemar(*_paired(b, c))
+    assert (result.b, result.c, result.method) == (b, c, "exact")
+    assert result.p_value == pytest.approx(scipy_stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-12)
+
+
+@pytest.mark.parametrize(("b", "c"), [(30, 12), (20, 20), (60, 41)])
+def test_mcnemar_chi2_matches_scipy(b, c):
+    result = mcnemar(*_paired(b, c))
+    expected_stat = (abs(b - c) - 1) ** 2 / (b + c)
+    assert result.method == "chi2-cc"
+    assert result.statistic == pytest.approx(expected_stat)
+    assert result.p_value == pytest.approx(scipy_stats.chi2.sf(expected_stat, 1), rel=1e-9)
+
+
+def test_mcnemar_no_discordant_pairs_and_bad_input():
+    assert mcnemar([1, 0, 1], [1, 0, 1]).p_value == 1.0
+    with pytest.raises(InputError, match="differ in length"):
+        mcnemar([1, 0], [1, 0, 1])
+    with pytest.raises(InputError, match="boolean"):
+        mcnemar([0.5, 1.0], [1.0, 1.0])
+
+
+def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small = rng.random(100) < 0.7
+    large = rng.random(10_000) < 0.7
+    lo_s, hi_s = bootstrap_ci(small, n_boot=2000, seed=0)
+    lo_l, hi_l = bootstrap_ci(large, n_boot=500, seed=0)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert hi_l - lo_l < hi_s - lo_s
+    # normal approximation of a binomial proportion: half-width ~ 1.96 * sqrt(p (1 - p) / n)
+    half = 1.96 * np.sqrt(large.mean() * (1 - large.mean()) / large.size)
+    assert (hi_l - lo_l) / 2 == pytest.approx(half, rel=0.15)
+    assert bootstrap_ci(small, n_boot=300, seed=3) == bootstrap_ci(small, n_boot=300, seed=3)
+    assert bootstrap_ci(np.ones(50), n_boot=100) == (1.0, 1.0)
+
+
+def test_bootstrap_rejects_bad_input():
+    with pytest.raises(InputError):
+        bootstrap_ci([])
+    with pytest.raises(InputError):
+        bootstrap_ci([0.0, 2.0])
+
+
+def test_ece_of_calibrated_toy_is_near_zero_and_overconfident_toy_is_large():
+    rng = np.random.default_rng(0)
+    n = 20_000
+    confidence = rng.uniform(0.1, 1.0, n)
+    calibrated = rng.random(n) < confidence  # correct with probability equal to the confidence
+    assert calibration_error(confidence, calibrated) < 0.02
+    overconfident = rng.random(n) < 0.5  # 50% accurate, 99% confident
+    assert calibration_error(np.full(n, 0.99), overconfident) == pytest.approx(0.49, abs=0.02)
+
+
+def test_expected_calibration_error_from_probabilities_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    labels = torch.tensor([0, 1, 1, 1])
+    # bins of width 1/15: 0.9 -> bin 13, 0.8 -> bin 11, 0.7 -> bin 10, 0.6 -> bin 8: each holds one sample
+    expected = (abs(1 - 0.9) + abs(0 - 0.8) + abs(1 - 0.7) + abs(1 - 0.6)) / 4
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected)
+    # one bin: |mean accuracy - mean confidence|
+    assert expected_calibration_error(probs, labels, bins=1) == pytest.approx(abs(0.75 - 0.75))
+    with pytest.raises(InputError, match="softmax"):
+        expected_calibration_error(torch.tensor([[2.0, 3.0]]), torch.tensor([0]))
