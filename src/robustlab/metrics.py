@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from robustlab.data import Split
+from robustlab.memory import BatchSplitter
 
 
 def iterate(split: Split, batch_size: int, device: torch.device):
@@ -18,7 +19,9 @@ def iterate(split: Split, batch_size: int, device: torch.device):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int = 512, device: torch.device | None = None) -> torch.Tensor:
+def predict(
+    model: nn.Module, split: Split, batch_size: int = 512, device: torch.device | None = None
+) -> torch.Tensor:
     """Predicted classes for every image of ``split`` (CPU int64)."""
     device = device or next(model.parameters()).device
     return torch.cat([model(x).argmax(1).cpu() for x, _ in iterate(split, batch_size, device)])
@@ -35,11 +38,15 @@ def robust_accuracy(
     attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
     batch_size: int = 256,
 ) -> float:
-    """Accuracy on ``attack(model, x, y)`` for every batch of ``split`` (model kept in its current mode)."""
+    """Accuracy on ``attack(model, x, y)`` for every batch of ``split`` (model kept in its current mode).
+
+    A batch that runs out of accelerator memory is split in halves and retried (``robustlab.memory``).
+    """
     device = next(model.parameters()).device
+    splitter = BatchSplitter()
     correct = 0
     for x, y in iterate(split, batch_size, device):
-        x_adv = attack(model, x, y)
+        x_adv = splitter(lambda xs, ys: attack(model, xs, ys), x, y)
         with torch.no_grad():
             correct += int((model(x_adv).argmax(1) == y).sum())
     return correct / max(1, len(split))
