@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from robustlab.attacks.losses import objective
+from robustlab.errors import InputError
 from robustlab.validation import check_batch, check_eps
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -59,6 +60,34 @@ def input_gradient(
 
 def _flat_norm(t: torch.Tensor, p: float) -> torch.Tensor:
     return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def lp_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample ``norm`` ('linf' or 'l2') of a batch of perturbations, shape (N,)."""
+    return t.flatten(1).norm(p=float("inf") if norm == "linf" else 2.0, dim=1)
+
+
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample vector (N,) so it broadcasts against the batch ``like`` (N, ...)."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def check_attack_inputs(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> None:
+    """Validate an attack call once, with one clear :class:`~robustlab.errors.InputError` per mistake.
+
+    Checks the pixel-space images, the budget, the norm, and that every label is a class the model
+    actually outputs (one eval-mode forward pass of a single image; mode and flags are restored).
+    """
+    check_batch(x, y)
+    check_eps(eps, norm)
+    if norm not in ("linf", "l2"):
+        raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    with frozen(model), torch.no_grad():
+        if isinstance(model, nn.Module):
+            model.eval()
+        num_classes = model(x[:1]).shape[1]
+    if int(y.max()) >= num_classes:
+        raise InputError(f"labels must be < {num_classes} (the model's classes), found {int(y.max())}")
 
 
 def project(delta: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
@@ -130,12 +159,11 @@ def pgd(
         x_adv with ``||x_adv - x||_norm <= eps`` and values in [0, 1].
     """
     if validate:
-        check_batch(x, y)
-        check_eps(eps, norm)
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        check_attack_inputs(model, x, y, eps, norm)
+    elif norm not in ("linf", "l2"):
+        raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if targeted and target is None:
-        raise ValueError("a targeted attack needs target labels")
+        raise InputError("a targeted attack needs target labels")
     if eps == 0 or steps == 0:
         return x.detach().clone()
     step_size = 2.5 * eps / steps if step_size is None else step_size
@@ -158,7 +186,7 @@ def pgd(
     return best
 
 
-def _is_fooled(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor, targeted: bool) -> torch.Tensor:
+def is_fooled(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor, targeted: bool) -> torch.Tensor:
     prediction = logits.argmax(1)
     return prediction == target if targeted else prediction != y
 
@@ -187,7 +215,7 @@ def _pgd_run(
     for _ in range(steps):
         grad, _, logits = input_gradient(model, x_adv[active], labels[active], loss_fn)
         if early_stop:
-            hit = _is_fooled(logits, y[active], labels[active], targeted)
+            hit = is_fooled(logits, y[active], labels[active], targeted)
             fooled[active[hit]] = True
             keep = ~hit
             active, grad = active[keep], grad[keep]
@@ -202,7 +230,7 @@ def _pgd_run(
     if active.numel():
         with torch.no_grad():
             logits = model(x_adv[active])
-        fooled[active] = _is_fooled(logits, y[active], labels[active], targeted)
+        fooled[active] = is_fooled(logits, y[active], labels[active], targeted)
     return x_adv.detach(), fooled
 
 

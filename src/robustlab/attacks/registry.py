@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
+from robustlab.attacks.apgd import apgd
+from robustlab.attacks.autoattack import autoattack_x
 from robustlab.attacks.core import fgsm, pgd
+from robustlab.attacks.cw import cw_l2
+from robustlab.attacks.fab import fab_t
+from robustlab.attacks.square import square
 from robustlab.errors import RobustlabError
 
 Attack = Callable[..., torch.Tensor]
@@ -50,6 +55,13 @@ register_attack("fgsm", fgsm)
 register_attack("pgd", pgd)
 register_attack("cw_linf", cw_linf)
 register_attack("mifgsm", mifgsm)
+register_attack("cw_l2", cw_l2)
+register_attack("apgd_ce", functools.partial(apgd, loss="ce"))
+register_attack("apgd_dlr", functools.partial(apgd, loss="dlr"))
+register_attack("apgd_t", functools.partial(apgd, targeted=True))
+register_attack("fab_t", fab_t)
+register_attack("square", square)
+register_attack("autoattack", autoattack_x)
 
 
 def parse_attack_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:

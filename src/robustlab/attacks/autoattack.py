@@ -1,0 +1,100 @@
+"""AutoAttack (Croce & Hein 2020): a parameter-free ensemble, each attack run only on still-robust points.
+
+- ``standard``: APGD-CE (100 steps) -> APGD-T (100 steps, 9 target classes) -> FAB-T (100 steps,
+  9 target classes) -> Square (5000 queries), the configuration of the paper and of RobustBench.
+- ``rand`` (for randomised defences): APGD-CE -> APGD-DLR, each attacking an EOT model that averages
+  ``eot_samples`` (20) random draws (:class:`~robustlab.attacks.wrappers.EOT`).
+
+The result records the robust accuracy after every stage, so each number names the attack that
+produced it (``{"clean": .., "apgd-ce": .., "apgd-t": .., "fab-t": .., "square": ..}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from robustlab.attacks.apgd import apgd
+from robustlab.attacks.core import Model, check_attack_inputs, frozen
+from robustlab.attacks.fab import fab_t
+from robustlab.attacks.square import square
+from robustlab.attacks.wrappers import EOT
+from robustlab.errors import InputError
+
+Stage = tuple[str, Callable[..., torch.Tensor], dict[str, Any]]
+
+
+@dataclass
+class AutoAttackResult:
+    """Adversarial images and the robust accuracy (fraction in [0, 1]) after each stage, in order."""
+
+    x_adv: torch.Tensor
+    robust: torch.Tensor  # bool (N,): still correctly classified after every stage
+    accuracy: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def robust_accuracy(self) -> float:
+        return float(self.robust.float().mean())
+
+
+def autoattack_stages(version: str, steps: int = 100, queries: int = 5000) -> list[Stage]:
+    """The (name, attack, kwargs) sequence of an AutoAttack ``version``."""
+    if version == "standard":
+        return [
+            ("apgd-ce", apgd, {"steps": steps, "loss": "ce"}),
+            ("apgd-t", apgd, {"steps": steps, "targeted": True, "n_target_classes": 9}),
+            ("fab-t", fab_t, {"steps": steps, "n_target_classes": 9}),
+            ("square", square, {"queries": queries}),
+        ]
+    if version == "rand":
+        return [
+            ("apgd-ce", apgd, {"steps": steps, "loss": "ce"}),
+            ("apgd-dlr", apgd, {"steps": steps, "loss": "dlr"}),
+        ]
+    raise InputError(f"unknown AutoAttack version '{version}'; valid: standard, rand")
+
+
+def autoattack(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    version: str = "standard",
+    steps: int = 100,
+    queries: int = 5000,
+    eot_samples: int = 20,
+    generator: torch.Generator | None = None,
+) -> AutoAttackResult:
+    """Run AutoAttack ``version`` at budget ``eps``; see the module docstring."""
+    check_attack_inputs(model, x, y, eps, norm)
+    stages = autoattack_stages(version, steps, queries)
+    attacked = EOT(model, eot_samples) if version == "rand" else model  # type: ignore[arg-type]
+    x = x.detach()
+    x_adv = x.clone()
+    with frozen(model), torch.no_grad():
+        robust = model(x).argmax(1) == y
+    accuracy = {"clean": float(robust.float().mean())}
+    for name, attack, kwargs in stages:
+        todo = robust.nonzero().squeeze(1)
+        if todo.numel():
+            candidate = attack(
+                attacked, x[todo], y[todo], eps=eps, norm=norm, generator=generator, validate=False, **kwargs
+            )
+            with frozen(model), torch.no_grad():
+                broken = model(candidate).argmax(1) != y[todo]
+            x_adv[todo[broken]] = candidate[broken]
+            robust[todo[broken]] = False
+        accuracy[name] = float(robust.float().mean())
+    return AutoAttackResult(x_adv, robust, accuracy)
+
+
+def autoattack_x(
+    model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf", **kwargs: Any
+) -> torch.Tensor:
+    """Registry form of :func:`autoattack`: just the adversarial images."""
+    return autoattack(model, x, y, eps=eps, norm=norm, **kwargs).x_adv

@@ -1,0 +1,217 @@
+"""Square Attack (Andriushchenko, Croce, Flammarion & Hein 2020): score-based black-box, Linf and L2.
+
+A random search that uses only the model's scores (no gradients), so gradient masking cannot fool it.
+It minimises the margin ``z_y - max_{j != y} z_j`` (untargeted; a sample is broken once it is < 0):
+
+- Linf (§3.1): start from vertical stripes of ±eps; at each iteration pick a random square of side
+  ``s = round(sqrt(p * H * W))`` and set it, per channel, to a fresh ±eps (resampled until it changes
+  the image); keep the proposal if the margin decreases.
+- L2 (§3.2): start from a grid of "pseudo-Gaussian" tiles (concentric squares with weights
+  ``sum_{k >= d} 1/(k+1)^2`` at Chebyshev distance d from the centre, two halves of opposite sign);
+  at each iteration move the perturbation mass of a second random square into the first one (plus
+  any budget left), as such a tile, and rescale the whole perturbation to L2 norm eps.
+
+``p`` follows the paper's piecewise-constant schedule (``p_init`` halved at iterations 10, 50, 200,
+500, 1000, 2000, 4000, 6000, 8000 of a 10000-query run, rescaled to ``queries``). Every sample draws
+its own square positions; samples leave the batch once broken (each query counts once per sample).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from robustlab.attacks.core import Model, check_attack_inputs, clip_to_ball, frozen, per_sample
+from robustlab.attacks.losses import cw_margin
+from robustlab.errors import InputError
+
+_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_size_fraction(iteration: int, queries: int, p_init: float) -> float:
+    """The paper's schedule for ``p``, the fraction of pixels changed, at ``iteration`` of ``queries``."""
+    it = int(iteration / queries * 10000)
+    halvings = sum(it > t for t in _SCHEDULE)
+    return p_init / 2**halvings
+
+
+def _margin(model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return -cw_margin(model(x), y)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device="cpu").to(device)
+
+
+def _signs(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return (_rand(shape, generator, device) < 0.5).float() * 2 - 1
+
+
+def _square_masks(
+    n: int, h: int, w: int, s: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """One random s-by-s square per sample, as a (N, 1, H, W) {0, 1} mask."""
+    top = (_rand((n,), generator, device) * (h - s + 1)).floor().long()
+    left = (_rand((n,), generator, device) * (w - s + 1)).floor().long()
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    in_rows = (rows[None, :] >= top[:, None]) & (rows[None, :] < top[:, None] + s)
+    in_cols = (cols[None, :] >= left[:, None]) & (cols[None, :] < left[:, None] + s)
+    return (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1).float()
+
+
+def pseudo_gaussian_tile(
+    s: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The L2 attack's s-by-s update shape: two concentric-square bumps of opposite sign, unit L2 norm."""
+
+    def bump(rows: int, cols: int) -> torch.Tensor:
+        cr, cc = rows // 2, cols // 2
+        radius = torch.maximum(
+            (torch.arange(rows)[:, None] - cr).abs(), (torch.arange(cols)[None, :] - cc).abs()
+        )
+        levels = max(cr, cc) + 1
+        weights = 1.0 / torch.arange(1, levels + 1, dtype=torch.float32) ** 2
+        tail = weights.flip(0).cumsum(0).flip(0)  # tail[d] = sum_{k >= d} 1/(k+1)^2
+        tile = tail[radius.clamp(max=levels - 1)]
+        return tile / tile.norm()
+
+    tile = torch.cat([bump(s // 2, s), -bump(s - s // 2, s)], dim=0) if s > 1 else torch.ones(1, 1)
+    tile = tile / tile.norm()
+    if float(torch.rand((), generator=generator)) > 0.5:
+        tile = tile.t()
+    return tile.to(device)
+
+
+def square(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    queries: int = 5000,
+    p_init: float = 0.8,
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Untargeted Square attack with a budget of ``queries`` model evaluations per sample and restart.
+
+    Returns:
+        x_adv with ``||x_adv - x||_norm <= eps`` and values in [0, 1] (the lowest-margin point found).
+    """
+    if validate:
+        check_attack_inputs(model, x, y, eps, norm)
+    if queries < 1 or not 0 < p_init <= 1 or restarts < 1:
+        raise InputError("square needs queries >= 1, 0 < p_init <= 1 and restarts >= 1")
+    x = x.detach()
+    out = x.clone()
+    if eps == 0:
+        return out
+    with frozen(model):
+        fooled = _margin(model, x, y) < 0
+        for _ in range(restarts):
+            todo = (~fooled).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            run = _square_linf if norm == "linf" else _square_l2
+            out[todo], fooled[todo] = run(model, x[todo], y[todo], eps, queries, p_init, generator)
+    return out
+
+
+def _square_linf(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    queries: int,
+    p_init: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c, h, w = x.shape
+    best = (x + eps * _signs((n, c, 1, w), generator, x.device)).clamp(0, 1)
+    margin = _margin(model, best, y)
+    for i in range(1, queries):
+        todo = (margin >= 0).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            break
+        xs, cur = x[todo], best[todo]
+        s = min(max(round(math.sqrt(square_size_fraction(i, queries, p_init) * h * w)), 1), h - 1)
+        mask = _square_masks(todo.numel(), h, w, s, generator, x.device)
+        values = eps * _signs((todo.numel(), c, 1, 1), generator, x.device)
+        delta = cur - xs
+        changes = torch.ones(todo.numel(), dtype=torch.bool, device=x.device)
+        for _ in range(100):  # resample the square's colour until it changes the image (paper, Alg. 2)
+            candidate = (xs + torch.where(mask.bool(), values, delta)).clamp(0, 1)
+            changes = ((candidate - cur).abs() * mask).flatten(1).amax(1) > 1e-7
+            if bool(changes.all()):
+                break
+            redo = per_sample(~changes, values)
+            values = torch.where(redo, eps * _signs(tuple(values.shape), generator, x.device), values)
+        candidate = clip_to_ball(candidate, xs, eps, "linf")
+        new_margin = _margin(model, candidate, y[todo])
+        improved = new_margin < margin[todo]
+        best[todo[improved]] = candidate[improved]
+        margin[todo[improved]] = new_margin[improved]
+    return best, margin < 0
+
+
+def _square_l2(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    queries: int,
+    p_init: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c, h, w = x.shape
+    delta = torch.zeros_like(x)
+    tile_side = max(h // 5, 1)
+    offset = (h - tile_side * 5) // 2 if h >= 5 else 0
+    for top in range(offset, h - tile_side + 1, tile_side):
+        for left in range(offset, w - tile_side + 1, tile_side):
+            tile = pseudo_gaussian_tile(tile_side, generator, x.device)
+            delta[:, :, top : top + tile_side, left : left + tile_side] += tile * _signs(
+                (n, c, 1, 1), generator, x.device
+            )
+    best = clip_to_ball(x + _to_sphere(delta, eps), x, eps, "l2")
+    margin = _margin(model, best, y)
+    for i in range(1, queries):
+        todo = (margin >= 0).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            break
+        xs, cur = x[todo], best[todo]
+        m = todo.numel()
+        s = max(round(math.sqrt(square_size_fraction(i, queries, p_init) * h * w)), 3)
+        s = min(s + (s % 2 == 0), h)
+        delta = cur - xs
+        first = _square_masks(m, h, w, s, generator, x.device)
+        second = _square_masks(m, h, w, s, generator, x.device)
+        union = torch.maximum(first, second)
+        image_norm = delta.flatten(1).norm(dim=1)
+        window_norm = (delta * union).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()  # per channel
+        first_norm = (delta * first).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+        tile = pseudo_gaussian_tile(s, generator, x.device)
+        fresh = torch.zeros_like(delta)
+        fresh[first.expand_as(delta).bool()] = (tile * _signs((m, c, 1, 1), generator, x.device)).flatten()
+        old = delta * first / (first_norm + 1e-12)
+        proposal = fresh + old
+        proposal_norm = proposal.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+        budget = ((eps**2 - image_norm**2).clamp_min(0) / c).view(-1, 1, 1, 1) + window_norm**2
+        proposal = proposal / (proposal_norm + 1e-12) * budget.sqrt()
+        delta = delta * (1 - union) + proposal * first
+        candidate = clip_to_ball(xs + _to_sphere(delta, eps), xs, eps, "l2")
+        new_margin = _margin(model, candidate, y[todo])
+        improved = new_margin < margin[todo]
+        best[todo[improved]] = candidate[improved]
+        margin[todo[improved]] = new_margin[improved]
+    return best, margin < 0
+
+
+def _to_sphere(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rescale each perturbation to L2 norm eps (the L2 attack always spends its whole budget)."""
+    return delta * eps / per_sample(delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
