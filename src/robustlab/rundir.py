@@ -54,6 +54,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def remove_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temp files (``.NAME.*.tmp``) that writes interrupted by a kill left in ``directory``."""
+    stale = [p for p in Path(directory).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

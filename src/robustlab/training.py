@@ -33,13 +33,14 @@ from robustlab.attacks import pgd
 from robustlab.config import RunConfig, build_config, config_to_dict
 from robustlab.data import DatasetSplits, TensorLoader
 from robustlab.defenses import Objective, TrainState, build_objective
-from robustlab.errors import RobustlabError
+from robustlab.errors import CheckpointError, RobustlabError
 from robustlab.metrics import accuracy, robust_accuracy
 from robustlab.rundir import (
     RunDir,
     load_resume_state,
     load_weights,
     read_csv,
+    remove_temp_files,
     save_resume_state,
     save_weights,
     write_csv,
@@ -147,13 +148,17 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
         elif run.is_finished():
             raise RobustlabError(f"{run.path} holds a finished run; pass --overwrite to replace it")
         else:
+            remove_temp_files(run.path)
             previous = build_config(run.read_config_dict())
             if config_to_dict(previous) != config_to_dict(config):
-                raise RobustlabError(
-                    f"{run.path} holds an unfinished run with a different config; "
-                    "resume it with the same config or pass --overwrite"
-                )
-            return run.resume.exists() and run.last_weights.exists()
+                if run.resume.exists():
+                    raise RobustlabError(
+                        f"{run.path} holds an unfinished run with a different config; "
+                        "resume it with the same config or pass --overwrite"
+                    )
+                # no epoch finished (e.g. the data failed to load): nothing to lose, start with the new config
+                run.write_config(config_to_dict(config))
+            return run.resume.exists()
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(config_to_dict(config))
     return False
@@ -196,12 +201,18 @@ class Trainer:
 
     # --- checkpointing -------------------------------------------------------------------------
     def _save_checkpoint(self, epoch: int) -> None:
+        """Write the epoch's files; ``resume.pt`` (written last, atomically) is the one consistent snapshot.
+
+        It holds the weights too: a kill between two of these writes must not pair one epoch's weights
+        with the previous epoch's optimiser state. ``last.safetensors`` is the shareable copy.
+        """
         save_weights(self.run.last_weights, self.model)
         write_csv(self.run.history, self.history)
         save_resume_state(
             self.run.resume,
             {
                 "epoch": epoch,
+                "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": _rng_state(),
@@ -213,13 +224,19 @@ class Trainer:
 
     def _resume(self) -> None:
         state = load_resume_state(self.run.resume)
-        load_weights(self.run.last_weights, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"])
-        self.generator.set_state(state["generator"])
-        self.best_score = float(state["best_score"])
-        self.objective.load_state_dict(state["objective"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            _restore_rng(state["rng"])
+            self.generator.set_state(state["generator"])
+            self.best_score = float(state["best_score"])
+            self.objective.load_state_dict(state["objective"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            raise CheckpointError(
+                f"{self.run.resume} does not fit this run ({reason}); pass --overwrite to start again"
+            ) from None
         self.history = read_csv(self.run.history)[: state["epoch"] + 1]
         self.start_epoch = int(state["epoch"]) + 1
 
