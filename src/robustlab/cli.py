@@ -82,14 +82,69 @@ def train(
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory written by robustlab train")],
+    run_dir: Annotated[Path | None, typer.Argument(help="a run directory written by robustlab train")] = None,
+    attacks: Annotated[str | None, typer.Option(help="attack specs, default fgsm,pgd-20,cw_linf")] = None,
+    suite: Annotated[str | None, typer.Option(help="standard: add AutoAttack; rand: its EOT version")] = None,
+    eps: Annotated[str | None, typer.Option(help="pixel budget, 0.3 or 8/255 (default: the run's)")] = None,
+    norm: Annotated[str | None, typer.Option(help="linf or l2 (default: the run's)")] = None,
+    n: Annotated[int | None, typer.Option(help="evaluate the first N test samples only")] = None,
+    batch_size: Annotated[int, typer.Option(help="attack batch size")] = 256,
+    seed: Annotated[int, typer.Option(help="seed of the attacks' random starts and of the bootstrap")] = 0,
+    eot_samples: Annotated[int, typer.Option(help="EOT gradient samples per step for random defences")] = 20,
+    random_passes: Annotated[int, typer.Option(help="forward passes per input for random defences")] = 5,
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the 95% intervals")] = 1000,
+    model: Annotated[str | None, typer.Option(help="with --checkpoint: an architecture, e.g. lenet5")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="own weights: .safetensors / .pt")] = None,
+    dataset: Annotated[str | None, typer.Option(help="with --checkpoint: the dataset to test on")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="dataset root for --dataset")] = None,
+    out: Annotated[Path | None, typer.Option(help="with --checkpoint: where metrics.json goes")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
-    """Evaluate a trained run on its test split and update metrics.json."""
-    from robustlab.evaluation import evaluate_run
+    """Clean, per-attack and worst-case robust accuracy with 95% CIs; writes metrics.json.
 
-    metrics = evaluate_run(run_dir, device)
-    console.print(f"clean accuracy: {_percent(metrics['clean_accuracy'])}% on {metrics['test_size']} test images")
+    Preprocessing defences are attacked adaptively (BPDA/EOT) automatically.
+    """
+    from robustlab.config import parse_number
+    from robustlab.errors import ConfigError
+    from robustlab.evaluation import (
+        DEFAULT_ATTACKS,
+        evaluate_checkpoint,
+        evaluate_run,
+        format_table,
+        save_evaluation,
+        summary_lines,
+    )
+
+    specs = list(DEFAULT_ATTACKS) if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
+    options = {
+        "attacks": specs, "suite": suite, "n": n, "batch_size": batch_size, "seed": seed, "n_boot": n_boot,
+        "eot_samples": eot_samples, "random_passes": random_passes, "progress": progress,
+    }
+    budget = None if eps is None else parse_number(eps)
+    if checkpoint is not None:
+        if run_dir is not None:
+            raise ConfigError("give either RUN_DIR or --checkpoint, not both")
+        needed = (("--model", model), ("--dataset", dataset), ("--eps", eps))
+        missing = [flag for flag, value in needed if value is None]
+        if missing:
+            raise ConfigError(f"--checkpoint also needs {', '.join(missing)}")
+        out = out or Path("runs") / f"eval-{checkpoint.stem}"
+        result = evaluate_checkpoint(
+            model, checkpoint, dataset, eps=budget, norm=norm or "linf", data_dir=data_dir, device=device,
+            **options,
+        )
+        save_evaluation(result, out)
+        where = out
+    else:
+        if run_dir is None:
+            raise ConfigError("give a RUN_DIR, or --checkpoint FILE --model NAME --dataset D --eps E")
+        result = evaluate_run(run_dir, eps=budget, norm=norm, device=device, **options)
+        where = run_dir
+    console.print(format_table(result))
+    for line in summary_lines(result):
+        console.print(line, markup=False, highlight=False)
+    console.print(f"wrote {where / 'metrics.json'} (evaluations.{result.key})", markup=False, highlight=False)
 
 
 @app.command()

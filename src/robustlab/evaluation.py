@@ -1,20 +1,642 @@
-"""Evaluation of a trained run: clean accuracy on the held-out test split (extended by later work)."""
+"""Honest, complete metrics of one model (DESIGN.md "Evaluation protocol"; issue 5).
+
+:func:`evaluate_model` measures, on the same test samples: clean accuracy; robust accuracy under each
+attack (by registry spec, e.g. ``fgsm``, ``pgd-20``, ``cw_linf``, ``autoattack``); the per-sample worst
+case over all attacks (a sample counts as robust only if every attack failed on it); the robustness
+gap ``clean - worst case`` and the paper's gap ``clean - CW`` (paper Table 1 uses CW); mean max-softmax
+confidence, split by correct / wrong, with histogram counts, and the expected calibration error
+(Guo et al. 2017, 15 bins) of every measurement; bootstrap 95% intervals over test samples. Every
+robust number is stored with the attack name and parameters that produced it.
+
+Preprocessing defences (anything exposing ``.differentiable`` / ``.random``, e.g.
+:class:`robustlab.defenses.preprocessing.Defended`) are attacked adaptively, always:
+``robustlab.attacks.wrappers.adaptive_model`` gives the model the attacks differentiate (BPDA through
+non-differentiable transforms, EOT over random ones, Athalye et al. 2018) while predictions use the
+real defended model. If the wrapper is unavailable the evaluation refuses to run rather than print a
+non-adaptive number. A *random* model is classified ``random_passes`` times per input (fresh randomness
+each pass, as deployed): its accuracy is the mean over passes (the expected accuracy of one deployed
+prediction) and ``accuracy_per_draw`` lists each pass; worst case is taken per pass.
+
+:func:`evaluate_run` evaluates a run directory and merges the result into ``RUN_DIR/metrics.json``
+(atomically; keys written by training or by evaluations at another budget are kept). Schema::
+
+    metrics.json
+      clean_accuracy, test_size, cost, selected_epoch     # written by training, left untouched
+      evaluations:                                        # one entry per threat, key threat_key(norm, eps)
+        "linf-0.3":                                       #   e.g. norm "linf", eps 0.3
+          threat:   {norm, eps}
+          samples:  {split: "test", n, digest, file}      # file: per-sample arrays, relative to RUN_DIR
+          model:    {adaptive, differentiable, random, random_passes, eot_samples, weights_sha256}
+          clean:      MEASUREMENT
+          attacks:    {label: MEASUREMENT, ...}           # label = the spec as given, e.g. "pgd-20"
+          worst_case: MEASUREMENT                         # attack: {name: "worst_case", over: [labels]}
+          gap:      {clean_minus_worst_case, clean_minus_cw, cw_attack}   # cw entries None without cw_linf
+          cost:     copy of the run's training cost {train_seconds, seconds_per_epoch, peak_memory_mb, device}
+          seed, n_boot, seconds, versions: {robustlab, torch}
+    MEASUREMENT = {accuracy, ci95: [low, high], accuracy_per_draw (random models only), ece, seconds,
+                   attack: null (clean) | {name, spec, label, params, eps, norm, adaptive},
+                   confidence: {mean, mean_correct, mean_wrong, n_correct, n_wrong,
+                                histogram: {edges (21), correct (20 counts), wrong (20 counts)}}}
+
+Per-sample arrays (``evaluation/<threat key>.npz``, read with :func:`read_samples`, no pickle):
+``labels`` (n,), ``correct:<label>`` bool and ``confidence:<label>`` float32 of shape (passes, n) for
+``clean``, every attack label and ``worst_case``, ``worst_case_attack`` (passes, n) index into
+``attack_labels``. ``correct:clean[0]`` and ``correct:worst_case[0]`` are what McNemar's test
+(:func:`robustlab.stats.mcnemar`) compares between two defences evaluated on the same samples.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
-from robustlab.metrics import accuracy
-from robustlab.rundir import RunDir
+from robustlab.attacks.registry import ATTACKS, make_attack, parse_attack_spec
+from robustlab.data import Split, load_dataset
+from robustlab.errors import CheckpointError, ConfigError, InputError, RobustlabError
+from robustlab.metrics import iterate
+from robustlab.rundir import RunDir, atomic_write_bytes, load_foreign_checkpoint, read_json
 from robustlab.runs import load_run, select_device
+from robustlab.stats import bootstrap_ci, calibration_error
+from robustlab.validation import check_eps
+
+AttackSpec = str | dict[str, Any]
+
+#: FGSM, PGD-20 with a random start and CW-Linf (PGD on the CW margin): the paper's Table 1 attacks.
+DEFAULT_ATTACKS: tuple[str, ...] = ("fgsm", "pgd-20", "cw_linf")
+#: Attacks a suite adds: ``standard`` = AutoAttack (Croce & Hein 2020), ``rand`` = its version for
+#: random defences (APGD with EOT).
+SUITES: dict[str, tuple[AttackSpec, ...]] = {
+    "standard": ("autoattack",),
+    "rand": ({"name": "autoattack", "version": "rand"},),
+}
+ECE_BINS = 15
+HISTOGRAM_BINS = 20
+#: Arguments the evaluation itself supplies or that would change what is measured; not "parameters".
+_INTERNAL_ARGS = {"model", "x", "y", "eps", "norm", "targeted", "target", "generator", "validate"}
 
 
-def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, Any]:
-    """Measure clean test accuracy of a run's selected weights and merge it into ``metrics.json``."""
+def threat_key(norm: str, eps: float) -> str:
+    """The key of an evaluation in ``metrics.json``: ``"linf-0.3"``, ``"linf-0.0313725"``."""
+    return f"{norm}-{eps:.6g}"
+
+
+@dataclass
+class Measurement:
+    """One accuracy on the evaluated samples, with what produced it and its per-sample data.
+
+    ``correct`` and ``confidence`` have shape (passes, n): one row per forward pass (one for
+    deterministic models), one column per test sample.
+    """
+
+    label: str
+    attack: dict[str, Any] | None
+    correct: np.ndarray
+    confidence: np.ndarray
+    seconds: float = 0.0
+    ci95: tuple[float, float] = (math.nan, math.nan)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+    @property
+    def per_sample(self) -> np.ndarray:
+        """Per-sample correctness averaged over passes (0/1 for a deterministic model)."""
+        return self.correct.mean(axis=0)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "accuracy": self.accuracy,
+            "ci95": [self.ci95[0], self.ci95[1]],
+            "attack": self.attack,
+            "confidence": confidence_summary(self.confidence, self.correct),
+            "ece": calibration_error(self.confidence.ravel(), self.correct.ravel(), ECE_BINS),
+            "seconds": round(self.seconds, 3),
+        }
+        if self.correct.shape[0] > 1:
+            out["accuracy_per_draw"] = [float(row.mean()) for row in self.correct]
+        return out
+
+
+@dataclass
+class EvaluationResult:
+    """Everything :func:`evaluate_model` measured; ``to_dict`` is the ``metrics.json`` entry."""
+
+    threat: dict[str, Any]
+    labels: np.ndarray
+    clean: Measurement
+    attacks: dict[str, Measurement]
+    worst_case: Measurement
+    worst_case_attack: np.ndarray
+    model_info: dict[str, Any]
+    samples: dict[str, Any]
+    seed: int
+    n_boot: int
+    seconds: float
+    cost: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return threat_key(self.threat["norm"], self.threat["eps"])
+
+    @property
+    def robust_accuracy(self) -> float:
+        """The worst case over every attack run: the only number to call "robust accuracy"."""
+        return self.worst_case.accuracy
+
+    @property
+    def gap(self) -> float:
+        """Robustness gap, clean - worst-case accuracy (DESIGN.md)."""
+        return self.clean.accuracy - self.worst_case.accuracy
+
+    @property
+    def cw_label(self) -> str | None:
+        return next((k for k, m in self.attacks.items() if m.attack and m.attack["name"] == "cw_linf"), None)
+
+    @property
+    def paper_gap(self) -> float | None:
+        """The paper's gap, clean - CW accuracy (paper Table 1), when CW-Linf was run."""
+        label = self.cw_label
+        return None if label is None else self.clean.accuracy - self.attacks[label].accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threat": self.threat,
+            "samples": self.samples,
+            "model": self.model_info,
+            "clean": self.clean.summary(),
+            "attacks": {label: m.summary() for label, m in self.attacks.items()},
+            "worst_case": self.worst_case.summary(),
+            "gap": {
+                "clean_minus_worst_case": self.gap,
+                "clean_minus_cw": self.paper_gap,
+                "cw_attack": self.cw_label,
+            },
+            "cost": self.cost,
+            "seed": self.seed,
+            "n_boot": self.n_boot,
+            "seconds": round(self.seconds, 3),
+            **self.extra,
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-sample arrays saved next to ``metrics.json`` (see the module docstring)."""
+        out: dict[str, np.ndarray] = {
+            "labels": self.labels,
+            "attack_labels": np.array(list(self.attacks), dtype=str),
+            "worst_case_attack": self.worst_case_attack,
+        }
+        for m in (self.clean, *self.attacks.values(), self.worst_case):
+            out[f"correct:{m.label}"] = m.correct
+            out[f"confidence:{m.label}"] = m.confidence
+        return out
+
+
+def confidence_summary(confidence: np.ndarray, correct: np.ndarray) -> dict[str, Any]:
+    """Mean max-softmax overall and split by correct / wrong, and histogram counts over [0, 1]."""
+    conf, hit = confidence.ravel().astype(np.float64), correct.ravel().astype(bool)
+    edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+
+    def mean(values: np.ndarray) -> float | None:
+        return float(values.mean()) if values.size else None
+
+    return {
+        "mean": mean(conf),
+        "mean_correct": mean(conf[hit]),
+        "mean_wrong": mean(conf[~hit]),
+        "n_correct": int(hit.sum()),
+        "n_wrong": int((~hit).sum()),
+        "histogram": {
+            "edges": [round(float(e), 6) for e in edges],
+            "correct": np.histogram(conf[hit], bins=edges)[0].tolist(),
+            "wrong": np.histogram(conf[~hit], bins=edges)[0].tolist(),
+        },
+    }
+
+
+def resolve_attacks(attacks: Sequence[AttackSpec], suite: str | None) -> list[tuple[str, AttackSpec]]:
+    """(label, spec) for every attack to run; unknown attacks or suites fail here, before any work."""
+    if suite is not None and suite not in SUITES:
+        raise ConfigError(f"unknown suite '{suite}'; valid: {', '.join(SUITES)}")
+    specs = list(attacks) + list(SUITES[suite] if suite else ())
+    if suite and "autoattack" not in ATTACKS:
+        raise RobustlabError(
+            f"--suite {suite} needs the 'autoattack' attack, which is not registered in this installation"
+        )
+    resolved, seen = [], set()
+    for spec in specs:
+        parse_attack_spec(spec)  # raises RobustlabError naming the valid attacks
+        label = spec.strip().lower() if isinstance(spec, str) else _dict_label(spec)
+        if label in seen:
+            raise ConfigError(f"attack '{label}' is listed twice")
+        seen.add(label)
+        resolved.append((label, spec))
+    return resolved
+
+
+def _dict_label(spec: dict[str, Any]) -> str:
+    params = ",".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "name")
+    return f"{spec.get('name', '')}({params})" if params else str(spec.get("name", ""))
+
+
+def _attack_record(label: str, spec: AttackSpec, eps: float, norm: str, adaptive: str) -> tuple[Any, dict]:
+    """Build the attack callable and the record of exactly what it runs (defaults included)."""
+    import inspect
+
+    name, params = parse_attack_spec(spec)
+    fn = ATTACKS[name]
+    signature = inspect.signature(fn).parameters
+    extra = {"early_stop": True} if "early_stop" in signature else {}
+    attack = make_attack(spec, eps=eps, norm=norm, **extra)
+    defaults = {
+        k: p.default for k, p in signature.items()
+        if k not in _INTERNAL_ARGS and p.default is not inspect.Parameter.empty
+        and p.kind is not p.VAR_KEYWORD
+    }
+    record = {
+        "name": name, "label": label, "spec": spec, "params": {**defaults, **extra, **params},
+        "eps": eps, "norm": norm, "adaptive": adaptive,
+    }
+    return attack, record
+
+
+def _adaptive(model: nn.Module, eot_samples: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The model attacks differentiate, and a record of the adaptive mode (BPDA / EOT) chosen."""
+    differentiable = getattr(model, "differentiable", None)
+    random = getattr(model, "random", None)
+    if differentiable is None and random is None:
+        return model, {"adaptive": "none (plain model)", "differentiable": True, "random": False}
+    try:
+        from robustlab.attacks.wrappers import adaptive_model
+    except ImportError:
+        raise RobustlabError(
+            "this model has an input-transform defence but robustlab.attacks.wrappers.adaptive_model "
+            "(BPDA/EOT) is not available; refusing to report a non-adaptive robust accuracy"
+        ) from None
+    grad_model, description = adaptive_model(model, eot_samples=eot_samples)
+    info = {"adaptive": str(description), "differentiable": bool(differentiable), "random": bool(random)}
+    return grad_model, info
+
+
+@torch.no_grad()
+def _classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: int) -> tuple[np.ndarray, ...]:
+    """(correct, max-softmax confidence, true-class probability), each (passes, batch)."""
+    rows = []
+    for _ in range(passes):
+        probs = torch.softmax(model(x).float(), dim=1)
+        confidence, predicted = probs.max(1)
+        rows.append((predicted == y, confidence, probs.gather(1, y[:, None]).squeeze(1)))
+    return tuple(torch.stack(column).cpu().numpy() for column in zip(*rows, strict=True))
+
+
+def _check_budget(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, label: str) -> None:
+    """Refuse a number produced by an attack that left the threat model (a bug, never a user error)."""
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    outside = bool((size > eps * (1 + 1e-4) + 1e-6).any()) or x_adv.min() < 0 or x_adv.max() > 1
+    if x_adv.shape != x.shape or outside:
+        raise RuntimeError(f"attack '{label}' left the {norm} ball of radius {eps} or the [0, 1] box")
+
+
+def evaluate_model(
+    model: nn.Module,
+    split: Split,
+    *,
+    eps: float,
+    norm: str = "linf",
+    attacks: Sequence[AttackSpec] = DEFAULT_ATTACKS,
+    suite: str | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    n: int | None = None,
+    device: torch.device | str | None = None,
+    eot_samples: int = 20,
+    random_passes: int = 5,
+    n_boot: int = 1000,
+    progress: bool = False,
+) -> EvaluationResult:
+    """Clean, per-attack and worst-case accuracy of ``model`` on the first ``n`` samples of ``split``.
+
+    Args:
+        attacks: registry specs (``"pgd-40"``, ``{"name": "pgd", "steps": 50, "restarts": 5}``).
+        suite: ``"standard"`` adds AutoAttack, ``"rand"`` its version for random defences.
+        seed: seeds every attack's randomness (random starts) and the bootstrap; the caller's RNG state
+            is left untouched.
+        eot_samples: gradient samples per step for random defences (EOT).
+        random_passes: forward passes per input for a random model (deterministic models use one).
+    """
+    eps = check_eps(eps, norm)
+    if norm not in ("linf", "l2"):
+        raise ConfigError(f"threat.norm must be 'linf' or 'l2', got '{norm}'")
+    for name, value in (("n", n), ("batch_size", batch_size), ("eot_samples", eot_samples),
+                        ("random_passes", random_passes), ("n_boot", n_boot)):
+        if value is not None and int(value) < 1:
+            raise InputError(f"{name} must be >= 1, got {value}")
+    plan = resolve_attacks(attacks, suite)
+    split = split.head(n)
+    if len(split) == 0:
+        raise InputError("the evaluation split is empty")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        grad_model, info = _adaptive(model, eot_samples)
+        passes = random_passes if info["random"] else 1
+        info.update(random_passes=passes, eot_samples=eot_samples if info["random"] else None)
+        built = [(label, *_attack_record(label, spec, eps, norm, info["adaptive"])) for label, spec in plan]
+        n_batches = math.ceil(len(split) / batch_size)
+        bar = tqdm(total=n_batches * (1 + len(built)), desc="evaluate", unit="batch", disable=not progress,
+                   leave=False)
+        rng_devices = [device] if device.type == "cuda" else []
+        columns: dict[str, list[tuple[np.ndarray, ...]]] = {}
+        seconds: dict[str, float] = {}
+        for index, (label, attack, _) in enumerate([("clean", None, None), *built]):
+            bar.set_postfix_str(label)
+            tic = time.perf_counter()
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(seed * 1000 + index)
+                for x, y in iterate(split, batch_size, device):
+                    if attack is not None:
+                        x_adv = attack(grad_model, x, y)
+                        _check_budget(x_adv, x, eps, norm, label)
+                        x = x_adv
+                    columns.setdefault(label, []).append(_classify(model, x, y, passes))
+                    bar.update(1)
+            seconds[label] = time.perf_counter() - tic
+        bar.close()
+    finally:
+        model.train(was_training)
+
+    def measurement(label: str, record: dict | None) -> tuple[Measurement, np.ndarray]:
+        correct, confidence, p_true = (np.concatenate(c, axis=1) for c in zip(*columns[label], strict=True))
+        m = Measurement(label, record, correct, confidence.astype(np.float32), seconds[label])
+        m.ci95 = bootstrap_ci(m.per_sample, n_boot, seed)
+        return m, p_true
+
+    clean, _ = measurement("clean", None)
+    measured = {label: measurement(label, record) for label, _, record in built}
+    worst, worst_index = _worst_case(clean, measured, n_boot, seed)
+    return EvaluationResult(
+        threat={"norm": norm, "eps": eps},
+        labels=split.labels.numpy(),
+        clean=clean,
+        attacks={label: m for label, (m, _) in measured.items()},
+        worst_case=worst,
+        worst_case_attack=worst_index,
+        model_info=info,
+        samples={"split": "test", "n": len(split), "digest": split.digest()},
+        seed=seed,
+        n_boot=n_boot,
+        seconds=time.perf_counter() - started,
+        extra={"versions": _versions()},
+    )
+
+
+def _worst_case(
+    clean: Measurement, measured: dict[str, tuple[Measurement, np.ndarray]], n_boot: int, seed: int
+) -> tuple[Measurement, np.ndarray]:
+    """Per sample (and pass): robust only if every attack failed; its adversarial is the strongest one.
+
+    The adversarial kept for the confidence statistics is, per sample, a misclassified one if any
+    attack succeeded, and among those (or among all when none did) the one giving the true class the
+    lowest probability.
+    """
+    labels = list(measured)
+    record = {"name": "worst_case", "over": labels}
+    if not labels:
+        worst = Measurement("worst_case", record, clean.correct.copy(), clean.confidence.copy(), 0.0,
+                            clean.ci95)
+        return worst, np.full(clean.correct.shape, -1, dtype=np.int16)
+    correct = np.stack([measured[k][0].correct for k in labels])
+    confidence = np.stack([measured[k][0].confidence for k in labels])
+    p_true = np.stack([measured[k][1] for k in labels])
+    choice = np.argmin(correct * 2.0 + p_true, axis=0)
+    pick = np.take_along_axis(confidence, choice[None], axis=0)[0]
+    seconds = sum(measured[k][0].seconds for k in labels)
+    worst = Measurement("worst_case", record, correct.all(axis=0), pick, seconds)
+    worst.ci95 = bootstrap_ci(worst.per_sample, n_boot, seed)
+    return worst, choice.astype(np.int16)
+
+
+def _versions() -> dict[str, str]:
+    import robustlab
+
+    return {"robustlab": robustlab.__version__, "torch": torch.__version__}
+
+
+def save_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str, Any]:
+    """Save the per-sample arrays, merge ``result`` into ``out_dir/metrics.json``; return that file's data."""
+    run = RunDir(out_dir)
+    relative = Path("evaluation") / f"{result.key}.npz"
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **result.arrays())
+    atomic_write_bytes(run.path / relative, buffer.getvalue())
+    entry = result.to_dict()
+    entry["samples"] = {**entry["samples"], "file": str(relative)}
+    existing = read_json(run.metrics) if run.metrics.exists() else {}
+    evaluations = dict(existing.get("evaluations") or {})
+    evaluations[result.key] = entry
+    return run.update_metrics(evaluations=evaluations)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    attacks: Sequence[AttackSpec] = DEFAULT_ATTACKS,
+    suite: str | None = None,
+    eps: float | None = None,
+    norm: str | None = None,
+    n: int | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str = "auto",
+    eot_samples: int = 20,
+    random_passes: int = 5,
+    n_boot: int = 1000,
+    progress: bool = False,
+    write: bool = True,
+) -> EvaluationResult:
+    """Evaluate a run's selected weights on its test split at the run's threat (or ``eps``/``norm``).
+
+    The training cost from ``metrics.json`` is copied into the result; with ``write`` the result is
+    merged into ``metrics.json`` under ``evaluations[threat_key]`` and per-sample arrays are saved.
+    """
     loaded = load_run(run_dir, select_device(device))
-    with torch.no_grad():
-        clean = accuracy(loaded.model, loaded.data.test)
-    return RunDir(run_dir).update_metrics(clean_accuracy=clean, test_size=len(loaded.data.test))
+    norm = norm or loaded.config.threat.norm
+    eps = loaded.config.threat.eps if eps is None else eps
+    result = evaluate_model(
+        loaded.model, loaded.data.test, eps=eps, norm=norm, attacks=attacks, suite=suite,
+        batch_size=batch_size, seed=seed, n=n, eot_samples=eot_samples, random_passes=random_passes,
+        n_boot=n_boot, progress=progress,
+    )
+    run = RunDir(run_dir)
+    previous = read_json(run.metrics) if run.metrics.exists() else {}
+    result.cost = previous.get("cost")
+    result.model_info["weights_sha256"] = _sha256(run.weights)
+    result.extra.update(run_config={"dataset": loaded.config.data.dataset, "model": loaded.config.model.name,
+                                    "defense": loaded.config.defense.name, "seed": loaded.config.seed})
+    if write:
+        save_evaluation(result, run.path)
+    return result
+
+
+def evaluate_checkpoint(
+    model_name: str,
+    checkpoint: str | Path,
+    dataset: str,
+    *,
+    eps: float,
+    data_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    **options: Any,
+) -> EvaluationResult:
+    """Evaluate a model of one's own: a registered architecture with weights from ``checkpoint``.
+
+    ``checkpoint`` is safetensors (preferred) or a ``.pt`` state dict read with ``weights_only=True``.
+    A robustlab checkpoint carries its ``Normalize`` buffers; a bare network state dict is evaluated
+    on [0, 1] pixels with identity normalisation. ``options`` are :func:`evaluate_model`'s.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    from robustlab.models import build_model
+
+    data = load_dataset(dataset, data_dir, val_size=1)
+    model = build_model(model_name, data.num_classes, data.channels, data.image_size)
+    load_foreign_checkpoint(path, model)
+    result = evaluate_model(model, data.test, eps=eps, device=select_device(device), **options)
+    result.model_info["weights_sha256"] = _sha256(path)
+    result.extra.update(run_config={"dataset": dataset, "model": model_name, "checkpoint": str(path)})
+    if out_dir is not None:
+        save_evaluation(result, out_dir)
+    return result
+
+
+def _attack_text(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "-"
+    if record["name"] == "worst_case":
+        return "min over " + ", ".join(record["over"]) if record["over"] else "no attack run"
+    given = parse_attack_spec(record["spec"])[1]
+    params = [f"{k}={v}" for k, v in record["params"].items() if (k in given or k == "steps") and v is not None]
+    if record["params"].get("random_start"):
+        params.append("random start")
+    if not record["adaptive"].startswith("none"):
+        params.append(f"via {record['adaptive']}")
+    return " ".join([record["name"], *params, f"eps={record['eps']:.4g}"])
+
+
+def format_table(result: EvaluationResult) -> Any:
+    """A rich table of every measurement: accuracy with its 95% CI and the attack that produced it."""
+    from rich.table import Table
+
+    norm, eps = result.threat["norm"], result.threat["eps"]
+    table = Table(title=f"{result.samples['n']} test samples, {norm} eps={eps:.4g}: accuracy (%)")
+    for column in ("measure", "attack", "accuracy [95% CI]", "conf.", "ECE", "s"):
+        table.add_column(column, justify="left" if column in ("measure", "attack") else "right")
+    for m in (result.clean, *result.attacks.values(), result.worst_case):
+        conf = float(m.confidence.mean())
+        style = "bold" if m is result.worst_case else None
+        table.add_row(
+            m.label, _attack_text(m.attack),
+            f"{100 * m.accuracy:.2f} [{100 * m.ci95[0]:.1f}, {100 * m.ci95[1]:.1f}]", f"{conf:.3f}",
+            f"{calibration_error(m.confidence.ravel(), m.correct.ravel(), ECE_BINS):.3f}", f"{m.seconds:.1f}",
+            style=style,
+        )
+    return table
+
+
+def summary_lines(result: EvaluationResult) -> list[str]:
+    """Plain-text lines under the table: robust accuracy, gaps, adaptive mode, cost."""
+    w = result.worst_case
+    lines = [
+        f"robust accuracy (per-sample worst case, {_attack_text(w.attack)}): {100 * w.accuracy:.2f}% "
+        f"[{100 * w.ci95[0]:.1f}, {100 * w.ci95[1]:.1f}]",
+        f"robustness gap clean - worst case: {100 * result.gap:.2f} points"
+        + (f"; paper's gap clean - CW ({result.cw_label}): {100 * result.paper_gap:.2f} points"
+           if result.paper_gap is not None else "; paper's gap clean - CW: not measured (add cw_linf)"),
+        f"attacks differentiate: {result.model_info['adaptive']}"
+        + (f"; random model, accuracy = mean over {result.model_info['random_passes']} forward passes"
+           if result.model_info["random"] else ""),
+    ]
+    if result.cost:
+        c = result.cost
+        lines.append(f"training cost: {c.get('train_seconds')} s, {c.get('seconds_per_epoch')} s/epoch, "
+                     f"peak memory {c.get('peak_memory_mb')} MB on {c.get('device')}")
+    return lines
+
+
+def read_evaluation(run_dir: str | Path, eps: float | None = None, norm: str | None = None) -> dict[str, Any]:
+    """The ``metrics.json`` entry of one evaluation (default: at the run's own threat)."""
+    run = RunDir(run_dir)
+    evaluations = (read_json(run.metrics) if run.metrics.exists() else {}).get("evaluations") or {}
+    if eps is None or norm is None:
+        threat = (run.read_config_dict().get("threat") or {}) if run.config.exists() else {}
+        norm = norm or threat.get("norm", "linf")
+        if eps is None:
+            from robustlab.config import parse_number
+
+            eps = parse_number(threat.get("eps", 0.3))
+    key = threat_key(norm, float(eps))
+    if key not in evaluations:
+        have = ", ".join(evaluations) or "none"
+        raise CheckpointError(f"no evaluation at {key} in {run.metrics} (have: {have}); evaluate first")
+    return evaluations[key]
+
+
+def read_samples(
+    run_dir: str | Path, eps: float | None = None, norm: str | None = None
+) -> dict[str, np.ndarray]:
+    """The per-sample arrays of one evaluation (see the module docstring), loaded without pickle."""
+    entry = read_evaluation(run_dir, eps, norm)
+    path = Path(run_dir) / entry["samples"]["file"]
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise CheckpointError(f"missing per-sample file: {path}") from None
+    except (ValueError, OSError) as error:
+        raise CheckpointError(f"corrupt per-sample file {path}: {error}") from None
+
+
+__all__ = [
+    "DEFAULT_ATTACKS",
+    "SUITES",
+    "EvaluationResult",
+    "Measurement",
+    "confidence_summary",
+    "evaluate_checkpoint",
+    "evaluate_model",
+    "evaluate_run",
+    "format_table",
+    "read_evaluation",
+    "read_samples",
+    "resolve_attacks",
+    "save_evaluation",
+    "summary_lines",
+    "threat_key",
+]
+

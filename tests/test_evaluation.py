@@ -1,0 +1,178 @@
+"""evaluate_model / evaluate_run on a tiny digits model: worst case, gaps, intervals, files, adaptivity."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from robustlab.errors import RobustlabError
+from robustlab.evaluation import (
+    confidence_summary,
+    evaluate_model,
+    evaluate_run,
+    read_evaluation,
+    read_samples,
+    resolve_attacks,
+    threat_key,
+)
+from robustlab.metrics import predict
+from robustlab.rundir import read_json
+
+FAST = ("fgsm", "pgd-10", {"name": "cw_linf", "steps": 10})
+
+
+@pytest.fixture(scope="module")
+def result(trained_digits):
+    return evaluate_model(trained_digits.model, trained_digits.data.test, eps=0.1, attacks=FAST, n=120, n_boot=200)
+
+
+@pytest.fixture
+def run_copy(trained_digits, tmp_path):
+    """A private copy of the shared trained run, so writing metrics.json never disturbs other tests."""
+    return shutil.copytree(trained_digits.run_dir, tmp_path / "run")
+
+
+def test_worst_case_is_per_sample_and_below_every_attack(result):
+    assert list(result.attacks) == ["fgsm", "pgd-10", "cw_linf(steps=10)"]
+    for m in result.attacks.values():
+        assert not np.any(result.worst_case.correct & ~m.correct)  # robust in the worst case => robust to each
+        assert result.worst_case.accuracy <= m.accuracy
+    stacked = np.stack([m.correct for m in result.attacks.values()])
+    assert np.array_equal(result.worst_case.correct, stacked.all(axis=0))
+    assert result.robust_accuracy == result.worst_case.accuracy
+    # an eps of 0.1 breaks a standard model on many digits, but not all of them
+    assert 0 < result.worst_case.accuracy < result.clean.accuracy
+
+
+def test_clean_accuracy_matches_plain_prediction(result, trained_digits):
+    test = trained_digits.data.test.head(120)
+    expected = float((predict(trained_digits.model, test) == test.labels).float().mean())
+    assert result.clean.accuracy == pytest.approx(expected)
+    assert result.samples["n"] == 120 and result.samples["digest"] == test.digest()
+
+
+def test_gap_arithmetic_and_intervals(result):
+    cw = result.attacks["cw_linf(steps=10)"]
+    assert result.gap == pytest.approx(result.clean.accuracy - result.worst_case.accuracy)
+    assert result.paper_gap == pytest.approx(result.clean.accuracy - cw.accuracy)
+    assert result.paper_gap <= result.gap
+    d = result.to_dict()
+    assert d["gap"]["clean_minus_worst_case"] == pytest.approx(result.gap)
+    assert d["gap"]["cw_attack"] == "cw_linf(steps=10)"
+    for m in (result.clean, *result.attacks.values(), result.worst_case):
+        low, high = m.ci95
+        assert 0 <= low <= m.accuracy <= high <= 1 and high - low > 0
+
+
+def test_every_robust_number_names_its_attack(result):
+    d = result.to_dict()
+    pgd = d["attacks"]["pgd-10"]["attack"]
+    assert pgd["name"] == "pgd" and pgd["params"]["steps"] == 10 and pgd["params"]["random_start"] is True
+    assert pgd["eps"] == 0.1 and pgd["norm"] == "linf" and pgd["adaptive"].startswith("none")
+    assert d["attacks"]["cw_linf(steps=10)"]["attack"]["params"]["steps"] == 10
+    assert d["worst_case"]["attack"] == {"name": "worst_case", "over": list(result.attacks)}
+    assert d["clean"]["attack"] is None
+
+
+def test_confidence_statistics(result):
+    d = result.to_dict()
+    for entry in (d["clean"], d["worst_case"], *d["attacks"].values()):
+        conf = entry["confidence"]
+        assert sum(conf["histogram"]["correct"]) == conf["n_correct"]
+        assert sum(conf["histogram"]["wrong"]) == conf["n_wrong"]
+        assert conf["n_correct"] + conf["n_wrong"] == 120
+        assert 0.0 <= entry["ece"] <= 1.0
+    # the worst-case adversarial of a sample is a misclassified one whenever any attack succeeded
+    wrong = ~result.worst_case.correct
+    assert d["worst_case"]["confidence"]["n_wrong"] == int(wrong.sum())
+    summary = confidence_summary(np.array([[0.2, 0.97, 1.0]]), np.array([[False, True, True]]))
+    assert summary["mean_correct"] == pytest.approx(0.985) and summary["histogram"]["correct"][-1] == 2
+
+
+def test_attacks_are_seeded_and_leave_the_model_in_its_mode(trained_digits):
+    model = trained_digits.model.train()
+    try:
+        a = evaluate_model(model, trained_digits.data.test, eps=0.1, attacks=("pgd-3",), n=40, n_boot=10, seed=1)
+        b = evaluate_model(model, trained_digits.data.test, eps=0.1, attacks=("pgd-3",), n=40, n_boot=10, seed=1)
+        assert model.training
+    finally:
+        model.eval()
+    assert np.array_equal(a.attacks["pgd-3"].correct, b.attacks["pgd-3"].correct)
+
+
+def test_unknown_attack_or_suite_fails_before_any_work():
+    with pytest.raises(RobustlabError, match="unknown attack 'nope'"):
+        resolve_attacks(["fgsm", "nope"], None)
+    with pytest.raises(RobustlabError, match="suite"):
+        resolve_attacks(["fgsm"], "bogus")
+    with pytest.raises(RobustlabError, match="twice"):
+        resolve_attacks(["fgsm", "FGSM"], None)
+
+
+def test_standard_suite_needs_autoattack():
+    from robustlab.attacks import ATTACKS
+
+    if "autoattack" in ATTACKS:
+        assert [label for label, _ in resolve_attacks(["fgsm"], "standard")] == ["fgsm", "autoattack"]
+    else:
+        with pytest.raises(RobustlabError, match="autoattack"):
+            resolve_attacks(["fgsm"], "standard")
+
+
+class _Noise(torch.nn.Module):
+    differentiable, random = True, True
+
+    def forward(self, x):
+        return (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+
+
+def test_preprocessing_defence_goes_through_the_adaptive_wrapper(trained_digits, monkeypatch):
+    from robustlab.defenses.preprocessing import Defended
+
+    calls = {}
+
+    def adaptive_model(model, eot_samples):
+        calls["eot"] = eot_samples
+        return model, f"EOT({eot_samples})"
+
+    monkeypatch.setitem(sys.modules, "robustlab.attacks.wrappers", types.SimpleNamespace(adaptive_model=adaptive_model))
+    defended = Defended(trained_digits.model, _Noise())
+    res = evaluate_model(defended, trained_digits.data.test, eps=0.1, attacks=("fgsm",), n=30, n_boot=10,
+                         eot_samples=3, random_passes=4)
+    assert calls == {"eot": 3}
+    assert res.model_info["adaptive"] == "EOT(3)" and res.model_info["random_passes"] == 4
+    assert res.attacks["fgsm"].attack["adaptive"] == "EOT(3)"
+    assert res.clean.correct.shape == (4, 30)
+    assert len(res.to_dict()["clean"]["accuracy_per_draw"]) == 4
+
+
+def test_no_adaptive_wrapper_means_no_number(trained_digits, monkeypatch):
+    from robustlab.defenses.preprocessing import Defended
+
+    monkeypatch.setitem(sys.modules, "robustlab.attacks.wrappers", None)  # import fails
+    with pytest.raises(RobustlabError, match="non-adaptive"):
+        evaluate_model(Defended(trained_digits.model, _Noise()), trained_digits.data.test, eps=0.1, n=10)
+
+
+def test_evaluate_run_merges_metrics_and_saves_per_sample_arrays(run_copy):
+    before = read_json(run_copy / "metrics.json")
+    first = evaluate_run(run_copy, attacks=("fgsm",), n=50, n_boot=50)
+    second = evaluate_run(run_copy, attacks=("fgsm", "pgd-5"), eps=0.05, n=50, n_boot=50)
+    metrics = read_json(run_copy / "metrics.json")
+    for key in before:  # training's keys survive
+        assert metrics[key] == before[key]
+    assert set(metrics["evaluations"]) == {threat_key("linf", 0.1), threat_key("linf", 0.05)}
+    entry = read_evaluation(run_copy)  # the run's own threat, eps 0.1
+    assert entry["attacks"]["fgsm"]["accuracy"] == pytest.approx(first.attacks["fgsm"].accuracy)
+    assert entry["cost"] == before["cost"] and len(entry["model"]["weights_sha256"]) == 16
+    arrays = read_samples(run_copy, eps=0.05, norm="linf")
+    assert np.array_equal(arrays["correct:worst_case"], second.worst_case.correct)
+    assert list(arrays["attack_labels"]) == ["fgsm", "pgd-5"]
+    assert arrays["labels"].shape == (50,)
+    with pytest.raises(RobustlabError, match="no evaluation at linf-0.2"):
+        read_evaluation(run_copy, eps=0.2, norm="linf")

@@ -1,0 +1,83 @@
+"""`robustlab evaluate` end to end on a tiny digits run, and its one-line errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from robustlab.cli import main
+from robustlab.rundir import read_json, save_weights
+
+QUICK = ["--n", "40", "--n-boot", "50", "--no-progress"]
+
+
+@pytest.fixture
+def run_copy(trained_digits, tmp_path):
+    return shutil.copytree(trained_digits.run_dir, tmp_path / "run")
+
+
+def _run(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code in (0, None)
+
+
+def _fail(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_evaluate_run_end_to_end(run_copy, capsys):
+    _run(["evaluate", str(run_copy), "--attacks", "fgsm,pgd-5", *QUICK])
+    out = capsys.readouterr().out
+    assert "worst_case" in out and "pgd steps=5" in out and "95% CI" in out
+    assert "robust accuracy (per-sample worst case, min over fgsm, pgd-5)" in out
+    evaluation = read_json(run_copy / "metrics.json")["evaluations"]["linf-0.1"]
+    assert list(evaluation["attacks"]) == ["fgsm", "pgd-5"]
+    assert evaluation["samples"]["n"] == 40
+    assert (run_copy / evaluation["samples"]["file"]).is_file()
+
+
+def test_cli_evaluate_own_checkpoint(trained_digits, tmp_path, capsys):
+    weights = tmp_path / "mine.safetensors"
+    save_weights(weights, trained_digits.model)
+    pt = tmp_path / "net.pt"
+    torch.save(trained_digits.model.net.state_dict(), pt)
+    common = ["--model", "lenet5", "--dataset", "digits", "--eps", "0.1", "--attacks", "fgsm", *QUICK]
+    _run(["evaluate", "--checkpoint", str(weights), "--out", str(tmp_path / "a"), *common])
+    _run(["evaluate", "--checkpoint", str(pt), "--out", str(tmp_path / "b"), *common])
+    capsys.readouterr()
+    a = read_json(tmp_path / "a" / "metrics.json")["evaluations"]["linf-0.1"]
+    b = read_json(tmp_path / "b" / "metrics.json")["evaluations"]["linf-0.1"]
+    assert a["run_config"]["checkpoint"] == str(weights)
+    # the safetensors file carries the run's normalisation, so it reproduces the run's clean accuracy
+    expected = float((trained_digits.model(trained_digits.data.test.float_images()[:40]).argmax(1)
+                      == trained_digits.data.test.labels[:40]).float().mean())
+    assert a["clean"]["accuracy"] == pytest.approx(expected)
+    assert 0 <= b["clean"]["accuracy"] <= 1
+
+
+def test_cli_missing_run_dir(tmp_path, capsys):
+    assert "run directory not found" in _fail(["evaluate", str(tmp_path / "nope"), *QUICK], capsys)
+
+
+def test_cli_corrupt_weights_keep_metrics(run_copy, capsys):
+    before = (run_copy / "metrics.json").read_bytes()
+    (run_copy / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert "corrupt or truncated weights" in _fail(["evaluate", str(run_copy), *QUICK], capsys)
+    assert (run_copy / "metrics.json").read_bytes() == before
+
+
+def test_cli_unknown_attack_and_bad_flags(run_copy, tmp_path, capsys):
+    assert "unknown attack 'bogus'" in _fail(["evaluate", str(run_copy), "--attacks", "fgsm,bogus", *QUICK], capsys)
+    assert "eps" in _fail(["evaluate", str(run_copy), "--eps", "2", *QUICK], capsys)
+    assert "--checkpoint also needs --dataset, --eps" in _fail(
+        ["evaluate", "--checkpoint", str(tmp_path / "x.pt"), "--model", "lenet5"], capsys
+    )
+    assert "give a RUN_DIR" in _fail(["evaluate"], capsys)
