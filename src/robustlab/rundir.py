@@ -38,8 +38,11 @@ from robustlab.errors import CheckpointError, RobustlabError
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + fsync + rename; on failure the old file is intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # a full disk or a read-only folder can already fail here
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise RobustlabError(f"could not write {path}: {error.strerror or error}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -8,7 +8,10 @@ and ``folder:PATH`` (an ImageFolder tree with ``train/`` and ``val/`` or ``test/
 
 from __future__ import annotations
 
+import math
 import os
+import socket
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import torch
 from robustlab.errors import DataError
 
 DATA_ENV = "ROBUSTLAB_DATA"
+DOWNLOAD_TIMEOUT_ENV = "ROBUSTLAB_DOWNLOAD_TIMEOUT"
 
 
 @dataclass
@@ -69,16 +73,37 @@ def load_digits() -> RawDataset:
     )
 
 
+def download_timeout() -> float:
+    """Seconds a download may stall before it is abandoned (``$ROBUSTLAB_DOWNLOAD_TIMEOUT``, default 20).
+
+    urllib waits forever by default, so an offline machine behind a firewall that drops packets would
+    hang instead of answering with the ``--data-dir`` message.
+    """
+    text = os.environ.get(DOWNLOAD_TIMEOUT_ENV, "20")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise DataError(f"{DOWNLOAD_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _torchvision_split(cls: type, root: Path, train: bool, name: str, download: bool):
     try:
         return cls(root=str(root), train=train, download=False)
     except RuntimeError:
         if not download:
             raise _missing(name, root, "downloads disabled") from None
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(download_timeout())
     try:
         return cls(root=str(root), train=train, download=True)
     except Exception as error:  # network errors come in many types
-        raise _missing(name, root, type(error).__name__) from None
+        detail = (str(error).strip().splitlines() or [""])[0][:160]
+        raise _missing(name, root, f"{type(error).__name__}: {detail}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _as_nchw(array: np.ndarray) -> torch.Tensor:
@@ -189,7 +214,7 @@ def load_npz(path: Path) -> RawDataset:
             if missing:
                 raise DataError(f"{path} lacks arrays: {', '.join(sorted(missing))}")
             arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise DataError(f"cannot read {path} as .npz: {error}") from None
     for key in ("x_train", "x_test"):
         if arrays[key].dtype != np.uint8:

@@ -1,0 +1,246 @@
+"""Bad inputs (issue 7): every one is answered with one clear error, never a traceback or a silent result.
+
+API checks assert the error type and the words that tell the user what to fix; CLI checks run the real
+entry point (``robustlab.cli.main``) in-process and assert a non-zero exit and exactly one ``error:``
+line with no traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustlab.attacks import fgsm, make_attack, pgd
+from robustlab.config import load_config
+from robustlab.data import load_dataset
+from robustlab.errors import ConfigError, DataError, InputError, RobustlabError
+from robustlab.models import build_model
+from robustlab.validation import check_eps, check_images, check_labels
+from tests.reliability_support import assert_one_error_line, main_in_process
+
+TRAIN = ["train", "--dataset", "digits", "--epochs", "1", "--no-progress", "--set", "data.train_subset=64",
+         "--set", "data.val_size=50"]
+
+
+@pytest.fixture(scope="module")
+def lenet() -> torch.nn.Module:
+    return build_model("lenet5", 10, 1, 8).eval()
+
+
+def _batch(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.rand(n, 1, 8, 8), torch.arange(n) % 10
+
+
+# --- images ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda x: x.index_fill(0, torch.tensor([1]), math.nan), "NaN or infinite"),
+        (lambda x: x.index_fill(0, torch.tensor([0]), math.inf), "NaN or infinite"),
+        (lambda x: x * 255, "divide by 255"),
+        (lambda x: x - 0.5, "must lie in [0, 1]"),
+        (lambda x: (x * 255).to(torch.uint8), "x.float() / 255"),
+        (lambda x: x[:, 0], "shape (N, C, H, W)"),
+        (lambda x: x[:0], "empty"),
+        (lambda x: x.numpy(), "must be a torch.Tensor"),
+    ],
+    ids=["nan", "inf", "0-255", "negative", "uint8", "3d", "empty", "numpy"],
+)
+def test_bad_images_are_refused_by_attacks(lenet, make, message):
+    x, y = _batch()
+    bad = make(x)
+    with pytest.raises(InputError, match=_escape(message)):
+        check_images(bad)
+    for attack in (pgd, fgsm):
+        with pytest.raises(InputError, match=_escape(message)):
+            attack(lenet, bad, y[: len(bad)] if hasattr(bad, "__len__") else y, eps=0.1)
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+# --- labels ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (torch.tensor([0, 1, 2, 10]), "labels must be < 10"),
+        (torch.tensor([0, 1, -1, 3]), "labels must be >= 0"),
+        (torch.tensor([0.0, 1.0, 2.0, 3.0]), "integer tensor"),
+        (torch.tensor([0, 1, 2]), "shape (4,)"),
+    ],
+    ids=["too-large", "negative", "float", "wrong-length"],
+)
+def test_bad_labels_are_refused(lenet, labels, message):
+    x, _ = _batch()
+    with pytest.raises(InputError, match=_escape(message)):
+        pgd(lenet, x, labels, eps=0.1, steps=2)
+    with pytest.raises(InputError):
+        check_labels(labels, 4, 10)
+
+
+# --- budgets -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("eps", [-0.1, 5, math.nan, math.inf, "a lot"])
+def test_bad_eps_is_refused_by_attacks(lenet, eps):
+    x, y = _batch()
+    with pytest.raises(InputError, match="eps"):
+        pgd(lenet, x, y, eps=eps, steps=2)
+    with pytest.raises(InputError, match="eps"):
+        check_eps(eps, "linf")
+
+
+@pytest.mark.parametrize("eps", ["-0.1", "5", "nan", "1/0", "lots"])
+def test_bad_eps_in_config_and_cli(eps, capsys):
+    with pytest.raises(ConfigError, match="eps"):
+        load_config(None, [f"threat.eps={eps}"])
+    code, _, err = main_in_process([*TRAIN, "--eps", eps, "--out", "/nonexistent/never-written"], capsys)
+    assert_one_error_line(code, err, "eps")
+
+
+def test_l2_budget_may_exceed_one_but_linf_may_not():
+    assert load_config(None, ["threat.norm=l2", "threat.eps=2.0"]).threat.eps == 2.0
+    with pytest.raises(ConfigError, match="exceeds the \\[0, 1\\] pixel range"):
+        load_config(None, ["threat.norm=linf", "threat.eps=2.0"])
+
+
+# --- names -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "valid"),
+    [
+        ("data.dataset=imagenet", "digits, mnist"),
+        ("model.name=resnet19", "lenet5"),
+        ("defense.name=madry", "pgd_at"),
+    ],
+)
+def test_unknown_names_list_the_valid_ones(override, valid, capsys):
+    with pytest.raises(RobustlabError, match=valid):
+        load_config(None, [override])
+    code, _, err = main_in_process([*TRAIN, "--set", override, "--out", "/nonexistent/x"], capsys)
+    assert_one_error_line(code, err, "unknown", valid)
+
+
+def test_unknown_attack_and_api_names():
+    with pytest.raises(RobustlabError, match="unknown attack 'pgdd'; valid: .*pgd"):
+        make_attack("pgdd", eps=0.1)
+    with pytest.raises(DataError, match="valid: digits"):
+        load_dataset("imagenet")
+    with pytest.raises(ConfigError, match="valid: lenet5"):
+        build_model("vgg")
+
+
+def test_unknown_attack_in_cli(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert main_in_process([*TRAIN, "--out", str(run)], capsys)[0] == 0
+    argv = ["evaluate", str(run), "--attacks", "pgdd", "--n", "20", "--no-progress"]
+    code, _, err = main_in_process(argv, capsys)
+    assert_one_error_line(code, err, "unknown attack", "valid:")
+
+
+def test_unknown_config_key_suggests_the_right_one(capsys):
+    code, _, err = main_in_process([*TRAIN, "--set", "train.epoch=3", "--out", "/nonexistent/x"], capsys)
+    assert_one_error_line(code, err, "unknown key 'train.epoch'", "did you mean 'epochs'")
+
+
+# --- YAML files --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train: {epochs: 3\n", "malformed YAML"),
+        ("- 1\n- 2\n", "must contain a mapping"),
+        ("train:\n  epochs: three\n", "train.epochs"),
+        ("\x00\x01binary", "malformed YAML"),
+        ("train: !!python/object/apply:os.system ['touch /tmp/robustlab-pwned']\n", "malformed YAML"),
+    ],
+    ids=["unclosed", "list", "wrong-type", "binary", "python-tag"],
+)
+def test_malformed_config_file(tmp_path, capsys, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    code, _, err = main_in_process(["train", str(path), "--out", str(tmp_path / "run")], capsys)
+    assert_one_error_line(code, err, message)
+    assert not Path("/tmp/robustlab-pwned").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_not_utf8_or_missing(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
+    assert_one_error_line(*main_in_process(["train", str(path)], capsys)[::2], "cannot read config file")
+    assert_one_error_line(*main_in_process(["train", str(tmp_path / "nope.yaml")], capsys)[::2], "not found")
+
+
+# --- data --------------------------------------------------------------------------------------
+def test_missing_mnist_offline_names_data_dir(tmp_path, capsys, monkeypatch):
+    """An empty --data-dir with no network: one line that names --data-dir, quickly."""
+    started = time.perf_counter()
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--epochs", "1", "--out", str(tmp_path / "r")]
+    code, _, err = main_in_process(argv, capsys)
+    assert_one_error_line(code, err, "dataset 'mnist'", "--data-dir")
+    assert time.perf_counter() - started < 60
+
+
+def test_stalled_download_fails_within_the_timeout(tmp_path, monkeypatch):
+    """A server that accepts the connection and never answers (a black-holed network) must not hang."""
+    from torchvision.datasets import MNIST
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted: list[socket.socket] = []
+    def accept_and_stay_silent() -> None:
+        for _ in range(8):
+            accepted.append(server.accept()[0])
+
+    threading.Thread(target=accept_and_stay_silent, daemon=True).start()
+    monkeypatch.setattr(MNIST, "mirrors", [f"http://127.0.0.1:{server.getsockname()[1]}/"])
+    monkeypatch.setenv("ROBUSTLAB_DOWNLOAD_TIMEOUT", "0.5")
+    started = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match="--data-dir"):
+            load_dataset("mnist", tmp_path)
+    finally:
+        server.close()
+        for connection in accepted:
+            connection.close()
+    assert time.perf_counter() - started < 15
+    assert socket.getdefaulttimeout() is None  # the process-wide default is restored
+
+
+def test_bad_download_timeout_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTLAB_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(DataError, match="ROBUSTLAB_DOWNLOAD_TIMEOUT"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_bad_npz_and_folder_datasets(tmp_path, capsys):
+    import numpy as np
+
+    zeros = {"y_train": np.zeros(10), "x_test": np.zeros((4, 8, 8)), "y_test": np.zeros(4)}
+    np.savez(tmp_path / "float.npz", x_train=np.zeros((10, 8, 8)), **zeros)
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    np.savez(tmp_path / "objects.npz", x_train=np.array([{"a": 1}], dtype=object), y_train=np.zeros(1),
+             x_test=np.zeros(1), y_test=np.zeros(1))
+    cases = {"float.npz": "must be uint8", "garbage.npz": "cannot read", "objects.npz": "cannot read",
+             "missing.npz": "not found"}
+    for name, message in cases.items():
+        code, _, err = main_in_process(
+            ["train", "--dataset", f"npz:{tmp_path / name}", "--out", str(tmp_path / "r")], capsys
+        )
+        assert_one_error_line(code, err, message)
+    (tmp_path / "folder" / "train" / "cat").mkdir(parents=True)
+    code, _, err = main_in_process(["train", "--dataset", f"folder:{tmp_path / 'folder'}"], capsys)
+    assert_one_error_line(code, err, "expected", "--data-dir")
+
+
+def test_val_size_larger_than_the_data(capsys, tmp_path):
+    argv = ["train", "--set", "data.val_size=5000", "--out", str(tmp_path / "r")]
+    code, _, err = main_in_process(argv, capsys)
+    assert_one_error_line(code, err, "data.val_size=5000")
