@@ -23,6 +23,10 @@ requires_imagenet_subset = pytest.mark.skipif(
 )
 
 
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads oversubscribe.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _single_thread_seed():
     torch.manual_seed(0)

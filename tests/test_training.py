@@ -1,0 +1,112 @@
+"""The one training loop: run directories, best-checkpoint selection, resume, no silent overwrite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from robustlab.errors import RobustlabError
+from robustlab.rundir import RunDir, read_csv
+from robustlab.runs import load_run
+from robustlab.training import train
+
+
+def tiny_config(**train_overrides):
+    train_section = {"epochs": 2, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0}
+    train_section.update(train_overrides)
+    return {"data": {"dataset": "digits", "val_size": 200}, "model": {"name": "lenet5"}, "train": train_section,
+            "threat": {"eps": 0.1}}
+
+
+def test_run_directory_contents(tmp_path, digits):
+    result = train(tiny_config(), tmp_path / "run", progress=False, data=digits)
+    run = RunDir(result.run_dir)
+    for path in (run.config, run.metadata, run.history, run.weights, run.metrics, run.last_weights, run.resume):
+        assert path.exists(), path
+    metadata = json.loads(run.metadata.read_text())
+    assert metadata["status"] == "finished" and metadata["seed"] == 0
+    assert metadata["environment"]["torch"] == torch.__version__
+    assert set(metadata["data"]["hashes"]) == {"train", "val", "test"}
+    history = read_csv(run.history)
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert {"train_loss", "val_clean_acc", "lr", "epoch_seconds", "peak_memory_mb"} <= set(history[0])
+    config = yaml.safe_load(run.config.read_text())
+    assert config["train"]["epochs"] == 2
+    metrics = json.loads(run.metrics.read_text())
+    assert 0.5 < metrics["clean_accuracy"] <= 1.0
+    assert metrics["cost"]["train_seconds"] > 0
+
+
+def test_training_learns(tmp_path, digits):
+    result = train(tiny_config(epochs=6), tmp_path / "run", progress=False, data=digits)
+    assert result.metrics["clean_accuracy"] > 0.85
+
+
+def test_finished_run_is_never_overwritten_silently(tmp_path, digits):
+    train(tiny_config(epochs=1), tmp_path / "run", progress=False, data=digits)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(RobustlabError, match="--overwrite"):
+        train(tiny_config(epochs=1), tmp_path / "run", progress=False, data=digits)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    train(tiny_config(epochs=1, lr=0.001), tmp_path / "run", progress=False, data=digits, overwrite=True)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() != before
+
+
+def test_resume_after_kill_between_epochs_matches_uninterrupted(tmp_path, digits, monkeypatch):
+    import robustlab.training as training
+
+    reference = train(tiny_config(epochs=3, schedule="piecewise"), tmp_path / "ref", progress=False, data=digits)
+
+    calls = {"n": 0}
+    original = training.Trainer._save_checkpoint
+
+    def crash_after_second_epoch(self, epoch):
+        original(self, epoch)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Trainer, "_save_checkpoint", crash_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(epochs=3, schedule="piecewise"), tmp_path / "run", progress=False, data=digits)
+    monkeypatch.setattr(training.Trainer, "_save_checkpoint", original)
+    assert not RunDir(tmp_path / "run").is_finished()
+    resumed = train(tiny_config(epochs=3, schedule="piecewise"), tmp_path / "run", progress=False, data=digits)
+    ref_rows, rows = read_csv(reference.run_dir / "history.csv"), read_csv(resumed.run_dir / "history.csv")
+    assert [r["train_loss"] for r in rows] == pytest.approx([r["train_loss"] for r in ref_rows], rel=1e-4)
+    assert resumed.metrics["clean_accuracy"] == pytest.approx(reference.metrics["clean_accuracy"])
+
+
+def test_unfinished_run_with_other_config_is_refused(tmp_path, digits, monkeypatch):
+    import robustlab.training as training
+
+    monkeypatch.setattr(training.Trainer, "_finish", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(epochs=1), tmp_path / "run", progress=False, data=digits)
+    with pytest.raises(RobustlabError, match="different config"):
+        train(tiny_config(epochs=2), tmp_path / "run", progress=False, data=digits)
+
+
+def test_best_checkpoint_is_selected_on_validation(tmp_path, digits):
+    result = train(tiny_config(epochs=3, select="val_clean"), tmp_path / "run", progress=False, data=digits)
+    rows = read_csv(result.run_dir / "history.csv")
+    best = max(rows, key=lambda r: r["val_clean_acc"])
+    assert result.metrics["selected_epoch"] == max(int(r["epoch"]) for r in rows if r.get("selected"))
+    loaded = load_run(result.run_dir)
+    from robustlab.metrics import accuracy
+
+    assert accuracy(loaded.model, loaded.data.val) == pytest.approx(best["val_clean_acc"])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "piecewise", "cosine", "onecycle"])
+def test_lr_schedules(tmp_path, digits, schedule):
+    result = train(tiny_config(epochs=2, schedule=schedule, optimizer="sgd", lr=0.05), tmp_path / schedule,
+                   progress=False, data=digits)
+    lrs = [row["lr"] for row in result.history]
+    if schedule == "constant":
+        assert lrs == [0.05, 0.05]
+    else:
+        assert lrs[-1] < 0.05
