@@ -28,7 +28,8 @@ FAST = ("fgsm", "pgd-10", {"name": "cw_linf", "steps": 10})
 
 @pytest.fixture(scope="module")
 def result(trained_digits):
-    return evaluate_model(trained_digits.model, trained_digits.data.test, eps=0.1, attacks=FAST, n=120, n_boot=200)
+    test = trained_digits.data.test
+    return evaluate_model(trained_digits.model, test, eps=0.1, attacks=FAST, n=120, n_boot=200)
 
 
 @pytest.fixture
@@ -40,7 +41,8 @@ def run_copy(trained_digits, tmp_path):
 def test_worst_case_is_per_sample_and_below_every_attack(result):
     assert list(result.attacks) == ["fgsm", "pgd-10", "cw_linf(steps=10)"]
     for m in result.attacks.values():
-        assert not np.any(result.worst_case.correct & ~m.correct)  # robust in the worst case => robust to each
+        # robust in the worst case => robust to each attack
+        assert not np.any(result.worst_case.correct & ~m.correct)
         assert result.worst_case.accuracy <= m.accuracy
     stacked = np.stack([m.correct for m in result.attacks.values()])
     assert np.array_equal(result.worst_case.correct, stacked.all(axis=0))
@@ -97,12 +99,12 @@ def test_confidence_statistics(result):
 def test_attacks_are_seeded_and_leave_the_model_in_its_mode(trained_digits):
     model = trained_digits.model.train()
     try:
-        a = evaluate_model(model, trained_digits.data.test, eps=0.1, attacks=("pgd-3",), n=40, n_boot=10, seed=1)
-        b = evaluate_model(model, trained_digits.data.test, eps=0.1, attacks=("pgd-3",), n=40, n_boot=10, seed=1)
+        runs = [evaluate_model(model, trained_digits.data.test, eps=0.1, attacks=("pgd-3",), n=40, n_boot=10,
+                               seed=1) for _ in range(2)]
         assert model.training
     finally:
         model.eval()
-    assert np.array_equal(a.attacks["pgd-3"].correct, b.attacks["pgd-3"].correct)
+    assert np.array_equal(runs[0].attacks["pgd-3"].correct, runs[1].attacks["pgd-3"].correct)
 
 
 def test_unknown_attack_or_suite_fails_before_any_work():
@@ -119,6 +121,8 @@ def test_standard_suite_needs_autoattack():
 
     if "autoattack" in ATTACKS:
         assert [label for label, _ in resolve_attacks(["fgsm"], "standard")] == ["fgsm", "autoattack"]
+        labels = [label for label, _ in resolve_attacks("fgsm, pgd-5", "rand")]
+        assert labels == ["fgsm", "pgd-5", "autoattack-rand"]
     else:
         with pytest.raises(RobustlabError, match="autoattack"):
             resolve_attacks(["fgsm"], "standard")
@@ -140,7 +144,8 @@ def test_preprocessing_defence_goes_through_the_adaptive_wrapper(trained_digits,
         calls["eot"] = eot_samples
         return model, f"EOT({eot_samples})"
 
-    monkeypatch.setitem(sys.modules, "robustlab.attacks.wrappers", types.SimpleNamespace(adaptive_model=adaptive_model))
+    fake = types.SimpleNamespace(adaptive_model=adaptive_model)
+    monkeypatch.setitem(sys.modules, "robustlab.attacks.wrappers", fake)
     defended = Defended(trained_digits.model, _Noise())
     res = evaluate_model(defended, trained_digits.data.test, eps=0.1, attacks=("fgsm",), n=30, n_boot=10,
                          eot_samples=3, random_passes=4)

@@ -74,11 +74,13 @@ AttackSpec = str | dict[str, Any]
 
 #: FGSM, PGD-20 with a random start and CW-Linf (PGD on the CW margin): the paper's Table 1 attacks.
 DEFAULT_ATTACKS: tuple[str, ...] = ("fgsm", "pgd-20", "cw_linf")
-#: Attacks a suite adds: ``standard`` = AutoAttack (Croce & Hein 2020), ``rand`` = its version for
-#: random defences (APGD with EOT).
-SUITES: dict[str, tuple[AttackSpec, ...]] = {
-    "standard": ("autoattack",),
-    "rand": ({"name": "autoattack", "version": "rand"},),
+#: (label, spec) a suite adds: ``standard`` = AutoAttack (Croce & Hein 2020: APGD-CE, APGD-T, FAB-T,
+#: Square); ``rand`` = its version for random defences (APGD-CE, APGD-DLR). The evaluation's adaptive
+#: wrapper already applies EOT to a random model, so the ``rand`` suite does not average a second time
+#: (``eot_samples=1`` inside AutoAttack; the record's ``adaptive`` field names the EOT actually used).
+SUITES: dict[str, tuple[tuple[str, AttackSpec], ...]] = {
+    "standard": (("autoattack", "autoattack"),),
+    "rand": (("autoattack-rand", {"name": "autoattack", "version": "rand", "eot_samples": 1}),),
 }
 ECE_BINS = 15
 HISTOGRAM_BINS = 20
@@ -230,15 +232,16 @@ def resolve_attacks(attacks: Sequence[AttackSpec], suite: str | None) -> list[tu
     """(label, spec) for every attack to run; unknown attacks or suites fail here, before any work."""
     if suite is not None and suite not in SUITES:
         raise ConfigError(f"unknown suite '{suite}'; valid: {', '.join(SUITES)}")
-    specs = list(attacks) + list(SUITES[suite] if suite else ())
     if suite and "autoattack" not in ATTACKS:
         raise RobustlabError(
             f"--suite {suite} needs the 'autoattack' attack, which is not registered in this installation"
         )
+    if isinstance(attacks, str):
+        attacks = [a for a in attacks.split(",") if a.strip()]
+    labelled = [(_label(spec), spec) for spec in attacks]
     resolved, seen = [], set()
-    for spec in specs:
+    for label, spec in [*labelled, *(SUITES[suite] if suite else ())]:
         parse_attack_spec(spec)  # raises RobustlabError naming the valid attacks
-        label = spec.strip().lower() if isinstance(spec, str) else _dict_label(spec)
         if label in seen:
             raise ConfigError(f"attack '{label}' is listed twice")
         seen.add(label)
@@ -246,7 +249,9 @@ def resolve_attacks(attacks: Sequence[AttackSpec], suite: str | None) -> list[tu
     return resolved
 
 
-def _dict_label(spec: dict[str, Any]) -> str:
+def _label(spec: AttackSpec) -> str:
+    if isinstance(spec, str):
+        return spec.strip().lower()
     params = ",".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "name")
     return f"{spec.get('name', '')}({params})" if params else str(spec.get("name", ""))
 
@@ -541,7 +546,8 @@ def _attack_text(record: dict[str, Any] | None) -> str:
     if record["name"] == "worst_case":
         return "min over " + ", ".join(record["over"]) if record["over"] else "no attack run"
     given = parse_attack_spec(record["spec"])[1]
-    params = [f"{k}={v}" for k, v in record["params"].items() if (k in given or k == "steps") and v is not None]
+    shown = {**{k: v for k, v in record["params"].items() if k == "steps"}, **given}
+    params = [f"{k}={v}" for k, v in shown.items() if v is not None]
     if record["params"].get("random_start"):
         params.append("random start")
     if not record["adaptive"].startswith("none"):
