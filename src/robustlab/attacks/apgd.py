@@ -48,7 +48,8 @@ def checkpoints(steps: int) -> list[int]:
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * steps) for q in p[1:] if math.ceil(q * steps) <= steps})
+    marks = (math.ceil(round(q * steps, 9)) for q in p[1:])  # round: 0.41 * 100 must give 41, not 42
+    return sorted({m for m in marks if m <= steps})
 
 
 def _targeted_dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
