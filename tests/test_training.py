@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from robustlab.errors import RobustlabError
 from robustlab.rundir import RunDir, read_csv
 from robustlab.runs import load_run
 from robustlab.training import train
+from tests.conftest import requires_mnist, shared_data_dir
 
 
 def tiny_config(**train_overrides):
@@ -110,3 +112,15 @@ def test_lr_schedules(tmp_path, digits, schedule):
         assert lrs == [0.05, 0.05]
     else:
         assert lrs[-1] < 0.05
+
+
+@pytest.mark.slow
+@requires_mnist
+def test_lenet5_standard_training_on_mnist_reaches_98_8_in_3_epochs(tmp_path):
+    from robustlab.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "mnist_lenet5.yaml",
+                         [f"data.data_dir={shared_data_dir()}"])
+    assert config.train.epochs <= 3
+    result = train(config, tmp_path / "mnist", progress=False)
+    assert result.metrics["clean_accuracy"] >= 0.988
