@@ -1,0 +1,700 @@
+"""Gradient-masking audit: is a robustness number measured with attacks that can be trusted?
+
+Defences that only obfuscate gradients look robust to gradient attacks while staying breakable
+(Athalye, Carlini & Wagner 2018, "Obfuscated Gradients Give a False Sense of Security"). Carlini et
+al. (2019, "On Evaluating Adversarial Robustness", §5 and the checklist of their appendix) list the
+symptoms; :func:`audit_model` runs seven of them on ``n`` images and reports pass / warn / fail with
+the numbers behind each verdict:
+
+1. ``accuracy_vs_eps``: accuracy under PGD never rises with the budget, and an unbounded budget
+   (Linf eps = 1, or the L2 diameter of the pixel box) drives it to ~0%;
+2. ``more_steps_restarts``: a 5x longer PGD with restarts never raises accuracy;
+3. ``fgsm_vs_pgd``: single-step FGSM is not stronger than multi-step PGD;
+4. ``blackbox_transfer``: black-box (Square) and transfer attacks are not stronger than white-box ones;
+5. ``gradient_health``: input gradients of the attack loss are not zero, exploding or NaN;
+6. ``randomness``: outputs are deterministic, or else the evaluation attacks through EOT
+   (Expectation over Transformation, Athalye et al. 2018 §4.2);
+7. ``bpda``: non-differentiable preprocessing is attacked through BPDA (Backward Pass Differentiable
+   Approximation, Athalye et al. 2018 §4.1).
+
+The attacks are run *as the evaluation runs them*: through BPDA when the model declares a
+non-differentiable :class:`~robustlab.defenses.preprocessing.InputTransform`, with EOT when it declares a
+random one (``bpda=`` / ``eot=`` override this). The audit therefore checks both that the declarations
+are truthful (an undeclared random or non-differentiable layer fails checks 6/7) and that the
+adaptive attacks chosen from them work (checks 1-5).
+
+"Beyond noise" always means beyond ``Z`` = 2 binomial standard errors of the difference of two
+accuracies measured on the same ``n`` images, with the Agresti-Coull estimate
+``p~ = (k + 2) / (n + 4)`` so that an accuracy of 0% or 100% still carries an honest error bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from robustlab.attacks import ATTACKS, fgsm, frozen, input_gradient, make_attack, pgd
+from robustlab.attacks.losses import ce_loss, cw_margin
+from robustlab.attacks.transfer import transfer_attack
+from robustlab.attacks.wrappers import BPDA, EOT
+from robustlab.data import DatasetSplits, Split
+from robustlab.errors import InputError
+from robustlab.validation import check_batch, check_eps
+
+Status = Literal["pass", "warn", "fail"]
+_SEVERITY = {"pass": 0, "warn": 1, "fail": 2}
+
+#: number of binomial standard errors that separates a real difference from noise
+Z = 2.0
+#: a gradient is "vanishing" below this L1 norm: float32 underflow, the attack's step direction is 0
+VANISHING_NORM = 1e-30
+#: a gradient is "exploding" when its first-order loss change inside the eps-ball exceeds this many nats
+EXPLODING_CHANGE = 1e4
+#: fractions of unhealthy gradients / non-differentiable points that warn and fail
+WARN_FRACTION = 0.02
+FAIL_FRACTION = 0.10
+#: EOT samples used when a model declares (or is found to have) random outputs
+EOT_SAMPLES = 10
+
+
+@dataclass
+class AuditCheck:
+    """One item of the checklist: its verdict, the numbers behind it and a one-line explanation."""
+
+    name: str
+    status: Status
+    evidence: dict[str, Any]
+    message: str
+
+
+@dataclass
+class AuditReport:
+    """The outcome of :func:`audit_model`; ``verdict`` is the worst status of all checks."""
+
+    checks: list[AuditCheck]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> Status:
+        return max((c.status for c in self.checks), key=_SEVERITY.__getitem__, default="pass")
+
+    def check(self, name: str) -> AuditCheck:
+        """The check called ``name`` (KeyError if the audit did not run it)."""
+        for item in self.checks:
+            if item.name == name:
+                return item
+        raise KeyError(name)
+
+    @property
+    def failed(self) -> list[str]:
+        return [c.name for c in self.checks if c.status == "fail"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: ``{"verdict", "checks": [{name, status, evidence, message}], "settings"}``."""
+        return {
+            "verdict": self.verdict,
+            "checks": [asdict(c) for c in self.checks],
+            "settings": self.settings,
+        }
+
+
+def binomial_se(accuracy: float, n: int) -> float:
+    """Agresti-Coull standard error of an accuracy measured on ``n`` images (never 0, even at 0%/100%)."""
+    p = (accuracy * n + 2) / (n + 4)
+    return math.sqrt(p * (1 - p) / (n + 4))
+
+
+def noise_tolerance(a: float, b: float, n: int, z: float = Z) -> float:
+    """``z`` standard errors of the difference of two accuracies measured on the same ``n`` images."""
+    return z * math.hypot(binomial_se(a, n), binomial_se(b, n))
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _declares(model: nn.Module) -> tuple[bool, bool]:
+    """(non-differentiable, random) as declared by a ``Defended`` model: what evaluation adapts to."""
+    return getattr(model, "differentiable", True) is False, getattr(model, "random", False) is True
+
+
+def _adapted(model: nn.Module, bpda: bool, eot: int) -> nn.Module:
+    """The model an attacker differentiates: BPDA through the transform, then EOT over ``eot`` draws."""
+    attacked = model
+    if bpda:
+        try:
+            attacked = BPDA(model)
+        except TypeError:
+            raise InputError("bpda=True needs a Defended(model, transform) to approximate") from None
+    return EOT(attacked, eot) if eot > 1 else attacked
+
+
+# ----------------------------------------------------------------------------------- the auditor
+
+
+class _Auditor:
+    """Holds the images, the model as attacked, and the accuracies shared between checks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        eps: float,
+        norm: str,
+        seed: int,
+        steps: int,
+        bpda: bool,
+        eot: int,
+        batch_size: int,
+    ) -> None:
+        self.model, self.x, self.y = model, x, y
+        self.n = int(y.shape[0])
+        self.eps, self.norm, self.seed, self.steps = eps, norm, seed, steps
+        self.bpda, self.eot, self.batch_size = bpda, eot, batch_size
+        self.attacked = _adapted(model, bpda, eot)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def generator(self, offset: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1000 + offset)
+
+    def correct(self, x_adv: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-image correctness of the *deployed* model (one stochastic pass for a random model)."""
+        x_adv = self.x if x_adv is None else x_adv
+        with torch.no_grad():
+            preds = [self.model(b).argmax(1) for b in x_adv.split(self.batch_size)]
+        return torch.cat(preds) == self.y
+
+    def run(self, key: str, attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Per-image correctness under ``attack(x, y)`` applied batch by batch (cached by ``key``)."""
+        if key not in self._cache:
+            pieces = [
+                attack(xb, yb)
+                for xb, yb in zip(self.x.split(self.batch_size), self.y.split(self.batch_size), strict=True)
+            ]
+            self._cache[key] = self.correct(torch.cat(pieces))
+        return self._cache[key]
+
+    def pgd_correct(
+        self,
+        eps: float,
+        steps: int,
+        restarts: int = 1,
+        offset: int = 0,
+        *,
+        model: nn.Module | None = None,
+        key: str | None = None,
+    ) -> torch.Tensor:
+        """Correctness under PGD crafted on ``model`` (default: the model as the evaluation attacks it)."""
+        target = self.attacked if model is None else model
+        generator = self.generator(offset)
+
+        def attack(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return pgd(
+                target,
+                xb,
+                yb,
+                eps=eps,
+                steps=steps,
+                norm=self.norm,
+                restarts=restarts,
+                generator=generator,
+                validate=False,
+            )
+
+        return self.run(key or f"pgd-{steps}x{restarts}@{eps:g}", attack)
+
+    @property
+    def huge_eps(self) -> float:
+        """A budget that reaches every image: 1 in Linf, the box diagonal sqrt(C*H*W) in L2."""
+        return 1.0 if self.norm == "linf" else math.sqrt(self.x[0].numel())
+
+    def gradients(
+        self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-image gradient of ``loss_fn`` as attacked, per-image loss), batch by batch."""
+        x = self.x if x is None else x
+        grads, losses = [], []
+        for xb, yb in zip(x.split(self.batch_size), self.y.split(self.batch_size), strict=True):
+            grad, loss, _ = input_gradient(self.attacked, xb, yb, loss_fn)
+            grads.append(grad)
+            losses.append(loss)
+        return torch.cat(grads), torch.cat(losses)
+
+
+def _acc(correct: torch.Tensor) -> float:
+    return float(correct.float().mean())
+
+
+def _check_accuracy_vs_eps(a: _Auditor) -> AuditCheck:
+    fractions = (0.25, 0.5, 1.0, 2.0)
+    budgets = [0.0] + [f * a.eps for f in fractions if a.norm == "l2" or f * a.eps <= 1.0]
+    accs = [_acc(a.correct())] + [_acc(a.pgd_correct(e, a.steps)) for e in budgets[1:]]
+    # rise of each accuracy above the lowest one at a smaller budget, and its noise allowance
+    rises = [(accs[i] - min(accs[:i]), noise_tolerance(accs[i], min(accs[:i]), a.n)) for i in range(1, len(accs))]
+    worst = max(range(len(rises)), key=lambda i: rises[i][0] - rises[i][1])
+    (worst_rise, tol_at), where = rises[worst], budgets[worst + 1]
+    huge_steps = 5 * a.steps
+    huge = _acc(a.pgd_correct(a.huge_eps, huge_steps, key="huge"))
+    huge_tol = Z * binomial_se(0.0, a.n)
+    evidence = {
+        "attack": f"pgd-{a.steps} ({a.norm})",
+        "eps": budgets,
+        "accuracy": accs,
+        "max_rise": worst_rise,
+        "rise_at_eps": where,
+        "tolerance": tol_at,
+        "huge_eps": a.huge_eps,
+        "huge_attack": f"pgd-{huge_steps}",
+        "huge_accuracy": huge,
+        "huge_tolerance": huge_tol,
+        "noise": f"{Z:g} Agresti-Coull binomial SE, n={a.n}",
+    }
+    problems = []
+    if worst_rise > tol_at:
+        problems.append(f"accuracy rises by {_pct(worst_rise)} at eps={where:g} (noise {_pct(tol_at)})")
+    if huge > huge_tol:
+        problems.append(
+            f"an unbounded budget eps={a.huge_eps:g} leaves {_pct(huge)} accuracy (expected ~0%, "
+            f"noise {_pct(huge_tol)})"
+        )
+    if problems:
+        return AuditCheck(
+            "accuracy_vs_eps", "fail", evidence, "; ".join(problems) + ": the attack is blocked"
+        )
+    curve = ", ".join(f"{e:g}:{_pct(v)}" for e, v in zip(budgets, accs, strict=True))
+    return AuditCheck(
+        "accuracy_vs_eps",
+        "pass",
+        evidence,
+        f"non-increasing ({curve}); eps={a.huge_eps:g} gives {_pct(huge)}",
+    )
+
+
+def _check_more_steps(a: _Auditor) -> AuditCheck:
+    base = _acc(a.pgd_correct(a.eps, a.steps))
+    strong_steps, restarts = 5 * a.steps, 3
+    strong = _acc(a.pgd_correct(a.eps, strong_steps, restarts, offset=1))
+    tol = noise_tolerance(base, strong, a.n)
+    evidence = {
+        "attack": f"pgd-{a.steps}",
+        "accuracy": base,
+        "strong_attack": f"pgd-{strong_steps} x{restarts} restarts",
+        "strong_accuracy": strong,
+        "tolerance": tol,
+        "noise": f"{Z:g} Agresti-Coull binomial SE, n={a.n}",
+    }
+    text = f"pgd-{a.steps} {_pct(base)} vs {evidence['strong_attack']} {_pct(strong)} (noise {_pct(tol)})"
+    if strong - base > tol:
+        return AuditCheck(
+            "more_steps_restarts",
+            "fail",
+            evidence,
+            f"a stronger attack raises accuracy: {text}; the loss surface is not being ascended",
+        )
+    if base - strong > tol:
+        return AuditCheck(
+            "more_steps_restarts",
+            "warn",
+            evidence,
+            f"pgd-{a.steps} has not converged: {text}; evaluate with more steps/restarts",
+        )
+    return AuditCheck("more_steps_restarts", "pass", evidence, text)
+
+
+def _check_fgsm(a: _Auditor) -> AuditCheck:
+    single = _acc(
+        a.run("fgsm", lambda xb, yb: fgsm(a.attacked, xb, yb, eps=a.eps, norm=a.norm, validate=False))
+    )
+    multi = _acc(a.pgd_correct(a.eps, a.steps))
+    tol = noise_tolerance(single, multi, a.n)
+    evidence = {
+        "fgsm_accuracy": single,
+        "pgd_attack": f"pgd-{a.steps}",
+        "pgd_accuracy": multi,
+        "tolerance": tol,
+        "noise": f"{Z:g} Agresti-Coull binomial SE, n={a.n}",
+    }
+    text = f"fgsm {_pct(single)} vs pgd-{a.steps} {_pct(multi)} (noise {_pct(tol)})"
+    if multi - single > tol:
+        return AuditCheck("fgsm_vs_pgd", "fail", evidence, f"single-step beats multi-step: {text}")
+    return AuditCheck("fgsm_vs_pgd", "pass", evidence, text)
+
+
+def _square_attack(a: _Auditor, queries: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    if "square" not in ATTACKS:
+        return None
+    attack = make_attack("square", eps=a.eps, norm=a.norm, queries=queries, generator=a.generator(4))
+    # black-box: it sees only the outputs of the deployed model, never gradients
+    return lambda xb, yb: attack(a.model, xb, yb)
+
+
+def _check_blackbox(a: _Auditor, surrogate: nn.Module | None, queries: int) -> AuditCheck:
+    white = torch.logical_and(a.pgd_correct(a.eps, a.steps), a.pgd_correct(a.eps, 5 * a.steps, 3, offset=1))
+    white_acc = _acc(white)
+    evidence: dict[str, Any] = {
+        "whitebox_attack": f"min(pgd-{a.steps}, pgd-{5 * a.steps} x3)",
+        "whitebox_accuracy": white_acc,
+        "noise": f"{Z:g} Agresti-Coull binomial SE, n={a.n}",
+    }
+    beaten, ran, missing = [], [], []
+    candidates: list[tuple[str, Callable[[], torch.Tensor] | None]] = []
+    square = _square_attack(a, queries)
+    candidates.append((f"square-{queries}", (lambda: a.run("square", square)) if square else None))
+    if surrogate is not None:
+        craft = {"name": "pgd", "steps": a.steps, "generator": a.generator(5)}
+        candidates.append(
+            (
+                f"transfer pgd-{a.steps}",
+                lambda: a.run(
+                    "transfer",
+                    lambda xb, yb: (
+                        transfer_attack(
+                            surrogate, a.model, xb, yb, attack=craft, eps=a.eps, norm=a.norm
+                        ).x_adv
+                    ),
+                ),
+            )
+        )
+    else:
+        missing.append("transfer (no surrogate model given)")
+    for name, measure in candidates:
+        if measure is None:
+            missing.append(f"{name.split('-')[0]} (not in the attack registry)")
+            continue
+        correct = measure()
+        acc, tol = _acc(correct), noise_tolerance(_acc(correct), white_acc, a.n)
+        only = int((white & ~correct).sum())
+        evidence[name] = {"accuracy": acc, "tolerance": tol, "broken_only_by_this_attack": only}
+        ran.append(f"{name} {_pct(acc)}")
+        if white_acc - acc > tol:
+            beaten.append(f"{name} {_pct(acc)} < white-box {_pct(white_acc)} (noise {_pct(tol)})")
+    evidence["not_run"] = missing
+    if beaten:
+        return AuditCheck(
+            "blackbox_transfer",
+            "fail",
+            evidence,
+            "gradient-free attacks beat white-box ones: " + "; ".join(beaten),
+        )
+    if not ran:
+        return AuditCheck("blackbox_transfer", "warn", evidence, "not run: " + "; ".join(missing))
+    text = f"white-box {_pct(white_acc)}; " + ", ".join(ran)
+    if missing:
+        return AuditCheck("blackbox_transfer", "warn", evidence, f"{text}; not run: {'; '.join(missing)}")
+    return AuditCheck("blackbox_transfer", "pass", evidence, text)
+
+
+def _dual_norm(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """The dual norm of the gradient: the first-order loss change per unit of ``norm`` budget."""
+    return grad.flatten(1).abs().sum(1) if norm == "linf" else grad.flatten(1).norm(dim=1)
+
+
+def _check_gradients(a: _Auditor) -> AuditCheck:
+    grad, loss = a.gradients(ce_loss)
+    finite = torch.isfinite(grad.flatten(1)).all(1) & torch.isfinite(loss)
+    size = _dual_norm(torch.nan_to_num(grad, 0.0, 0.0, 0.0), a.norm)
+    nan = float((~finite).float().mean())
+    vanishing = float((finite & (size <= VANISHING_NORM)).float().mean())
+    exploding = float((finite & (size * a.eps > EXPLODING_CHANGE)).float().mean())
+    bad = nan + vanishing + exploding
+    evidence = {
+        "loss": "cross-entropy (as attacked)",
+        "nan_fraction": nan,
+        "vanishing_fraction": vanishing,
+        "exploding_fraction": exploding,
+        "vanishing_below": VANISHING_NORM,
+        "exploding_above_nats": EXPLODING_CHANGE,
+        "median_dual_norm": float(size[finite].median()) if finite.any() else None,
+        "warn_fraction": WARN_FRACTION,
+        "fail_fraction": FAIL_FRACTION,
+    }
+    text = (
+        f"NaN {_pct(nan)}, vanishing {_pct(vanishing)}, exploding {_pct(exploding)} of {a.n} input gradients"
+    )
+    if bad > FAIL_FRACTION:
+        return AuditCheck(
+            "gradient_health",
+            "fail",
+            evidence,
+            f"{text}: gradient attacks get no signal (try a margin loss, BPDA, or fix the logits scale)",
+        )
+    if bad > WARN_FRACTION:
+        return AuditCheck("gradient_health", "warn", evidence, text)
+    return AuditCheck("gradient_health", "pass", evidence, text)
+
+
+def _check_randomness(a: _Auditor) -> AuditCheck:
+    with torch.no_grad():
+        passes = torch.stack([torch.cat([a.model(b) for b in a.x.split(a.batch_size)]) for _ in range(3)])
+    spread = float((passes - passes[0]).abs().max())
+    scale = 1.0 + float(passes[0].abs().max())
+    random = spread > 1e-4 * scale
+    flips = float((passes.argmax(2) != passes[0].argmax(1)).any(0).float().mean())
+    declared = _declares(a.model)[1]
+    evidence = {
+        "max_logit_change": spread,
+        "prediction_flip_fraction": flips,
+        "random": random,
+        "declared_random": declared,
+        "eot_samples": a.eot,
+    }
+    if not random:
+        note = " (declared random, but 3 passes agreed)" if declared else ""
+        return AuditCheck("randomness", "pass", evidence, f"deterministic outputs{note}")
+    text = f"outputs are random (logits move by up to {spread:.3g}; {_pct(flips)} of predictions flip)"
+    if a.eot > 1:
+        return AuditCheck("randomness", "pass", evidence, f"{text}; attacked with EOT over {a.eot} samples")
+    plain = _acc(a.pgd_correct(a.eps, a.steps))
+    with_eot = _acc(
+        a.pgd_correct(a.eps, a.steps, offset=2, model=_adapted(a.model, a.bpda, EOT_SAMPLES), key="eot")
+    )
+    evidence.update({"pgd_accuracy_without_eot": plain, f"pgd_accuracy_with_eot{EOT_SAMPLES}": with_eot})
+    hint = "" if declared else "; declare the transform random=True so evaluation uses EOT"
+    return AuditCheck(
+        "randomness",
+        "fail",
+        evidence,
+        f"{text} but evaluated without EOT: pgd-{a.steps} {_pct(plain)}, with EOT-{EOT_SAMPLES} "
+        f"{_pct(with_eot)}{hint}",
+    )
+
+
+def _check_bpda(a: _Auditor) -> AuditCheck:
+    declared = _declares(a.model)[0]
+    # the CW margin is used (not CE) so that softmax saturation, which check 5 reports, is not mistaken for a
+    # non-differentiable layer: the margin's gradient is zero only where the network itself is flat.
+    grad, margin = a.gradients(cw_margin)
+    step = a.eps * torch.randn(a.x.shape, generator=a.generator(3)).sign().to(a.x.device)
+    if a.norm == "l2":
+        step = step / step.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * a.eps
+    moved = (a.x + step).clamp(0, 1)
+    with torch.no_grad():
+        margin_moved = torch.cat(
+            [
+                cw_margin(a.attacked(xb), yb)
+                for xb, yb in zip(moved.split(a.batch_size), a.y.split(a.batch_size), strict=True)
+            ]
+        )
+    changes = (margin_moved - margin).abs() > 1e-4 * (1 + margin.abs())
+    no_signal = ~torch.isfinite(grad.flatten(1)).all(1) | (
+        _dual_norm(torch.nan_to_num(grad), a.norm) <= VANISHING_NORM
+    )
+    fraction = float((changes & no_signal).float().mean())
+    detected = fraction > WARN_FRACTION
+    evidence = {
+        "declared_non_differentiable": declared,
+        "bpda_used": a.bpda,
+        "zero_or_nan_gradient_where_margin_changes": fraction,
+        "finite_difference": "random sign step of eps",
+    }
+    text = (
+        f"{_pct(fraction)} of images have a zero/NaN margin gradient although the margin changes within eps"
+    )
+    if not (declared or detected):
+        return AuditCheck("bpda", "pass", evidence, f"differentiable end to end ({text})")
+    if a.bpda and not detected:
+        return AuditCheck(
+            "bpda", "pass", evidence, f"non-differentiable preprocessing attacked through BPDA ({text})"
+        )
+    if declared and not a.bpda:
+        plain = _acc(a.pgd_correct(a.eps, a.steps))
+        with_bpda = _acc(a.pgd_correct(a.eps, a.steps, model=_adapted(a.model, True, a.eot), key="bpda"))
+        evidence.update({"pgd_accuracy_without_bpda": plain, "pgd_accuracy_with_bpda": with_bpda})
+        return AuditCheck(
+            "bpda",
+            "fail",
+            evidence,
+            f"non-differentiable preprocessing evaluated without BPDA: "
+            f"pgd-{a.steps} {_pct(plain)}, with BPDA {_pct(with_bpda)}",
+        )
+    where = "even through BPDA" if a.bpda else "without BPDA"
+    return AuditCheck(
+        "bpda",
+        "fail",
+        evidence,
+        f"{text}, {where}: a non-differentiable layer is attacked blindly; "
+        "wrap it as a Defended(model, transform) with differentiable=False",
+    )
+
+
+# ----------------------------------------------------------------------------------- public API
+
+
+def audit_model(
+    model: nn.Module,
+    data: Split | tuple[torch.Tensor, torch.Tensor],
+    *,
+    eps: float,
+    norm: str = "linf",
+    n: int | None = 200,
+    seed: int = 0,
+    surrogate: nn.Module | None = None,
+    steps: int = 20,
+    bpda: bool | None = None,
+    eot: int | None = None,
+    square_queries: int = 1000,
+    batch_size: int = 256,
+) -> AuditReport:
+    """Run the gradient-masking checklist on the first ``n`` images of ``data`` at budget ``eps``.
+
+    Args:
+        data: a uint8 :class:`~robustlab.data.Split` or float ``(x, y)`` in pixel space.
+        surrogate: an independently trained model for the transfer attack (check 4); without one
+            only Square runs there (see :func:`train_surrogate`).
+        steps: PGD steps of the reference white-box attack; check 2 compares it with 5x the steps
+            and 3 restarts.
+        bpda / eot: how the audited evaluation attacks the model. ``None`` follows robustlab's
+            evaluation protocol: BPDA iff an InputTransform declares ``differentiable=False``, EOT over
+            ``EOT_SAMPLES`` passes iff one declares ``random=True``. ``eot=1`` means no EOT.
+    Returns:
+        An :class:`AuditReport`; the model's mode and ``requires_grad`` flags are left as found.
+    """
+    x, y = (data.float_images(), data.labels) if isinstance(data, Split) else data
+    if n is not None:
+        if n < 1:
+            raise InputError(f"n must be >= 1, got {n}")
+        x, y = x[:n], y[:n]
+    check_batch(x, y)
+    if check_eps(eps, norm) == 0:
+        raise InputError("the audit needs eps > 0")
+    if norm not in ("linf", "l2"):
+        raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    declared_bpda, declared_random = _declares(model)
+    use_bpda = declared_bpda if bpda is None else bpda
+    eot_samples = (EOT_SAMPLES if declared_random else 1) if eot is None else max(1, int(eot))
+    device = next(model.parameters()).device
+    settings = {
+        "eps": float(eps),
+        "norm": norm,
+        "n": int(y.shape[0]),
+        "seed": seed,
+        "steps": steps,
+        "bpda": use_bpda,
+        "eot_samples": eot_samples,
+        "square_queries": square_queries,
+        "surrogate": surrogate is not None,
+        "noise": f"{Z:g} Agresti-Coull binomial standard errors",
+    }
+    modes = [m.training for m in model.modules()]
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with frozen(model), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            model.eval()
+            if surrogate is not None:
+                surrogate.eval()
+            auditor = _Auditor(
+                model,
+                x.to(device),
+                y.to(device),
+                eps=float(eps),
+                norm=norm,
+                seed=seed,
+                steps=steps,
+                bpda=use_bpda,
+                eot=eot_samples,
+                batch_size=batch_size,
+            )
+            checks = [
+                _check_accuracy_vs_eps(auditor),
+                _check_more_steps(auditor),
+                _check_fgsm(auditor),
+                _check_blackbox(auditor, surrogate, square_queries),
+                _check_gradients(auditor),
+                _check_randomness(auditor),
+                _check_bpda(auditor),
+            ]
+    finally:
+        for m, mode in zip(model.modules(), modes, strict=True):
+            m.training = mode
+    return AuditReport(checks, settings)
+
+
+def train_surrogate(
+    data: DatasetSplits,
+    *,
+    model: str = "lenet5",
+    epochs: int = 3,
+    seed: int = 1,
+    train_subset: int | None = 20_000,
+) -> nn.Module:
+    """A quickly trained *standard* model on ``data``'s training split, the source of transfer attacks.
+
+    Trained with robustlab's own training loop in a throw-away run directory (Adam, lr 1e-3).
+    """
+    from robustlab.training import train
+
+    if train_subset is not None and len(data.train) > train_subset:
+        data = dataclasses.replace(data, train=data.train.head(train_subset))
+    config = {
+        "seed": seed,
+        "model": {"name": model},
+        "defense": {"name": "standard"},
+        "train": {
+            "epochs": epochs,
+            "optimizer": "adam",
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "select": "last",
+            "schedule": "constant",
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="robustlab-surrogate-") as tmp:
+        return train(config, Path(tmp) / "surrogate", progress=False, data=data).model.eval()
+
+
+def audit_run(
+    run_dir: str | Path,
+    *,
+    n: int = 500,
+    eps: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    surrogate: bool = True,
+    surrogate_epochs: int = 3,
+    **options: Any,
+) -> AuditReport:
+    """Audit a finished run on its test split and write ``RUN_DIR/audit.json`` atomically.
+
+    ``eps`` and the norm default to the run's threat model. With ``surrogate=True`` a standard model of
+    the run's architecture is trained for ``surrogate_epochs`` on the run's training split as the
+    transfer-attack source. Other keyword options go to :func:`audit_model`.
+    """
+    from robustlab.rundir import RunDir, write_json
+    from robustlab.runs import load_run, select_device
+
+    loaded = load_run(run_dir, select_device(device))
+    budget = loaded.config.threat.eps if eps is None else eps
+    source = None
+    if surrogate:
+        source = train_surrogate(
+            loaded.data, model=loaded.config.model.name, epochs=surrogate_epochs, seed=seed + 1
+        )
+        source.to(next(loaded.model.parameters()).device)
+    report = audit_model(
+        loaded.model,
+        loaded.data.test,
+        eps=budget,
+        norm=loaded.config.threat.norm,
+        n=n,
+        seed=seed,
+        surrogate=source,
+        **options,
+    )
+    report.settings.update(
+        run_dir=str(loaded.path),
+        split="test",
+        surrogate=f"standard {loaded.config.model.name}, {surrogate_epochs} epochs" if surrogate else None,
+    )
+    write_json(RunDir(run_dir).path / "audit.json", report.to_dict())
+    return report

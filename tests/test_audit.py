@@ -1,0 +1,266 @@
+"""The gradient-masking audit flags deliberately masked models and passes honest ones (digits, seconds each).
+
+Masked models (Athalye et al. 2018): a quantising input layer attacked without BPDA, logits scaled by
+1e4 so float32 cross-entropy gradients vanish, and a random input transform attacked without EOT.
+Honest models: the standard LeNet-5 of ``trained_digits`` and a PGD-trained LeNet-5.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from robustlab.attacks import pgd
+from robustlab.audit import (
+    AuditCheck,
+    AuditReport,
+    audit_model,
+    audit_run,
+    binomial_se,
+    noise_tolerance,
+    train_surrogate,
+)
+from robustlab.cli import main
+from robustlab.defenses.preprocessing import Defended, InputTransform
+from robustlab.errors import InputError
+from robustlab.models import build_model
+
+EPS = 0.1
+FAST = {"n": 100, "steps": 5, "square_queries": 100}
+CHECKS = ["accuracy_vs_eps", "more_steps_restarts", "fgsm_vs_pgd", "blackbox_transfer", "gradient_health",
+          "randomness", "bpda"]
+
+
+class Quantize(InputTransform):
+    """round(x * 4) / 4: zero gradient almost everywhere."""
+
+    differentiable = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 4) / 4
+
+
+class Noise(InputTransform):
+    """Gaussian noise at test time."""
+
+    random = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+
+
+class ScaledLogits(nn.Module):
+    """A saturating softmax temperature: logits * 1e4 make float32 cross-entropy gradients exactly zero."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * 1e4
+
+
+@pytest.fixture(scope="module")
+def base(trained_digits):
+    return trained_digits.model.eval()
+
+
+@pytest.fixture(scope="module")
+def surrogate(digits):
+    """An independently trained standard LeNet-5 (other seed), the source of transfer attacks."""
+    return train_surrogate(digits, epochs=4, seed=7)
+
+
+@pytest.fixture(scope="module")
+def pgd_trained(digits):
+    """Madry PGD adversarial training, minimal loop: 8 epochs of PGD-3 at eps on digits (a few seconds)."""
+    torch.manual_seed(3)
+    model = build_model("lenet5", digits.num_classes, digits.channels, digits.image_size, digits.mean, digits.std)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x_all, y_all = digits.train.float_images(), digits.train.labels
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        order = torch.randperm(len(y_all), generator=generator)
+        for batch in order.split(64):
+            x, y = x_all[batch], y_all[batch]
+            model.eval()
+            x_adv = pgd(model, x, y, eps=EPS, steps=3, generator=generator)
+            model.train()
+            loss = nn.functional.cross_entropy(model(x_adv), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _statuses(report: AuditReport) -> dict[str, str]:
+    return {c.name: c.status for c in report.checks}
+
+
+def _show(report: AuditReport) -> str:
+    return "\n".join(f"{c.name}: {c.status}: {c.message}" for c in report.checks)
+
+
+# ---------------------------------------------------------------------------------- honest models pass
+
+
+def test_standard_model_has_no_false_fail(base, surrogate, digits):
+    report = audit_model(base, digits.test, eps=EPS, surrogate=surrogate, **FAST)
+    assert [c.name for c in report.checks] == CHECKS
+    assert report.verdict != "fail", _show(report)
+    # the masking-specific checks are clean, not merely "not failed"
+    for name in ("gradient_health", "randomness", "bpda", "fgsm_vs_pgd", "accuracy_vs_eps"):
+        assert report.check(name).status == "pass", _show(report)
+    assert report.check("accuracy_vs_eps").evidence["huge_accuracy"] == 0.0
+
+
+def test_pgd_trained_model_has_no_false_fail(pgd_trained, surrogate, digits):
+    report = audit_model(pgd_trained, digits.test, eps=EPS, surrogate=surrogate, **FAST)
+    assert report.verdict != "fail", _show(report)
+    evidence = report.check("blackbox_transfer").evidence
+    assert "square-100" in evidence and "transfer pgd-5" in evidence  # both gradient-free attacks ran
+    # the adversarially trained model really is more robust than the standard one under the same PGD
+    assert report.check("fgsm_vs_pgd").evidence["pgd_accuracy"] > 0.5, _show(report)
+
+
+# ---------------------------------------------------------------------------------- masked models fail
+
+
+def test_quantising_layer_without_bpda_fails(base, digits):
+    report = audit_model(nn.Sequential(Quantize(), base), digits.test, eps=EPS, **FAST)
+    statuses = _statuses(report)
+    assert report.verdict == "fail"
+    assert statuses["gradient_health"] == "fail" and statuses["bpda"] == "fail", _show(report)
+    assert report.check("gradient_health").evidence["vanishing_fraction"] > 0.9
+    assert statuses["accuracy_vs_eps"] == "fail"  # eps = 1 cannot break it: the attack is blind
+
+
+def test_declared_quantiser_fails_without_bpda_and_passes_with_it(base, digits):
+    defended = Defended(base, Quantize())
+    blind = audit_model(defended, digits.test, eps=EPS, bpda=False, **FAST)
+    assert blind.check("bpda").status == "fail", _show(blind)
+    evidence = blind.check("bpda").evidence
+    assert evidence["pgd_accuracy_with_bpda"] < evidence["pgd_accuracy_without_bpda"]
+    adaptive = audit_model(defended, digits.test, eps=EPS, **FAST)  # BPDA chosen from the declaration
+    assert adaptive.settings["bpda"] is True
+    for name in ("bpda", "gradient_health", "accuracy_vs_eps"):
+        assert adaptive.check(name).status == "pass", _show(adaptive)
+
+
+def test_saturated_softmax_fails(base, surrogate, digits):
+    report = audit_model(ScaledLogits(base), digits.test, eps=EPS, surrogate=surrogate, **FAST)
+    statuses = _statuses(report)
+    assert report.verdict == "fail"
+    assert statuses["gradient_health"] == "fail", _show(report)
+    assert statuses["blackbox_transfer"] == "fail", _show(report)
+    # the margin gradient is alive, so this is not mistaken for a non-differentiable layer
+    assert statuses["bpda"] == "pass"
+
+
+def test_random_transform_without_eot_fails(base, digits):
+    undeclared = audit_model(nn.Sequential(Noise(), base), digits.test, eps=EPS, **FAST)
+    assert undeclared.check("randomness").status == "fail", _show(undeclared)
+    assert undeclared.check("randomness").evidence["prediction_flip_fraction"] > 0
+    declared_but_unused = audit_model(Defended(base, Noise()), digits.test, eps=EPS, eot=1, n=40, steps=3,
+                                      square_queries=30)
+    assert declared_but_unused.check("randomness").status == "fail"
+
+
+def test_random_transform_with_eot_passes_randomness(base, digits):
+    report = audit_model(Defended(base, Noise()), digits.test, eps=EPS, n=40, steps=3, square_queries=30)
+    assert report.settings["eot_samples"] > 1
+    assert report.check("randomness").status == "pass", _show(report)
+
+
+# ---------------------------------------------------------------------------------- statistics and report
+
+
+def test_binomial_tolerance_is_never_zero_and_shrinks_with_n():
+    assert binomial_se(0.0, 100) > 0 and binomial_se(1.0, 100) > 0
+    assert noise_tolerance(0.5, 0.5, 1000) < noise_tolerance(0.5, 0.5, 100)
+    assert noise_tolerance(0.2, 0.4, 200) == pytest.approx(noise_tolerance(0.4, 0.2, 200))
+
+
+def test_verdict_is_the_worst_status_and_serialises():
+    checks = [AuditCheck("a", "pass", {"x": 1.0}, "ok"), AuditCheck("b", "warn", {}, "hm")]
+    assert AuditReport(checks).verdict == "warn"
+    assert AuditReport([*checks, AuditCheck("c", "fail", {}, "no")]).verdict == "fail"
+    assert AuditReport([]).verdict == "pass"
+    data = json.loads(json.dumps(AuditReport(checks).to_dict()))
+    assert data["verdict"] == "warn" and data["checks"][0] == {"name": "a", "status": "pass",
+                                                               "evidence": {"x": 1.0}, "message": "ok"}
+
+
+def test_audit_leaves_the_model_as_found(base, digits):
+    base.train()
+    flags = [p.requires_grad for p in base.parameters()]
+    before = [p.detach().clone() for p in base.parameters()]
+    try:
+        audit_model(base, digits.test, eps=EPS, n=20, steps=2, square_queries=10)
+        assert base.training
+        assert [p.requires_grad for p in base.parameters()] == flags
+        assert all(torch.equal(a, b) for a, b in zip(before, base.parameters(), strict=True))
+    finally:
+        base.eval()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"eps": 0.0}, "eps > 0"), ({"eps": 1.5}, "larger than the [0, 1] pixel range"), ({"eps": 0.1, "n": 0}, "n must")],
+)
+def test_user_errors_are_one_line(base, digits, kwargs, message):
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        audit_model(base, digits.test, **kwargs)
+
+
+def test_bad_images_and_bpda_without_transform_are_refused(base, digits):
+    x, y = digits.test.float_images()[:8], digits.test.labels[:8]
+    with pytest.raises(InputError, match="255"):
+        audit_model(base, (x * 255, y), eps=EPS)
+    with pytest.raises(InputError, match="Defended"):
+        audit_model(base, (x, y), eps=EPS, bpda=True)
+
+
+# ---------------------------------------------------------------------------------- run directories and CLI
+
+
+def test_audit_run_writes_audit_json(trained_digits):
+    report = audit_run(trained_digits.run_dir, n=60, steps=5, surrogate_epochs=2, square_queries=100, device="cpu")
+    data = json.loads((trained_digits.run_dir / "audit.json").read_text())
+    assert data["verdict"] == report.verdict in ("pass", "warn", "fail")
+    assert [c["name"] for c in data["checks"]] == CHECKS
+    assert all(set(c) == {"name", "status", "evidence", "message"} for c in data["checks"])
+    assert data["settings"]["eps"] == pytest.approx(0.1) and data["settings"]["n"] == 60
+    assert "transfer pgd-5" in data["checks"][3]["evidence"]
+
+
+def _exit_code(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return int(exit_info.value.code or 0)
+
+
+def test_cli_strict_exits_1_on_a_masked_run(trained_digits, tmp_path, capsys):
+    masked = tmp_path / "masked"
+    shutil.copytree(trained_digits.run_dir, masked)
+    weights = load_file(masked / "model.safetensors")
+    for key in ("net.classifier.4.weight", "net.classifier.4.bias"):
+        weights[key] = weights[key] * 1e4  # a saturating softmax temperature baked into the weights
+    save_file(weights, masked / "model.safetensors")
+    args = ["audit", str(masked), "--n", "40", "--steps", "3", "--queries", "30", "--no-surrogate", "--device", "cpu"]
+    assert _exit_code([*args, "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "gradient_health" in out and "verdict: fail" in out
+    assert json.loads((masked / "audit.json").read_text())["verdict"] == "fail"
+    assert _exit_code(args) == 0  # without --strict a failing audit still exits 0
+    assert json.loads((masked / "audit.json").read_text())["verdict"] == "fail"
+
+
+def test_cli_bad_eps_is_one_line_error(trained_digits, capsys):
+    assert _exit_code(["audit", str(trained_digits.run_dir), "--eps", "2", "--no-surrogate", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: eps=2 is larger")
