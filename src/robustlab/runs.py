@@ -53,10 +53,15 @@ def prepare_data(config: RunConfig) -> DatasetSplits:
 
 
 def prepare_model(config: RunConfig, data: DatasetSplits) -> nn.Module:
+    """The run's model; wrapped in ``Defended(model, transform)`` when its defence uses an input transform."""
+    from robustlab.defenses import Defended, build_input_transform
+
     m = config.model
-    return build_model(
+    model = build_model(
         m.name, data.num_classes, data.channels, data.image_size, data.mean, data.std, depth=m.depth, width=m.width
     )
+    transform = build_input_transform(config.defense.name, config.defense.params, data.channels)
+    return model if transform is None else Defended(model, transform)
 
 
 @dataclass

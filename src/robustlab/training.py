@@ -33,6 +33,7 @@ from robustlab.attacks import pgd
 from robustlab.config import RunConfig, build_config, config_to_dict
 from robustlab.data import DatasetSplits, TensorLoader
 from robustlab.defenses import Objective, TrainState, build_objective
+from robustlab.defenses.preprocessing import auxiliary_loss
 from robustlab.errors import CheckpointError, RobustlabError
 from robustlab.metrics import accuracy, robust_accuracy
 from robustlab.rundir import (
@@ -245,7 +246,7 @@ class Trainer:
         t = self.config.train
         self.model.eval()
         metrics = {"val_clean_acc": accuracy(self.model, self.data.val)}
-        if self.objective.needs_val_robust or t.select == "val_robust":
+        if self.objective.needs_val_robust or self._select() == "val_robust":
             eps, norm = self.config.threat.eps, self.config.threat.norm
             attack = partial(
                 pgd, eps=eps, norm=norm, steps=t.val_attack_steps, generator=self.generator, early_stop=True
@@ -253,8 +254,12 @@ class Trainer:
             metrics["val_robust_acc"] = robust_accuracy(self.model, self.data.val.head(t.val_robust_size), attack)
         return metrics
 
+    def _select(self) -> str:
+        """``train.select``, unless the objective imposes its own rule (the hybrid's best-robust checkpoint)."""
+        return self.objective.select or self.config.train.select
+
     def _score(self, metrics: dict[str, float]) -> float:
-        select = self.config.train.select
+        select = self._select()
         if select == "last":
             return math.inf
         return metrics["val_robust_acc" if select == "val_robust" else "val_clean_acc"]
@@ -298,6 +303,10 @@ class Trainer:
                 self.model.train()
                 with autocast():
                     loss, stats = self.objective.loss(self.model, x, y, state)
+                    transform_loss = auxiliary_loss(self.model, x)
+                if transform_loss is not None:
+                    loss = loss + transform_loss
+                    stats["transform_loss"] = transform_loss.item()
                 if not torch.isfinite(loss):
                     raise RobustlabError(f"training diverged at epoch {epoch + 1} (loss is {loss.item()}); lower train.lr")
                 self.optimizer.zero_grad(set_to_none=True)

@@ -10,17 +10,60 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from robustlab.defenses.adversarial import (
+    AdversarialObjective,
+    FastATObjective,
+    MartObjective,
+    PGDATObjective,
+    TradesObjective,
+    craft_adversarial,
+)
 from robustlab.defenses.base import Objective, ObjectiveParams, TrainState
+from robustlab.defenses.hybrid import HybridObjective, adaptive_alpha, eps_schedule
+from robustlab.defenses.lipschitz import LipschitzObjective
+from robustlab.defenses.preprocessed import (
+    AutoencoderObjective,
+    FeatureSqueezingObjective,
+    NoiseInjectionObjective,
+)
+from robustlab.defenses.preprocessing import (
+    Defended,
+    DenoisingAutoencoder,
+    FeatureSqueezing,
+    GaussianNoise,
+    InputTransform,
+    build_transform,
+)
 from robustlab.defenses.standard import StandardObjective
 from robustlab.errors import ConfigError
 
 __all__ = [
     "DEFENSES",
+    "AdversarialObjective",
+    "AutoencoderObjective",
+    "Defended",
+    "DenoisingAutoencoder",
+    "FastATObjective",
+    "FeatureSqueezing",
+    "FeatureSqueezingObjective",
+    "GaussianNoise",
+    "HybridObjective",
+    "InputTransform",
+    "LipschitzObjective",
+    "MartObjective",
+    "NoiseInjectionObjective",
     "Objective",
     "ObjectiveParams",
+    "PGDATObjective",
     "StandardObjective",
+    "TradesObjective",
     "TrainState",
+    "adaptive_alpha",
+    "build_input_transform",
     "build_objective",
+    "build_transform",
+    "craft_adversarial",
+    "eps_schedule",
     "register_defense",
     "validate_defense",
 ]
@@ -34,7 +77,11 @@ def register_defense(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
-register_defense(StandardObjective)
+for _objective in (
+    StandardObjective, PGDATObjective, FastATObjective, TradesObjective, MartObjective, LipschitzObjective,
+    HybridObjective, FeatureSqueezingObjective, NoiseInjectionObjective, AutoencoderObjective,
+):
+    register_defense(_objective)
 
 
 def _params(name: str, params: dict[str, Any]) -> ObjectiveParams:
@@ -63,3 +110,8 @@ def validate_defense(name: str, params: dict[str, Any]) -> None:
 def build_objective(name: str, params: dict[str, Any] | None = None) -> Objective:
     """Instantiate a registered training objective with validated parameters."""
     return DEFENSES[name](_params(name, params or {}))
+
+
+def build_input_transform(name: str, params: dict[str, Any] | None, channels: int) -> InputTransform | None:
+    """The input transform a defence puts in front of the classifier (None for pure objectives)."""
+    return build_objective(name, params).input_transform(channels)

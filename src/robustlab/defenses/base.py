@@ -11,14 +11,29 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
+
+from robustlab.defenses.preprocessing import InputTransform, build_transform, validate_transform
 
 
 class ObjectiveParams(BaseModel):
-    """Base for an objective's parameters: unknown names are errors."""
+    """Base for an objective's parameters: unknown names are errors.
+
+    ``preprocess`` (any objective): an input transform ``{"name": ..., **params}`` placed in front of
+    the classifier for training and evaluation, e.g. ``{"name": "noise_injection", "sigma": 0.3}`` on a
+    ``pgd_at`` run (see ``robustlab.defenses.preprocessing``).
+    """
 
     model_config = ConfigDict(extra="forbid")
+    preprocess: dict[str, Any] | None = None
+
+    @field_validator("preprocess")
+    @classmethod
+    def _known_transform(cls, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+        if spec is not None:
+            validate_transform(spec)
+        return spec
 
 
 @dataclass
@@ -48,6 +63,7 @@ class Objective:
     """A training defence. Subclasses set ``name``, ``Params`` and implement ``loss``.
 
     ``needs_val_robust``: ask the loop to measure validation PGD accuracy every epoch.
+    ``select``: a checkpoint rule the objective imposes (``"val_robust"``) instead of ``train.select``.
     """
 
     name: ClassVar[str] = ""
@@ -56,6 +72,15 @@ class Objective:
 
     def __init__(self, params: ObjectiveParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
+
+    @property
+    def select(self) -> str | None:
+        return None
+
+    def input_transform(self, channels: int) -> InputTransform | None:
+        """The preprocessing transform the model is wrapped in (``Defended``), or None."""
+        spec = self.params.preprocess
+        return None if spec is None else build_transform(spec, channels)
 
     def loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState

@@ -4,11 +4,25 @@
 is ``differentiable`` (else attacks must use BPDA, Athalye et al. 2018) and whether it is ``random``
 (else attacks must use EOT), so evaluation picks the adaptive attack automatically rather than
 reporting the false robustness of obfuscated gradients.
+
+Transforms, by name (``build_transform({"name": ..., **params}, channels)``):
+
+- ``feature_squeezing`` (Xu et al. 2018): bit-depth reduction to ``bits`` bits, then a ``median`` x
+  ``median`` median filter. Rounding has zero gradient almost everywhere: **not differentiable**.
+- ``noise_injection``: additive Gaussian noise ``N(0, sigma^2)`` at train *and* test time, clipped to
+  [0, 1]. **Random** (evaluate with EOT).
+- ``autoencoder``: a small denoising convolutional autoencoder, the MagNet reformer (Meng & Chen
+  2017), trained on clean and Gaussian-noised images to reconstruct the clean one (its
+  :meth:`~InputTransform.training_loss`, added by the training loop). Differentiable and deterministic.
 """
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 
@@ -17,6 +31,10 @@ class InputTransform(nn.Module):
 
     differentiable: bool = True
     random: bool = False
+
+    def training_loss(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A loss that trains the transform's own parameters on a clean batch (None: nothing to train)."""
+        return None
 
 
 class Defended(nn.Module):
@@ -37,3 +55,137 @@ class Defended(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.transform(x))
+
+
+class FeatureSqueezing(InputTransform):
+    """Bit-depth reduction + median smoothing (Xu et al. 2018, "Feature Squeezing", §3-4).
+
+    A median over an even window takes the lower of the two middle values; the image is padded by
+    replication so the output keeps its size.
+    """
+
+    differentiable = False
+
+    def __init__(self, bits: int = 1, median: int = 2) -> None:
+        super().__init__()
+        self.bits = bits
+        self.median = median
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = 2**self.bits - 1
+        x = torch.round(x * levels) / levels
+        if self.median <= 1:
+            return x
+        k = self.median
+        padded = F.pad(x, ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2), mode="replicate")
+        windows = padded.unfold(2, k, 1).unfold(3, k, 1)
+        return windows.flatten(-2).median(dim=-1).values
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, median={self.median}"
+
+
+class GaussianNoise(InputTransform):
+    """Random noise injection: ``clip(x + N(0, sigma^2), 0, 1)`` on every call, in training and at test."""
+
+    random = True
+
+    def __init__(self, sigma: float = 0.2) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.sigma * torch.randn_like(x)).clamp(0.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}"
+
+
+class DenoisingAutoencoder(InputTransform):
+    """The MagNet reformer (Meng & Chen 2017): a small conv autoencoder mapping inputs back to the data.
+
+    conv3x3(C->w) - ReLU - avgpool2 - conv3x3(w->w) - ReLU - upsample - conv3x3(w->C) - sigmoid. Trained
+    (:meth:`training_loss`) to reconstruct clean images from clean and noisy copies,
+    ``MSE(AE(x), x) + MSE(AE(x + N(0, noise^2)), x)``, so off-manifold perturbations are pulled back.
+    """
+
+    def __init__(self, channels: int = 1, width: int = 16, noise: float = 0.1) -> None:
+        super().__init__()
+        self.noise = noise
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        )
+        self.decoder = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        code = F.interpolate(self.encoder(x), size=x.shape[-2:], mode="nearest")
+        return torch.sigmoid(self.decoder(code))
+
+    def training_loss(self, x: torch.Tensor) -> torch.Tensor:
+        noisy = (x + self.noise * torch.randn_like(x)).clamp(0.0, 1.0)
+        return F.mse_loss(self(torch.cat([x, noisy])), torch.cat([x, x]))
+
+
+class _TransformParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FeatureSqueezingParams(_TransformParams):
+    name: Literal["feature_squeezing"] = "feature_squeezing"
+    bits: int = Field(default=1, ge=1, le=8, description="bit depth kept (Xu et al.: 1 for MNIST)")
+    median: int = Field(default=2, ge=1, le=7, description="median window (1: no smoothing)")
+
+
+class NoiseInjectionParams(_TransformParams):
+    name: Literal["noise_injection"] = "noise_injection"
+    sigma: float = Field(default=0.2, gt=0.0, le=1.0, description="std of the Gaussian noise, in pixels")
+
+
+class AutoencoderParams(_TransformParams):
+    name: Literal["autoencoder"] = "autoencoder"
+    width: int = Field(default=16, ge=1, le=256, description="feature maps of the autoencoder")
+    noise: float = Field(default=0.1, ge=0.0, le=1.0, description="std of the training noise")
+
+
+TRANSFORMS: dict[str, type[_TransformParams]] = {
+    "feature_squeezing": FeatureSqueezingParams,
+    "noise_injection": NoiseInjectionParams,
+    "autoencoder": AutoencoderParams,
+}
+
+
+def validate_transform(spec: dict[str, Any]) -> _TransformParams:
+    """Validate ``{"name": ..., **params}``; raises ValueError with one line naming the bad field."""
+    if not isinstance(spec, dict) or spec.get("name") not in TRANSFORMS:
+        name = spec.get("name") if isinstance(spec, dict) else spec
+        raise ValueError(f"unknown input transform {name!r}; valid: {', '.join(TRANSFORMS)}")
+    params = TRANSFORMS[spec["name"]]
+    try:
+        return params.model_validate(spec)
+    except ValidationError as error:
+        item = error.errors()[0]
+        field = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            raise ValueError(
+                f"unknown parameter '{field}' for transform {spec['name']!r}; allowed: "
+                f"{', '.join(f for f in params.model_fields if f != 'name')}"
+            ) from None
+        raise ValueError(f"{field}: {item['msg']}") from None
+
+
+def build_transform(spec: dict[str, Any], channels: int = 1) -> InputTransform:
+    """Instantiate a transform from ``{"name": ..., **params}`` for images with ``channels`` channels."""
+    p = validate_transform(spec)
+    if isinstance(p, FeatureSqueezingParams):
+        return FeatureSqueezing(p.bits, p.median)
+    if isinstance(p, NoiseInjectionParams):
+        return GaussianNoise(p.sigma)
+    return DenoisingAutoencoder(channels, p.width, p.noise)
+
+
+def auxiliary_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The input transform's own training loss when ``model`` is ``Defended`` by a trainable transform."""
+    if isinstance(model, Defended):
+        return model.transform.training_loss(x)
+    return None
