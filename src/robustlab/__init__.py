@@ -7,6 +7,7 @@ budget ``eps`` always means pixels. See README.md for examples and DESIGN notes.
 __version__ = "0.1.0"
 
 from robustlab.attacks import ATTACKS, fgsm, make_attack, pgd  # noqa: E402
+from robustlab.audit import AuditReport, audit_model, audit_run  # noqa: E402
 from robustlab.config import RunConfig, load_config  # noqa: E402
 from robustlab.data import DATASETS, TensorLoader, load_dataset  # noqa: E402
 from robustlab.defenses import DEFENSES, Objective, build_objective  # noqa: E402
@@ -18,6 +19,7 @@ from robustlab.training import TrainResult, train  # noqa: E402
 
 __all__ = [
     "ATTACKS",
+    "AuditReport",
     "DATASETS",
     "DEFENSES",
     "MODELS",
@@ -27,6 +29,8 @@ __all__ = [
     "TensorLoader",
     "TrainResult",
     "__version__",
+    "audit_model",
+    "audit_run",
     "build_model",
     "build_objective",
     "evaluate_run",
