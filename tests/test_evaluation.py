@@ -181,3 +181,38 @@ def test_evaluate_run_merges_metrics_and_saves_per_sample_arrays(run_copy):
     assert arrays["labels"].shape == (50,)
     with pytest.raises(RobustlabError, match="no evaluation at linf-0.2"):
         read_evaluation(run_copy, eps=0.2, norm="linf")
+
+
+class _Hidden(torch.nn.Module):
+    """Hides a defence's differentiable/random flags: what a naive (non-adaptive) evaluation would see."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_bpda_breaks_what_a_naive_attack_reports_as_robust(trained_digits):
+    from robustlab.defenses.preprocessing import Defended, FeatureSqueezing
+
+    defended = Defended(trained_digits.model, FeatureSqueezing(bits=3, median=1))
+    test = trained_digits.data.test
+    adaptive = evaluate_model(defended, test, eps=0.1, attacks=("pgd-10",), n=100, n_boot=10)
+    naive = evaluate_model(_Hidden(defended), test, eps=0.1, attacks=("pgd-10",), n=100, n_boot=10)
+    assert adaptive.model_info["adaptive"] == "BPDA" and naive.model_info["adaptive"].startswith("none")
+    assert adaptive.clean.accuracy == naive.clean.accuracy
+    # rounding has zero gradient: the naive number is the false robustness BPDA exposes
+    assert adaptive.robust_accuracy < naive.robust_accuracy - 0.1
+
+
+def test_random_defence_uses_eot_and_reports_per_draw(trained_digits):
+    from robustlab.defenses.preprocessing import Defended, GaussianNoise
+
+    defended = Defended(trained_digits.model, GaussianNoise(sigma=0.1))
+    res = evaluate_model(defended, trained_digits.data.test, eps=0.1, attacks=("pgd-5",), n=40, n_boot=10,
+                         eot_samples=4, random_passes=3)
+    assert res.model_info["adaptive"] == "EOT(4)" and res.model_info["random"] is True
+    per_draw = res.to_dict()["worst_case"]["accuracy_per_draw"]
+    assert len(per_draw) == 3 and np.mean(per_draw) == pytest.approx(res.robust_accuracy)
