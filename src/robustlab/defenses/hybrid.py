@@ -13,9 +13,12 @@ Our reading (``DESIGN.md``, "The hybrid defence, made precise"), every free choi
    accuracy at the **target** eps after every epoch (:func:`adaptive_alpha`; ``alpha_init`` for the
    first epoch, 0.5 when both are 0, optional EMA and clamp).
 5. Refinement (§3.3 step 4): the run keeps the checkpoint with the best validation PGD accuracy
-   (``select``), and a catastrophic-overfitting guard switches the FGSM augmentation to PGD-2 when the
-   validation PGD accuracy collapses (below ``co_drop`` x its best) while the training FGSM accuracy
-   stays high (>= ``co_train_acc``); the event goes to the history's ``events`` column.
+   (``select``), and a catastrophic-overfitting guard (Wong et al. 2020 §5) switches the FGSM
+   augmentation to PGD-2 for the remaining epochs when the validation PGD accuracy collapses (below
+   ``co_drop`` x its best) while the training FGSM accuracy stays high (>= ``co_train_acc``), or, once
+   the ramp has reached eps, when the training FGSM accuracy exceeds the validation PGD accuracy by
+   ``co_gap`` or more (PGD never rose: single-step training that only learned to mask FGSM). The event
+   goes to the history's ``events`` column.
 
 History columns: ``alpha`` (used in the epoch), ``eps_t`` (at the end of the epoch), ``train_eps_t``
 (mean over the epoch), ``alpha_next``, ``attack``.
@@ -99,6 +102,7 @@ class HybridParams(CraftParams):
     co_guard: bool = Field(default=True, description="catastrophic-overfitting guard (switch FGSM -> PGD-2)")
     co_drop: float = Field(default=0.5, gt=0.0, lt=1.0, description="collapse: val PGD acc < co_drop * best")
     co_train_acc: float = Field(default=0.5, ge=0.0, le=1.0, description="...while train FGSM acc >= this")
+    co_gap: float = Field(default=0.3, gt=0.0, le=1.0, description="or train FGSM acc - val PGD acc >= this")
 
     @model_validator(mode="after")
     def _consistent(self) -> HybridParams:
@@ -164,11 +168,12 @@ class HybridObjective(AdversarialObjective):
         clean, robust = val_metrics["val_clean_acc"], val_metrics["val_robust_acc"]
         train_adv_acc = self._adv_correct / max(1, self._batches)
         collapsed = robust < p.co_drop * self.best_val_robust and train_adv_acc >= p.co_train_acc
-        if p.co_guard and self.attack == "fgsm" and collapsed:
+        masked = self.eps_t(state) >= state.eps and train_adv_acc - robust >= p.co_gap
+        if p.co_guard and self.attack == "fgsm" and (collapsed or masked):
             self.attack, self.attack_steps = "pgd", 2
             state.log.append(
-                f"catastrophic overfitting: val PGD acc {robust:.3f} < {p.co_drop} x best {self.best_val_robust:.3f} "
-                f"while train FGSM acc {train_adv_acc:.3f}; augmentation switched to pgd-2"
+                f"catastrophic overfitting: val PGD acc {robust:.3f} (best {self.best_val_robust:.3f}) while train "
+                f"FGSM acc {train_adv_acc:.3f}; augmentation switched to pgd-2"
             )
         self.best_val_robust = max(self.best_val_robust, robust)
         self.alpha = adaptive_alpha(clean, robust, self.alpha, p.alpha_ema, p.alpha_min, p.alpha_max)
