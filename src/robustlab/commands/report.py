@@ -1,0 +1,21 @@
+"""``robustlab report RESULTS_DIR``: report.md and a self-contained report.html of an experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from robustlab.cli import app, console
+
+
+@app.command()
+def report(
+    results_dir: Annotated[Path, typer.Argument(help="a results directory written by robustlab experiment")],
+) -> None:
+    """Write report.md and report.html: Tables 1-2 (claimed beside measured), figures, McNemar tests."""
+    from robustlab.report import write_report
+
+    paths = write_report(results_dir)
+    console.print(f"report: {paths['markdown']} and {paths['html']} (figures in {paths['figures']})")

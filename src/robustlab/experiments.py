@@ -1,0 +1,661 @@
+"""The experiment grid runner: one YAML -> many run directories -> one results table (resumable).
+
+An experiment file holds a *base* run config (the sections of :class:`robustlab.config.RunConfig`),
+*grid* axes (datasets x models x defences x eps x seeds), *evaluation* settings handed to
+:func:`robustlab.evaluation.evaluate_run`, and optional per-profile overrides::
+
+    name: paper-mnist
+    base: {data: {dataset: mnist}, model: {name: lenet5}, train: {epochs: 50}}
+    grid:
+      defenses: [standard, pgd_at, {name: trades, beta: 6.0}, hybrid]
+      eps: [0.03, 0.3]
+      seeds: [0]
+    evaluation: {attacks: [fgsm, pgd-20, cw_linf-30]}
+    profiles:
+      quick: {base: {data: {train_subset: 5000}}, evaluation: {attacks: [fgsm, pgd-10]}}
+
+Two profiles are built in (paper section 4.5 and the 2-core budget of this project): ``paper`` sets the
+paper's hyper-parameters (SGD, lr 0.01, batch 128, 50 epochs; momentum 0.9 and weight decay 5e-4, the
+field's defaults, because the paper does not state its optimiser) and ``quick`` trains few epochs on
+data subsets and evaluates with cheap attacks. The file's own ``profiles`` section is merged on top.
+
+Every cell is validated (names, eps range, data present) before any training starts. Each cell is a
+run directory ``RESULTS_DIR/runs/<cell-id>``: a finished one is skipped, an unfinished one resumes
+through the Trainer's resume, and a per-cell file lock lets several processes share one results
+directory without running a cell twice. After training each cell is evaluated, audited when
+``robustlab.audit`` is available, and ``RESULTS_DIR/results.csv`` / ``results.json`` are rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import multiprocessing
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from robustlab.config import RunConfig, build_config, config_to_dict, deep_merge, read_yaml
+from robustlab.data import DatasetSplits
+from robustlab.errors import CheckpointError, ConfigError, RobustlabError
+from robustlab.rundir import RunDir, read_json, write_csv, write_json
+from robustlab.runs import prepare_data
+
+__all__ = [
+    "BUILTIN_PROFILES",
+    "Cell",
+    "ExperimentConfig",
+    "ExperimentResult",
+    "collect_results",
+    "load_experiment",
+    "plan_experiment",
+    "run_experiment",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GridAxes(_Strict):
+    """Axes of the grid; an empty axis means "the value in ``base``"."""
+
+    datasets: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list)
+    defenses: list[str | dict[str, Any]] = Field(default_factory=list)
+    eps: list[float | str] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=list)
+
+
+class EvaluationSettings(_Strict):
+    """What ``evaluate_run`` is asked to measure for every cell.
+
+    ``attacks``, ``suite`` and ``n`` are the common knobs; ``options`` passes any further keyword that
+    the installed ``evaluate_run`` accepts. ``audit`` runs ``robustlab.audit.audit_run`` (when that
+    module exists) with ``audit_options`` (e.g. ``n``, ``surrogate_epochs``).
+    """
+
+    attacks: list[str | dict[str, Any]] | None = None
+    suite: str | None = None
+    n: int | None = Field(default=None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    audit: bool = True
+    audit_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Profile(_Strict):
+    """Overrides applied by ``--profile``: merged into ``base``, replacing grid axes and evaluation keys."""
+
+    base: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, Any] = Field(default_factory=dict)
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict)
+    grid: GridAxes = Field(default_factory=GridAxes)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    profiles: dict[str, Profile] = Field(default_factory=dict)
+
+
+#: Paper section 4.5: "a learning rate of 0.01, batch size of 128, and 50 training epochs ... eps 0.03".
+#: ``quick`` is this project's 2-CPU-core budget: subsets, two epochs, cheap attacks, no AutoAttack.
+BUILTIN_PROFILES: dict[str, Profile] = {
+    "paper": Profile(
+        base={
+            "train": {
+                "epochs": 50,
+                "batch_size": 128,
+                "optimizer": "sgd",
+                "lr": 0.01,
+                "momentum": 0.9,
+                "weight_decay": 5e-4,
+                "schedule": "constant",
+            },
+            "threat": {"eps": 0.03},
+        },
+    ),
+    "quick": Profile(
+        base={
+            "train": {"epochs": 2, "val_robust_size": 200, "val_attack_steps": 5},
+            "data": {"train_subset": 2000, "val_size": 500, "test_subset": 500},
+        },
+        evaluation={"attacks": ["fgsm", "pgd-10", "cw_linf-10"], "suite": None},
+    ),
+}
+
+
+@dataclass
+class Cell:
+    """One point of the grid: its id, the validated run config and where it lives."""
+
+    id: str
+    config: RunConfig
+    run_dir: Path
+    axes: dict[str, Any]
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "experiment.json"
+
+
+@dataclass
+class ExperimentPlan:
+    config: ExperimentConfig
+    profile: str | None
+    results_dir: Path
+    cells: list[Cell]
+    evaluation: EvaluationSettings
+
+
+@dataclass
+class ExperimentResult:
+    results_dir: Path
+    rows: list[dict[str, Any]]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# --- loading and validation ---------------------------------------------------------------------
+def _format(error: ValidationError, where: str) -> str:
+    problems = []
+    for item in error.errors():
+        loc = ".".join([*([where] if where else []), *(str(p) for p in item["loc"])])
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{loc}'")
+        else:
+            problems.append(f"{loc or 'experiment'}: {item['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+def _validate(model: type[BaseModel], raw: Any, where: str) -> Any:
+    """Validate ``raw`` against an experiment-file model; unknown keys name the allowed ones."""
+    if isinstance(raw, dict):
+        extra = sorted(set(raw) - set(model.model_fields))
+        if extra:
+            loc = f"{where}.{extra[0]}" if where else extra[0]
+            allowed = ", ".join(sorted(model.model_fields))
+            raise ConfigError(f"unknown key '{loc}' in experiment config; allowed: {allowed}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format(error, where)) from None
+
+
+def load_experiment(path: str | Path | dict[str, Any]) -> ExperimentConfig:
+    """Read and validate an experiment YAML (or dict); unknown keys are one-line errors naming the field."""
+    raw = read_yaml(path) if not isinstance(path, dict) else path
+    for section, model in (("grid", GridAxes), ("evaluation", EvaluationSettings)):
+        if isinstance(raw.get(section), dict):
+            _validate(model, raw[section], section)
+    for name, profile in (raw.get("profiles") or {}).items() if isinstance(raw.get("profiles"), dict) else ():
+        _validate(Profile, profile, f"profiles.{name}")
+    return _validate(ExperimentConfig, raw, "")
+
+
+def _apply_profile(
+    config: ExperimentConfig, name: str | None
+) -> tuple[dict[str, Any], GridAxes, EvaluationSettings]:
+    base, grid, evaluation = dict(config.base), config.grid.model_dump(), config.evaluation.model_dump()
+    if name is None:
+        return base, config.grid, config.evaluation
+    valid = sorted(set(BUILTIN_PROFILES) | set(config.profiles))
+    if name not in valid:
+        raise ConfigError(f"--profile: unknown profile '{name}'; valid: {', '.join(valid)}")
+    for profile in (BUILTIN_PROFILES.get(name), config.profiles.get(name)):
+        if profile is None:
+            continue
+        base = deep_merge(base, profile.base)
+        grid.update(profile.grid)
+        evaluation.update(profile.evaluation)
+    where = f"profiles.{name}"
+    return (
+        base,
+        _validate(GridAxes, grid, f"{where}.grid"),
+        _validate(EvaluationSettings, evaluation, f"{where}.evaluation"),
+    )
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "_", str(value)).strip("_") or "x"
+
+
+def _defense_entry(entry: str | dict[str, Any], index: int) -> tuple[str, dict[str, Any]]:
+    """``"trades"`` or ``{name: trades, beta: 6, label: trades6}`` -> (label, defense section)."""
+    if isinstance(entry, str):
+        return entry, {"name": entry}
+    section = dict(entry)
+    label = section.pop("label", None)
+    if "name" not in section:
+        raise ConfigError(f"grid.defenses[{index}]: a defence given as a mapping needs a 'name'")
+    params = {k: v for k, v in section.items() if k != "name"}
+    if label is None:
+        digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:6]
+        label = f"{section['name']}_{digest}" if params else section["name"]
+    return str(label), section
+
+
+def _eps_label(eps: float) -> str:
+    return f"{eps:.4g}"
+
+
+def _axis(values: list[Any], default: Any) -> list[Any]:
+    return list(values) if values else [default]
+
+
+def _check_axis(kind: str, index: int, check: Callable[[], None]) -> None:
+    try:
+        check()
+    except RobustlabError as error:
+        raise ConfigError(f"grid.{kind}[{index}]: {error}") from None
+
+
+def plan_experiment(
+    config: ExperimentConfig,
+    results_dir: str | Path,
+    *,
+    profile: str | None = None,
+    data_dir: str | None = None,
+    overrides: list[str] | None = None,
+) -> ExperimentPlan:
+    """Expand the grid into cells and validate every cell's run config (no training, no data loading).
+
+    Raises ConfigError naming the offending field (``grid.defenses[2]``, ``grid.eps[0]``, ``base.train.lr``).
+    """
+    from robustlab.config import apply_override, parse_number
+    from robustlab.data import validate_dataset_name
+    from robustlab.defenses import validate_defense
+    from robustlab.models import validate_model_name
+
+    base, grid, evaluation = _apply_profile(config, profile)
+    for assignment in overrides or []:
+        apply_override(base, assignment)
+    if data_dir is not None:
+        base = deep_merge(base, {"data": {"data_dir": str(data_dir)}})
+    try:
+        defaults = build_config(base)
+    except RobustlabError as error:
+        raise ConfigError(f"base: {error}") from None
+
+    for i, name in enumerate(grid.datasets):
+        _check_axis("datasets", i, lambda name=name: validate_dataset_name(name))
+    for i, name in enumerate(grid.models):
+        _check_axis("models", i, lambda name=name: validate_model_name(name))
+    defenses = [_defense_entry(entry, i) for i, entry in enumerate(grid.defenses)]
+    for i, (_, section) in enumerate(defenses):
+        params = {k: v for k, v in section.items() if k != "name"}
+        _check_axis("defenses", i, lambda s=section, p=params: validate_defense(s["name"], p))
+    eps_values = []
+    for i, value in enumerate(grid.eps):
+        try:
+            eps = float(parse_number(value))
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"grid.eps[{i}]: {error}") from None
+        if not 0.0 <= eps <= (1.0 if defaults.threat.norm == "linf" else 64.0):
+            norm = defaults.threat.norm
+            raise ConfigError(f"grid.eps[{i}]: eps={eps:g} is out of range for the {norm} threat model")
+        eps_values.append(eps)
+
+    results_dir = Path(results_dir)
+    cells: list[Cell] = []
+    default_defense = (defaults.defense.name, {"name": defaults.defense.name, **defaults.defense.params})
+    for dataset in _axis(grid.datasets, defaults.data.dataset):
+        for model in _axis(grid.models, defaults.model.name):
+            for label, section in _axis(defenses, default_defense):
+                for eps in _axis(eps_values, defaults.threat.eps):
+                    for seed in _axis(grid.seeds, defaults.seed):
+                        cell_id = "-".join(
+                            _slug(v) for v in (dataset, model, label, f"eps{_eps_label(eps)}", f"s{seed}")
+                        )
+                        raw = deep_merge(
+                            base,
+                            {
+                                "seed": seed,
+                                "data": {"dataset": dataset},
+                                "model": {"name": model},
+                                "threat": {"eps": eps},
+                            },
+                        )
+                        raw["defense"] = dict(section)
+                        try:
+                            cell_config = build_config(raw)
+                        except RobustlabError as error:
+                            raise ConfigError(f"cell {cell_id}: {error}") from None
+                        axes = {
+                            "dataset": dataset,
+                            "model": model,
+                            "defense": label,
+                            "defense_name": section["name"],
+                            "eps": eps,
+                            "seed": seed,
+                            "norm": cell_config.threat.norm,
+                        }
+                        cells.append(Cell(cell_id, cell_config, results_dir / "runs" / cell_id, axes))
+    ids = [c.id for c in cells]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigError(
+            f"grid: two cells share the id '{duplicates[0]}' (eps too close, or a defence listed twice)"
+        )
+    return ExperimentPlan(config, profile, results_dir, cells, evaluation)
+
+
+def _data_key(config: RunConfig) -> str:
+    return json.dumps(config.data.model_dump(mode="json"), sort_keys=True)
+
+
+def load_cell_data(cells: list[Cell]) -> dict[str, DatasetSplits]:
+    """Load every distinct dataset of the grid once (so missing data fails before any training)."""
+    loaded: dict[str, DatasetSplits] = {}
+    for cell in cells:
+        key = _data_key(cell.config)
+        if key not in loaded:
+            try:
+                loaded[key] = prepare_data(cell.config)
+            except RobustlabError as error:
+                name = cell.config.data.dataset
+                raise ConfigError(f"data.dataset '{name}' (cell {cell.id}): {error}") from None
+    return loaded
+
+
+# --- running ------------------------------------------------------------------------------------
+def _read_state(cell: Cell) -> dict[str, Any]:
+    if not cell.state_path.exists():
+        return {}
+    try:
+        return read_json(cell.state_path)
+    except CheckpointError:
+        return {}
+
+
+def _evaluation_kwargs(settings: EvaluationSettings, device: str) -> tuple[dict[str, Any], list[str]]:
+    """Keyword arguments for the installed ``evaluate_run``; returns (accepted, ignored setting names)."""
+    from robustlab.evaluation import evaluate_run
+
+    common = {"attacks": settings.attacks, "suite": settings.suite, "n": settings.n}
+    wanted = {k: v for k, v in common.items() if v is not None}
+    wanted.update(settings.options)
+    parameters = inspect.signature(evaluate_run).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    accepted = {k: v for k, v in wanted.items() if takes_any or k in parameters}
+    if "device" in parameters:
+        accepted["device"] = device
+    return accepted, sorted(set(wanted) - set(accepted))
+
+
+def _signature(kwargs: dict[str, Any]) -> Any:
+    """The evaluation settings as stored in a cell's state (device excluded: it does not change results)."""
+    settings = {k: v for k, v in kwargs.items() if k != "device"}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def _audit_function() -> Callable[..., Any] | None:
+    try:
+        module = importlib.import_module("robustlab.audit")
+    except ModuleNotFoundError:
+        return None
+    return getattr(module, "audit_run", None)
+
+
+def _config_matches(cell: Cell) -> bool:
+    try:
+        previous = build_config(RunDir(cell.run_dir).read_config_dict())
+    except RobustlabError:
+        return False
+    return config_to_dict(previous) == config_to_dict(cell.config)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Stop this process when ``parent`` dies, so a killed experiment leaves no orphan training behind."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _train_in_child(config: dict[str, Any], run_dir: str, progress: bool, parent: int) -> None:
+    """Entry point of the isolated training process (module level so ``spawn`` can import it)."""
+    from robustlab.training import train
+
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    train(config, run_dir, progress=progress)
+
+
+def _train(cell: Cell, data: DatasetSplits | None, progress: bool, isolate: bool) -> None:
+    """Train one cell, by default in a fresh process.
+
+    Isolation makes Table 2 honest on CPU: peak memory there is the process's peak resident set size,
+    which only ever grows, so cells trained one after another in one process would inherit the peak
+    of every earlier cell. The child re-raises a RobustlabError in the parent unchanged.
+    """
+    if not isolate:
+        from robustlab.training import train
+
+        train(cell.config, cell.run_dir, progress=progress, data=data)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(_train_in_child, config_to_dict(cell.config), str(cell.run_dir), progress, os.getpid()).result()
+
+
+def run_cell(
+    cell: Cell,
+    settings: EvaluationSettings,
+    data: DatasetSplits | None = None,
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+    isolate: bool = True,
+) -> bool:
+    """Train (or resume), evaluate and audit one cell; returns False when everything was already done."""
+    from robustlab.evaluation import evaluate_run
+
+    run = RunDir(cell.run_dir)
+    did_work = False
+    if run.is_finished():
+        if not _config_matches(cell):
+            raise RobustlabError(
+                f"cell {cell.id}: {cell.run_dir} holds a finished run with a different config; "
+                "use another --out (or delete that run directory)"
+            )
+    else:
+        log(f"[{cell.id}] training{' (resuming)' if run.exists() else ''}")
+        _train(cell, data, progress, isolate)
+        did_work = True
+    state = _read_state(cell)
+    kwargs, ignored = _evaluation_kwargs(settings, cell.config.train.device)
+    signature = _signature(kwargs)
+    if did_work or state.get("evaluation") != signature:
+        log(f"[{cell.id}] evaluating")
+        evaluate_run(cell.run_dir, **kwargs)
+        state.update(evaluation=signature, evaluation_ignored=ignored, evaluated_at=time.time())
+        write_json(cell.state_path, state)
+        did_work = True
+    audit = _audit_function() if settings.audit else None
+    if audit is not None and (did_work or not state.get("audited")):
+        log(f"[{cell.id}] auditing")
+        audit(cell.run_dir, **settings.audit_options)
+        state.update(audited=True)
+        write_json(cell.state_path, state)
+        did_work = True
+    return did_work
+
+
+def _lock(results_dir: Path, name: str) -> FileLock:
+    (results_dir / "locks").mkdir(parents=True, exist_ok=True)
+    return FileLock(str(results_dir / "locks" / f"{name}.lock"))
+
+
+def run_experiment(
+    config: ExperimentConfig | str | Path,
+    results_dir: str | Path,
+    *,
+    profile: str | None = None,
+    data_dir: str | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+    wait_for_locked: bool = True,
+    isolate: bool = True,
+) -> ExperimentResult:
+    """Validate the whole grid, then train / evaluate / audit every unfinished cell and write results.
+
+    Cells locked by another process are skipped on the first pass and (``wait_for_locked``) waited for
+    afterwards, so the results table written at the end covers the whole grid. A cell that fails with a
+    user error is recorded (``status = failed``) and the others still run; ``ExperimentResult.failed``
+    lists them. ``isolate`` trains each cell in a fresh process (honest per-cell peak memory on CPU);
+    ``isolate=False`` trains in this process, reusing the loaded data (faster for tiny grids).
+    """
+    started = time.perf_counter()
+    if not isinstance(config, ExperimentConfig):
+        config = load_experiment(config)
+    plan = plan_experiment(config, results_dir, profile=profile, data_dir=data_dir, overrides=overrides)
+    pending = [c for c in plan.cells if not _cell_done(c, plan.evaluation)]
+    data = load_cell_data(pending)
+    plan.results_dir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        plan.results_dir / "experiment.json",
+        {
+            "name": config.name,
+            "description": config.description,
+            "profile": profile,
+            "evaluation": plan.evaluation.model_dump(mode="json"),
+            "cells": [c.id for c in plan.cells],
+        },
+    )
+    result = ExperimentResult(plan.results_dir, [])
+    deferred: list[Cell] = []
+    for index, cell in enumerate(plan.cells, 1):
+        log(f"cell {index}/{len(plan.cells)}: {cell.id}")
+        lock = _lock(plan.results_dir, cell.id)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log(f"[{cell.id}] locked by another process; coming back to it later")
+            deferred.append(cell)
+            continue
+        try:
+            _run_locked(cell, plan, data, result, progress, log, isolate)
+        finally:
+            lock.release()
+        collect_results(plan)  # keep results.csv current, so a partly done grid can already be reported
+    for cell in deferred if wait_for_locked else []:
+        with _lock(plan.results_dir, cell.id):
+            _run_locked(cell, plan, data, result, progress, log, isolate)
+    result.rows = collect_results(plan)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _cell_done(cell: Cell, settings: EvaluationSettings) -> bool:
+    if not RunDir(cell.run_dir).is_finished():
+        return False
+    kwargs, _ = _evaluation_kwargs(settings, cell.config.train.device)
+    state = _read_state(cell)
+    signature = _signature(kwargs)
+    audited = state.get("audited") or not settings.audit or _audit_function() is None
+    return state.get("evaluation") == signature and bool(audited)
+
+
+def _run_locked(
+    cell: Cell,
+    plan: ExperimentPlan,
+    data: dict[str, DatasetSplits],
+    result: ExperimentResult,
+    progress: bool,
+    log: Callable[[str], None],
+    isolate: bool,
+) -> None:
+    try:
+        did = run_cell(
+            cell,
+            plan.evaluation,
+            data.get(_data_key(cell.config)),
+            progress=progress,
+            log=log,
+            isolate=isolate,
+        )
+    except RobustlabError as error:
+        log(f"[{cell.id}] failed: {error}")
+        result.failed[cell.id] = str(error)
+        state = _read_state(cell)
+        state["error"] = str(error)
+        if cell.run_dir.exists():
+            write_json(cell.state_path, state)
+        return
+    (result.ran if did else result.skipped).append(cell.id)
+    if not did:
+        log(f"[{cell.id}] already finished; skipped")
+
+
+# --- results ------------------------------------------------------------------------------------
+def _evaluation_entry(cell: Cell) -> dict[str, Any] | None:
+    """The cell's evaluation at its own threat (``metrics.json`` ``evaluations[norm-eps]``), if measured."""
+    from robustlab.evaluation import read_evaluation
+
+    try:
+        return read_evaluation(cell.run_dir, cell.config.threat.eps, cell.config.threat.norm)
+    except RobustlabError:
+        return None
+
+
+def cell_row(cell: Cell) -> dict[str, Any]:
+    """One results row: axes, status, clean / per-attack / worst-case accuracy, gaps, cost, audit verdict.
+
+    Robust columns are named ``acc:<attack label>`` (e.g. ``acc:pgd-20``) so a number always names the
+    attack that produced it. The full evaluation entry stays in ``results.json`` under ``evaluation``.
+    """
+    run = RunDir(cell.run_dir)
+    row: dict[str, Any] = {"cell": cell.id, **cell.axes, "run_dir": str(Path("runs") / cell.id)}
+    state = _read_state(cell)
+    if state.get("error"):
+        row.update(status="failed", error=state["error"])
+    else:
+        row["status"] = "finished" if run.is_finished() else ("running" if run.exists() else "pending")
+    metrics = read_json(run.metrics) if run.metrics.exists() else {}
+    entry = _evaluation_entry(cell)
+    if entry is not None:
+        row["test_n"] = entry["samples"]["n"]
+        row["clean"] = entry["clean"]["accuracy"]
+        for label, measurement in entry["attacks"].items():
+            row[f"acc:{label}"] = measurement["accuracy"]
+        row["worst_case"] = entry["worst_case"]["accuracy"]
+        row["gap_worst_case"] = entry["gap"]["clean_minus_worst_case"]
+        row["gap_cw"] = entry["gap"]["clean_minus_cw"]
+    elif "clean_accuracy" in metrics:
+        row["clean"] = metrics["clean_accuracy"]
+    cost = metrics.get("cost") or {}
+    for key in ("train_seconds", "seconds_per_epoch", "peak_memory_mb", "device"):
+        row[key] = cost.get(key)
+    row["selected_epoch"] = metrics.get("selected_epoch")
+    audit_path = cell.run_dir / "audit.json"
+    if audit_path.exists():
+        audit = read_json(audit_path)
+        row["audit_verdict"] = audit.get("verdict") if isinstance(audit, dict) else None
+    row["evaluation"] = entry
+    return row
+
+
+def collect_results(plan: ExperimentPlan) -> list[dict[str, Any]]:
+    """Rewrite ``results.csv`` and ``results.json`` from every cell's run directory (under a lock)."""
+    rows = [cell_row(cell) for cell in plan.cells]
+    with _lock(plan.results_dir, "results"):
+        summary = {"experiment": plan.config.name, "profile": plan.profile, "rows": rows}
+        write_json(plan.results_dir / "results.json", summary)
+        flat = [{k: v for k, v in row.items() if k != "evaluation"} for row in rows]
+        write_csv(plan.results_dir / "results.csv", flat)
+    return rows

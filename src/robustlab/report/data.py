@@ -1,0 +1,169 @@
+"""What a report is made of: results rows, grouped and averaged over seeds, and the paper's claims.
+
+Rows come from ``RESULTS_DIR/results.json`` (written by :mod:`robustlab.experiments`); each row carries
+its cell's evaluation entry (``metrics.json`` schema of :mod:`robustlab.evaluation`). Attack columns of
+the paper's Table 1 are matched by the *registry name* of the attack that produced a number (``fgsm``,
+``pgd``, ``cw_linf``, ``autoattack``), and the attack's own label (``pgd-20``) is carried along so every
+measured number names its attack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from robustlab.errors import CheckpointError
+from robustlab.rundir import read_csv, read_json
+
+#: Table 1 columns: (key, heading, registry names of the attacks that fill it)
+ATTACK_COLUMNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("fgsm", "FGSM", ("fgsm",)),
+    ("pgd", "PGD", ("pgd",)),
+    ("cw", "CW", ("cw_linf",)),
+    ("autoattack", "AutoAttack", ("autoattack",)),
+)
+#: The defence whose claimed numbers the paper reports and that McNemar compares with every baseline.
+HYBRID = "hybrid"
+#: The reference of Table 2's ratios ("ratio to standard training").
+STANDARD = "standard"
+
+
+@dataclass
+class Results:
+    """An experiment's results directory, loaded."""
+
+    path: Path
+    experiment: str
+    profile: str | None
+    rows: list[dict[str, Any]]
+    settings: dict[str, Any]
+
+
+def load_results(results_dir: str | Path) -> Results:
+    """Read ``results.json`` (and ``experiment.json``) of a directory written by ``robustlab experiment``."""
+    path = Path(results_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"results directory not found: {path}")
+    summary_path = path / "results.json"
+    if not summary_path.exists():
+        raise CheckpointError(
+            f"{path} has no results.json; run robustlab experiment CONFIG --out {path} first"
+        )
+    summary = read_json(summary_path)
+    if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list):
+        raise CheckpointError(f"corrupt results.json in {path}: expected a mapping with 'rows'")
+    settings = read_json(path / "experiment.json") if (path / "experiment.json").exists() else {}
+    return Results(
+        path, str(summary.get("experiment", path.name)), summary.get("profile"), summary["rows"], settings
+    )
+
+
+def load_claims() -> dict[str, Any]:
+    """The paper's Table 1 and Table 2 (``paper_claims.json``, transcribed from the preprint)."""
+    text = resources.files("robustlab.report").joinpath("paper_claims.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def attack_columns(evaluation: dict[str, Any] | None) -> dict[str, tuple[str, float]]:
+    """Map Table 1 column keys to (attack label, accuracy) for one evaluation entry.
+
+    When several attacks of one kind were run (e.g. ``pgd-20`` and ``pgd-100``) the column shows the
+    strongest (lowest accuracy) and names it.
+    """
+    found: dict[str, tuple[str, float]] = {}
+    for label, measurement in ((evaluation or {}).get("attacks") or {}).items():
+        name = (measurement.get("attack") or {}).get("name", label)
+        for key, _, names in ATTACK_COLUMNS:
+            if name in names and (key not in found or measurement["accuracy"] < found[key][1]):
+                found[key] = (label, float(measurement["accuracy"]))
+    return found
+
+
+def group_key(row: dict[str, Any]) -> tuple[str, str, float, str]:
+    return (row["dataset"], row["model"], float(row["eps"]), row.get("norm", "linf"))
+
+
+def grouped(rows: list[dict[str, Any]]) -> dict[tuple[str, str, float, str], dict[str, list[dict[str, Any]]]]:
+    """``{(dataset, model, eps, norm): {defence label: [rows, one per seed]}}`` keeping grid order."""
+    groups: dict[tuple[str, str, float, str], dict[str, list[dict[str, Any]]]] = defaultdict(dict)
+    for row in rows:
+        groups[group_key(row)].setdefault(row["defense"], []).append(row)
+    return groups
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation over seeds (std is None for a single seed)."""
+
+    mean: float
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float | None]) -> Stat | None:
+        present = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        if not present:
+            return None
+        mean = sum(present) / len(present)
+        if len(present) < 2:
+            return cls(mean, None, 1)
+        var = sum((v - mean) ** 2 for v in present) / (len(present) - 1)
+        return cls(mean, math.sqrt(var), len(present))
+
+
+def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seed-averaged Table 1 and Table 2 quantities of one defence in one group, with attack labels."""
+    finished = [r for r in rows if r.get("status") == "finished"]
+    per_attack: dict[str, list[float]] = defaultdict(list)
+    labels: dict[str, set[str]] = defaultdict(set)
+    for row in finished:
+        for key, (label, value) in attack_columns(row.get("evaluation")).items():
+            per_attack[key].append(value)
+            labels[key].add(label)
+    out: dict[str, Any] = {
+        "seeds": len(finished),
+        "clean": Stat.of([r.get("clean") for r in finished]),
+        "worst_case": Stat.of([r.get("worst_case") for r in finished]),
+        "gap_worst_case": Stat.of([r.get("gap_worst_case") for r in finished]),
+        "gap_cw": Stat.of([r.get("gap_cw") for r in finished]),
+        "train_seconds": Stat.of([r.get("train_seconds") for r in finished]),
+        "seconds_per_epoch": Stat.of([r.get("seconds_per_epoch") for r in finished]),
+        "peak_memory_mb": Stat.of([r.get("peak_memory_mb") for r in finished]),
+        "devices": sorted({str(r.get("device")) for r in finished if r.get("device")}),
+        "audit": sorted({str(r["audit_verdict"]) for r in finished if r.get("audit_verdict")}),
+        "attack_labels": {k: ", ".join(sorted(v)) for k, v in labels.items()},
+        "failed": [r["cell"] for r in rows if r.get("status") == "failed"],
+    }
+    for key, values in per_attack.items():
+        out[key] = Stat.of(values)
+    return out
+
+
+def history(results: Results, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A cell's per-epoch training history (``history.csv``), empty when absent."""
+    return read_csv(results.path / row["run_dir"] / "history.csv")
+
+
+def audit_sweep(results: Results, row: dict[str, Any]) -> tuple[list[float], list[float], str] | None:
+    """The accuracy-vs-eps sweep the gradient-masking audit measured for a cell, if it ran."""
+    path = results.path / row["run_dir"] / "audit.json"
+    if not path.exists():
+        return None
+    try:
+        audit = read_json(path)
+    except CheckpointError:
+        return None
+    for check in audit.get("checks", []) if isinstance(audit, dict) else []:
+        evidence = check.get("evidence") or {}
+        if check.get("name") == "accuracy_vs_eps" and evidence.get("eps") and evidence.get("accuracy"):
+            return (
+                list(map(float, evidence["eps"])),
+                list(map(float, evidence["accuracy"])),
+                str(evidence.get("attack")),
+            )
+    return None

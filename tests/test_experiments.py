@@ -1,0 +1,187 @@
+"""The experiment grid runner: validation before training, resumability, locking, results table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from filelock import FileLock
+
+from robustlab.defenses import DEFENSES
+from robustlab.errors import ConfigError
+from robustlab.experiments import BUILTIN_PROFILES, load_experiment, plan_experiment, run_experiment
+from robustlab.rundir import RunDir, read_csv
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
+
+
+def tiny_experiment(**grid) -> dict:
+    """Digits, LeNet-5, one short epoch, 60 test images, two cheap attacks, no audit: seconds per cell."""
+    return {
+        "name": "tiny",
+        "base": {
+            "data": {"dataset": "digits", "val_size": 100, "train_subset": 400, "test_subset": 60},
+            "model": {"name": "lenet5"},
+            "train": {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0,
+                      "val_robust_size": 50, "val_attack_steps": 2},
+            "threat": {"eps": 0.1},
+        },
+        "grid": {"defenses": ["standard"], "eps": [0.1], "seeds": [0], **grid},
+        "evaluation": {"attacks": ["fgsm", "pgd-3"], "audit": False},
+    }
+
+
+def run(spec: dict, out: Path, **kwargs):
+    kwargs.setdefault("isolate", False)
+    return run_experiment(load_experiment(spec), out, log=lambda line: None, **kwargs)
+
+
+# --- validation before any training ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("grid", "field"),
+    [
+        ({"defenses": ["standard", "no_such_defence"]}, "grid.defenses[1]"),
+        ({"datasets": ["digits", "nosuchdata"]}, "grid.datasets[1]"),
+        ({"eps": [0.1, 1.5]}, "grid.eps[1]"),
+        ({"eps": [-0.1]}, "grid.eps[0]"),
+        ({"models": ["nosuchnet"]}, "grid.models[0]"),
+        ({"defenses": [{"name": "standard", "bogus": 1}]}, "grid.defenses[0]"),
+    ],
+)
+def test_bad_grid_fails_before_training_naming_the_field(tmp_path, grid, field):
+    with pytest.raises(ConfigError) as info:
+        run(tiny_experiment(**grid), tmp_path / "out")
+    message = str(info.value)
+    assert field in message and "\n" not in message
+    assert not (tmp_path / "out" / "runs").exists(), "a run started although the grid was invalid"
+
+
+def test_missing_dataset_fails_before_training(tmp_path):
+    spec = tiny_experiment(datasets=["mnist"])
+    with pytest.raises(ConfigError, match=r"data\.dataset 'mnist'.*--data-dir"):
+        run(spec, tmp_path / "out", data_dir=str(tmp_path / "empty"))
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_unknown_experiment_keys_and_profiles_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'grid.defences'"):
+        load_experiment({"grid": {"defences": ["standard"]}})
+    with pytest.raises(ConfigError, match="unknown key 'evaluaton'"):
+        load_experiment({"evaluaton": {}})
+    with pytest.raises(ConfigError, match=r"base: .*train\.lr"):
+        plan_experiment(load_experiment({"base": {"train": {"lr": -1}}}), tmp_path)
+    with pytest.raises(ConfigError, match="--profile: unknown profile 'fast'; valid: paper, quick"):
+        plan_experiment(load_experiment({}), tmp_path, profile="fast")
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
+    from robustlab.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tiny_experiment(defenses=["standard", "nope"])))
+    with pytest.raises(SystemExit) as info:
+        main(["experiment", str(path), "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: grid.defenses[1]: unknown defense 'nope'") and "\n" not in err
+
+
+# --- profiles and the paper configs ---------------------------------------------------------------
+def test_paper_profile_is_the_papers_hyperparameters(tmp_path):
+    plan = plan_experiment(load_experiment(tiny_experiment(eps=[])), tmp_path, profile="paper")
+    train = plan.cells[0].config.train
+    assert (train.optimizer, train.lr, train.batch_size, train.epochs) == ("sgd", 0.01, 128, 50)
+    assert (train.momentum, train.weight_decay) == (0.9, 5e-4)
+    assert plan.cells[0].config.threat.eps == 0.03
+    assert set(BUILTIN_PROFILES) == {"paper", "quick"}
+
+
+@pytest.mark.parametrize(
+    ("name", "dataset", "model", "standard_eps"),
+    [("mnist", "mnist", "lenet5", 0.3), ("cifar10", "cifar10", "resnet18", 8 / 255),
+     ("imagenet_subset", "imagenet-subset", "efficientnet_b0", 4 / 255)],
+)
+def test_paper_configs_cover_the_papers_matrix(tmp_path, name, dataset, model, standard_eps):
+    spec = load_experiment(CONFIGS / f"{name}.yaml")
+    for profile in ("paper", "quick"):
+        plan = plan_experiment(spec, tmp_path, profile=profile)
+        assert {c.config.data.dataset for c in plan.cells} == {dataset}
+        assert {c.config.model.name for c in plan.cells} == {model}
+        assert sorted({round(c.config.threat.eps, 6) for c in plan.cells}) == sorted([0.03, round(standard_eps, 6)])
+        assert {"standard", "hybrid"} <= {c.config.defense.name for c in plan.cells}
+    paper = plan_experiment(spec, tmp_path, profile="paper")
+    assert {c.config.defense.name for c in paper.cells} <= set(DEFENSES)
+    assert paper.cells[0].config.train.epochs == 50
+
+
+# --- running, resuming, locking -------------------------------------------------------------------
+def test_grid_runs_every_cell_and_second_run_skips_them(tmp_path):
+    spec = tiny_experiment(defenses=["standard", {"name": "standard", "label": "standard_b"}], eps=[0.05, 0.1])
+    out = tmp_path / "out"
+    first = run(spec, out)
+    assert len(first.ran) == 4 and not first.failed
+    ids = {r["cell"] for r in first.rows}
+    assert ids == {f"digits-lenet5-{d}-eps{e}-s0" for d in ("standard", "standard_b") for e in ("0.05", "0.1")}
+    table = read_csv(out / "results.csv")
+    assert len(table) == 4 and all(r["status"] == "finished" for r in table)
+    # every robust column names its attack, and robust accuracy never exceeds clean accuracy
+    for row in table:
+        assert {"acc:fgsm", "acc:pgd-3", "clean", "worst_case"} <= set(row)
+        assert row["worst_case"] <= min(row["acc:fgsm"], row["acc:pgd-3"]) <= row["clean"]
+    weights = out / "runs" / "digits-lenet5-standard-eps0.1-s0" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    second = run(spec, out)
+    assert second.ran == [] and sorted(second.skipped) == sorted(ids)
+    assert weights.stat().st_mtime_ns == stamp, "a finished cell was retrained"
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["rows"][0]["evaluation"]["attacks"]["pgd-3"]["attack"]["name"] == "pgd"
+
+
+def test_interrupted_cell_resumes_from_last_epoch(tmp_path, monkeypatch):
+    from robustlab import training
+
+    spec = tiny_experiment()
+    spec["base"]["train"]["epochs"] = 2
+    original = training.Trainer._save_checkpoint
+    calls = []
+
+    def interrupt_after_first_epoch(self, epoch):
+        original(self, epoch)
+        calls.append(epoch)
+        if epoch == 0 and len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Trainer, "_save_checkpoint", interrupt_after_first_epoch)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, out)
+    cell = out / "runs" / "digits-lenet5-standard-eps0.1-s0"
+    assert not RunDir(cell).is_finished() and len(read_csv(cell / "history.csv")) == 1
+    lines: list[str] = []
+    result = run_experiment(load_experiment(spec), out, log=lines.append, isolate=False)
+    assert any("(resuming)" in line for line in lines)
+    assert calls == [0, 1], "the resumed run repeated epoch 1 instead of continuing at epoch 2"
+    assert result.ran == ["digits-lenet5-standard-eps0.1-s0"] and RunDir(cell).is_finished()
+    assert [int(r["epoch"]) for r in read_csv(cell / "history.csv")] == [1, 2]
+
+
+def test_locked_cell_is_left_to_its_owner(tmp_path):
+    spec = tiny_experiment(eps=[0.05, 0.1])
+    out = tmp_path / "out"
+    (out / "locks").mkdir(parents=True)
+    with FileLock(str(out / "locks" / "digits-lenet5-standard-eps0.05-s0.lock")):
+        result = run(spec, out, wait_for_locked=False)
+    assert result.ran == ["digits-lenet5-standard-eps0.1-s0"]
+    assert not (out / "runs" / "digits-lenet5-standard-eps0.05-s0").exists()
+    statuses = {r["cell"]: r["status"] for r in result.rows}
+    assert statuses["digits-lenet5-standard-eps0.05-s0"] == "pending"
+
+
+@pytest.mark.slow  # a spawned child re-imports torch: ~10 s idle, minutes on a loaded machine
+def test_isolated_training_runs_in_a_child_process(tmp_path):
+    result = run(tiny_experiment(), tmp_path / "out", isolate=True)
+    assert len(result.ran) == 1 and not result.failed
+    metadata = json.loads((tmp_path / "out" / "runs" / result.ran[0] / "metadata.json").read_text())
+    assert metadata["status"] == "finished"

@@ -1,0 +1,144 @@
+"""``robustlab report``: tables claimed beside measured, figures, McNemar, self-contained HTML (in a real browser)."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from robustlab.defenses import DEFENSES
+from robustlab.errors import CheckpointError
+from robustlab.experiments import load_experiment, run_experiment
+from robustlab.report import load_claims, write_report
+from robustlab.report.build import table1
+from robustlab.report.data import Stat
+
+DEFENCES = [d for d in ("standard", "hybrid") if d in DEFENSES]
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    """A finished 2-seed digits grid (standard, and hybrid when registered), evaluated with 3 attacks."""
+    out = tmp_path_factory.mktemp("experiment") / "results"
+    spec = {
+        "name": "report-test",
+        "base": {
+            "data": {"dataset": "digits", "val_size": 100, "train_subset": 400, "test_subset": 60},
+            "train": {"epochs": 2, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0,
+                      "val_robust_size": 50, "val_attack_steps": 2},
+            "threat": {"eps": 0.1},
+        },
+        "grid": {"defenses": DEFENCES, "eps": [0.1], "seeds": [0, 1]},
+        "evaluation": {"attacks": ["fgsm", "pgd-3", "cw_linf-3"], "audit": False},
+    }
+    result = run_experiment(load_experiment(spec), out, log=lambda line: None, isolate=False)
+    assert not result.failed
+    write_report(out)
+    return out
+
+
+def test_report_tables_name_their_attacks_and_average_seeds(results_dir):
+    text = (results_dir / "report.md").read_text()
+    assert "Table 1: accuracy under attack" in text and "Table 2: training cost" in text
+    measured = [line for line in text.splitlines() if "measured (robustlab, attack=" in line]
+    assert len(measured) == len(DEFENCES)
+    for line in measured:
+        assert "FGSM=fgsm" in line and "PGD=pgd-3" in line and "CW=cw_linf-3" in line
+        assert " ± " in line, "two seeds must be shown as mean ± std"
+        assert line.rstrip(" |").endswith("| 2"), "seed count column"
+    assert "| claimed (paper) |" not in text, "digits is not in the paper: no claimed rows may be invented"
+    rows = json.loads((results_dir / "results.json").read_text())["rows"]
+    clean = [r["clean"] for r in rows if r["defense"] == DEFENCES[0]]
+    assert f"{100 * sum(clean) / 2:.1f} ± " in text
+
+
+def test_report_figures_and_mcnemar(results_dir):
+    text = (results_dir / "report.md").read_text()
+    figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)
+    assert any("fig1-confidence" in f for f in figures) and any("fig2-defenses" in f for f in figures)
+    assert any("curves" in f for f in figures)
+    for figure in figures:
+        assert (results_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if "hybrid" in DEFENCES:
+        assert "| hybrid vs standard | 0 | clean |" in text and "| hybrid vs standard | 1 | worst case |" in text
+
+
+def test_html_is_self_contained(results_dir):
+    page = (results_dir / "report.html").read_text()
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"(href|src)=\"(https?:|//|file:)", page) and "<script" not in page
+    assert page.count("<img") == (results_dir / "report.md").read_text().count("![")
+
+
+def test_claimed_rows_are_labelled_and_taken_from_the_paper():
+    claims = load_claims()
+    mnist = [r for r in claims["table1"]["rows"] if r["dataset"] == "mnist"]
+    stat = Stat(0.5, None, 1)
+    stats = {"hybrid": {"clean": stat, "pgd": stat, "worst_case": stat, "gap_worst_case": stat, "gap_cw": None,
+                        "attack_labels": {"pgd": "pgd-20"}, "audit": [], "seeds": 1, "failed": []}}
+    table = table1(stats, mnist)
+    sources = [r[1] for r in table.rows]
+    assert sources == ["claimed (paper)", "claimed (paper)", "measured (robustlab, attack=PGD=pgd-20)"]
+    assert table.rows[1][:3] == ["LeNet-5 + Hybrid (hybrid)", "claimed (paper)", "99.1"]
+
+
+def test_paper_claims_transcription_is_internally_consistent():
+    """Paper Table 1 defines gap = clean - CW; every row satisfies it except the one the JSON flags."""
+    claims = load_claims()
+    for row in claims["table1"]["rows"]:
+        consistent = abs(row["clean"] - row["cw"] - row["gap"]) < 0.05
+        assert consistent != bool(row.get("note")), row["label"]
+        assert row["clean"] >= row["fgsm"] >= row["pgd"] >= row["cw"]
+    assert len(claims["table1"]["rows"]) == len(claims["table2"]["rows"]) == 6
+
+
+def test_report_of_a_missing_results_dir_is_one_line(tmp_path):
+    with pytest.raises(CheckpointError, match="no results.json"):
+        write_report(tmp_path)
+
+
+# --- the HTML page in a real headless browser -----------------------------------------------------
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+#: Injected first into a copy of the page: records errors and console.error calls, then on load writes
+#: the number of images and the broken ones into the DOM that --dump-dom prints.
+PROBE = """<script>
+window.__rl = [];
+window.addEventListener('error', e => __rl.push('error: ' + (e.message || (e.target && e.target.src) || e)), true);
+const __ce = console.error; console.error = (...a) => { __rl.push('console.error: ' + a.join(' ')); __ce(...a); };
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const out = {n: imgs.length, broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+               widths: imgs.map(i => i.naturalWidth), errors: __rl};
+  const pre = document.createElement('pre'); pre.id = 'rl-probe'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium): "
+                    "headless-browser check of report.html skipped")
+def test_html_report_renders_in_headless_chromium(results_dir, tmp_path):
+    page = (results_dir / "report.html").read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("<head>", "<head>" + PROBE, 1))
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+               "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    match = re.search(r'<pre id="rl-probe">(.*?)</pre>', done.stdout, re.S)
+    assert match, f"the page did not finish loading; stderr: {done.stderr[-2000:]}"
+    result = json.loads(html.unescape(match.group(1)))
+    assert result["n"] == page.count("<img") > 0
+    assert result["broken"] == [] and min(result["widths"]) > 0, result
+    assert result["errors"] == [], result["errors"]
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Failed to load resource" in line]
+    assert console == [], console
