@@ -44,7 +44,7 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], *, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], *, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``robustlab ARGS`` as a real process (the console entry point)."""
     code = "from robustlab.cli import main; main()"
     return subprocess.run(
@@ -53,7 +53,7 @@ def run_cli(args: list[str], *, timeout: float = 120, cwd: Path | None = None) -
     )
 
 
-def run_python(code: str, args: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_python(code: str, args: list[str], *, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
         env=subprocess_env(), cwd=ROOT,

@@ -8,7 +8,11 @@ epoch exactly once, every file must parse, and the weights must equal those of a
 
 from __future__ import annotations
 
+import random
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +22,13 @@ from safetensors.torch import load_file
 from robustlab.rundir import read_csv
 from tests.reliability_support import (
     KILL_AT_REPLACE,
+    ROOT,
     TINY_TRAIN,
     assert_run_files_parse,
     run_cli,
     run_main,
     run_python,
+    subprocess_env,
 )
 
 
@@ -64,3 +70,57 @@ def test_sigkill_mid_checkpoint_write_resumes_exactly(tmp_path, reference_run):
     assert_run_files_parse(out)
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
     assert_same_as_reference(out, reference_run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("filename", "nth"),
+    [
+        ("last.safetensors", 2),  # epoch 2's weights not yet renamed into place
+        ("history.csv", 3),  # epoch 3: weights written, history not
+        ("model.safetensors", 1),  # the first selected checkpoint
+        ("metrics.json", 1),  # all epochs done, final evaluation being written
+        ("metadata.json", 2),  # the "finished" status being written
+    ],
+)
+def test_sigkill_at_every_write_resumes_exactly(tmp_path, reference_run, filename, nth):
+    out = tmp_path / "run"
+    killed = run_python(KILL_AT_REPLACE, [filename, str(nth), *TINY_TRAIN, "--out", str(out)])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert_run_files_parse(out)
+    resumed = run_cli([*TINY_TRAIN, "--out", str(out)])
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert_run_files_parse(out)
+    assert_same_as_reference(out, reference_run)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments(tmp_path):
+    """Kill a longer run at random moments (start-up, mid-epoch, mid-write) four times, then let it finish."""
+    args = [
+        "train", "--dataset", "digits", "--batch-size", "32", "--epochs", "6", "--no-progress",
+        "--set", "data.val_size=100", "--set", "data.test_subset=100",
+    ]
+    reference = tmp_path / "reference"
+    assert run_cli([*args, "--out", str(reference)]).returncode == 0
+    out, rng, epochs_seen = tmp_path / "run", random.Random(7), []
+    code = "from robustlab.cli import main; main()"
+    for _ in range(4):
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, *args, "--out", str(out)], env=subprocess_env(), cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        while process.poll() is None and not (out / "metadata.json").exists():  # wait out the imports
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 2.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert "Traceback" not in process.stderr.read()
+        process.stderr.close()
+        assert_run_files_parse(out)
+        epochs_seen.append(len(read_csv(out / "history.csv")))
+    assert epochs_seen == sorted(epochs_seen), "a kill lost an epoch that had finished"
+    finished = run_cli([*args, "--out", str(out)])
+    assert finished.returncode == 0, finished.stderr
+    assert_run_files_parse(out)
+    assert_same_as_reference(out, reference)

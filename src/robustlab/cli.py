@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     except RobustlabError as error:
         err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as error:  # the environment, not the input: a full disk, a read-only or missing folder
+        where = f": {error.filename}" if error.filename else ""
+        err_console.print(f"error: {error.strerror or error}{where}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted: rerun the same command to resume from the last finished epoch")
         sys.exit(130)

@@ -18,6 +18,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from robustlab.errors import ConfigError
 
+#: Seeds go to Python, NumPy (32-bit) and torch generators; larger ones would fail mid-run, so refuse them here.
+MAX_SEED = 2**32 - 1
+
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
 
 
@@ -51,7 +54,7 @@ class DataConfig(Section):
     dataset: str = "digits"
     data_dir: str | None = None
     val_size: int = Field(default=1000, ge=0, description="validation images carved from the train split")
-    split_seed: int = 0
+    split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
     augment: Literal["auto", "none", "flip", "crop", "crop_flip"] = "auto"
     train_subset: int | None = Field(default=None, ge=1, description="use only the first N train images")
     test_subset: int | None = Field(default=None, ge=1, description="use only the first N test images")
@@ -133,7 +136,7 @@ class DefenseConfig(BaseModel):
 
 
 class RunConfig(Section):
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -157,11 +160,16 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel]:
     return model
 
 
+def _printable(text: str) -> str:
+    """Escape control characters (a key with a newline must not break the one-line error)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def format_validation_error(error: ValidationError) -> str:
     """One line per problem: dotted field name, what is wrong, and the allowed names for unknown keys."""
     lines = []
     for item in error.errors():
-        loc = tuple(str(p) for p in item["loc"])
+        loc = tuple(_printable(str(p)) for p in item["loc"])
         where = ".".join(loc) or "config"
         if item["type"] == "extra_forbidden":
             section = _section_at(loc)
@@ -201,6 +209,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "invalid YAML"
         raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"malformed YAML in {path}: nested too deeply") from None
+    except Exception as error:  # PyYAML's constructors fail on some tagged scalars (e.g. a bare `!!float`)
+        raise ConfigError(f"malformed YAML in {path}: {type(error).__name__}: {error}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -218,7 +230,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"override {assignment!r} has an empty key")
     try:
         value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+    except Exception:  # not YAML (or YAML that PyYAML cannot construct): keep the text as given
         value = text
     node = raw
     for key in keys[:-1]:

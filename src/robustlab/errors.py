@@ -11,6 +11,10 @@ from __future__ import annotations
 class RobustlabError(Exception):
     """A mistake in the user's input, explained in one line."""
 
+    def __str__(self) -> str:
+        # one line even when the message quotes a key, value or file name that holds a newline
+        return " ".join(super().__str__().splitlines())
+
 
 class ConfigError(RobustlabError):
     """A config file or override that does not validate."""
