@@ -1,0 +1,108 @@
+"""Concurrency (issue 7): two ``robustlab experiment`` processes on one results directory.
+
+Both are real processes started together on the same grid. The per-cell file lock must make every cell
+train once and be evaluated once in total (each process logs ``[cell] training`` / ``[cell] evaluating``
+when it does that work), both processes must succeed, and every file of the shared results directory
+must parse, with one results row per cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from robustlab.rundir import read_csv
+from tests.reliability_support import ROOT, assert_run_files_parse, subprocess_env
+
+SEEDS = [0, 1, 2, 3]
+EXPERIMENT = {
+    "name": "concurrency",
+    "base": {
+        "data": {"dataset": "digits", "val_size": 50, "train_subset": 128, "test_subset": 40},
+        "model": {"name": "lenet5"},
+        "train": {"epochs": 1, "batch_size": 64},
+        "threat": {"eps": 0.1},
+    },
+    "grid": {"defenses": ["standard"], "seeds": SEEDS},
+    "evaluation": {"attacks": ["fgsm"], "n": 20, "audit": False},
+}
+
+
+def _start(config: Path, results: Path) -> subprocess.Popen:
+    code = "from robustlab.cli import main; main()"
+    args = ["experiment", str(config), "--out", str(results), "--no-isolate", "--no-report"]
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=subprocess_env(), cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _work_done(logs: list[str], what: str) -> Counter:
+    """How many times each cell was trained / evaluated across all processes' logs."""
+    counts: Counter = Counter()
+    for text in logs:
+        for line in text.splitlines():
+            if line.startswith("[") and line.rstrip().endswith(f"] {what}") or f"] {what} (resuming)" in line:
+                counts[line[1 : line.index("]")]] += 1
+    return counts
+
+
+def _check_results(results: Path) -> list[str]:
+    cells = json.loads((results / "experiment.json").read_text())["cells"]
+    assert len(cells) == len(SEEDS)
+    with (results / "results.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["cell"] for r in rows) == sorted(cells)
+    assert all(r["status"] == "finished" for r in rows), rows
+    json.loads((results / "results.json").read_text())
+    for cell in cells:
+        run = results / "runs" / cell
+        assert_run_files_parse(run)
+        assert len(read_csv(run / "history.csv")) == 1
+    return cells
+
+
+def test_two_experiment_processes_share_one_results_dir(tmp_path):
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(EXPERIMENT))
+    results = tmp_path / "results"
+    processes = [_start(config, results) for _ in range(2)]
+    outputs = [process.communicate(timeout=900) for process in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err
+        assert "Traceback" not in err
+    logs = [out for out, _ in outputs]
+    cells = _check_results(results)
+    trained, evaluated = _work_done(logs, "training"), _work_done(logs, "evaluating")
+    assert trained == Counter(cells), logs
+    assert evaluated == Counter(cells), logs
+
+
+@pytest.mark.slow
+def test_killed_experiment_resumes_without_redoing_finished_cells(tmp_path):
+    """SIGKILL one of two concurrent experiment processes mid-grid; a rerun finishes only what is missing."""
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(EXPERIMENT))
+    results = tmp_path / "results"
+    victim, survivor = _start(config, results), _start(config, results)
+    while victim.poll() is None and not list((results / "runs").glob("*/metrics.json")):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim_out, _ = victim.communicate()
+    survivor_out, survivor_err = survivor.communicate(timeout=900)
+    assert survivor.returncode == 0, survivor_err  # the killed process's locks were released by the kernel
+    rerun = _start(config, results)
+    rerun_out, rerun_err = rerun.communicate(timeout=900)
+    assert rerun.returncode == 0, rerun_err
+    cells = _check_results(results)
+    assert not _work_done([rerun_out], "training"), rerun_out  # nothing left to train
+    assert set(_work_done([victim_out, survivor_out], "training")) == set(cells)
