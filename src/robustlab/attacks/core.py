@@ -107,7 +107,9 @@ def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / _flat_norm(grad, 2).clamp_min(1e-12)
 
 
-def random_init(x: torch.Tensor, eps: float | torch.Tensor, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+def random_init(
+    x: torch.Tensor, eps: float | torch.Tensor, norm: str, generator: torch.Generator | None
+) -> torch.Tensor:
     """A uniform random start in the Linf ball, or a uniform point in the L2 ball."""
     if isinstance(eps, torch.Tensor):
         eps = eps.view(-1, *([1] * (x.dim() - 1)))

@@ -1,0 +1,42 @@
+"""``robustlab attack``: saves adversarial examples and a figure, names the attack, fails in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from robustlab.cli import main
+
+
+def test_attack_command_saves_npz_and_figure(trained_digits, tmp_path, capsys):
+    out, figure = tmp_path / "adv.npz", tmp_path / "grid.png"
+    with pytest.raises(SystemExit) as info:
+        main(["attack", str(trained_digits.run_dir), "--attack", "pgd-5", "--eps", "0.2", "--n", "40",
+              "--out", str(out), "--figure", str(figure), "--batch-size", "16"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    saved = np.load(out)
+    assert saved["x_adv"].shape == saved["x"].shape == (40, 1, 8, 8)
+    assert np.abs(saved["x_adv"] - saved["x"]).max() <= 0.2 + 1e-6
+    assert saved["x_adv"].min() >= 0 and saved["x_adv"].max() <= 1
+    robust = 100 * float((saved["pred_adv"] == saved["y"]).mean())
+    assert f"robust accuracy under pgd-5 (linf eps=0.2) on 40 test images: {robust:.2f}%" in printed
+    assert str(saved["attack"]) == "pgd-5" and figure.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--attack", "nope"], "unknown attack 'nope'"),
+        (["--eps", "-0.1"], "eps must be"),
+        (["--eps", "2"], "pixel range"),
+        (["--attack", "apgd_ce", "-p", "bogus=1"], "no parameter bogus"),
+        (["-p", "steps"], "key=value"),
+    ],
+)
+def test_attack_command_user_errors(trained_digits, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as info:
+        main(["attack", str(trained_digits.run_dir), "--out", str(tmp_path / "a.npz"), *extra])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("error:") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "a.npz").exists()
