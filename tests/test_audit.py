@@ -1,7 +1,8 @@
 """The gradient-masking audit flags deliberately masked models and passes honest ones (digits, seconds each).
 
-Masked models (Athalye et al. 2018): a quantising input layer attacked without BPDA, logits scaled by
-1e4 so float32 cross-entropy gradients vanish, and a random input transform attacked without EOT.
+Masked models (Athalye et al. 2018): a quantising input layer (feature squeezing to 2 bits, i.e.
+round(3x)/3) attacked without BPDA, logits scaled by 1e4 so float32 cross-entropy gradients vanish, and
+Gaussian input noise (sigma 0.2) attacked without EOT.
 Honest models: the standard LeNet-5 of ``trained_digits`` and a PGD-trained LeNet-5.
 """
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from robustlab.attacks import pgd
 from robustlab.audit import (
+    CHECK_NAMES,
     AuditCheck,
     AuditReport,
     audit_model,
@@ -26,32 +28,20 @@ from robustlab.audit import (
     train_surrogate,
 )
 from robustlab.cli import main
-from robustlab.defenses.preprocessing import Defended, InputTransform
+from robustlab.defenses.preprocessing import Defended, FeatureSqueezing, GaussianNoise
 from robustlab.errors import InputError
 from robustlab.models import build_model
 
 EPS = 0.1
 FAST = {"n": 100, "steps": 5, "square_queries": 100}
-CHECKS = ["accuracy_vs_eps", "more_steps_restarts", "fgsm_vs_pgd", "blackbox_transfer", "gradient_health",
-          "randomness", "bpda"]
 
 
-class Quantize(InputTransform):
-    """round(x * 4) / 4: zero gradient almost everywhere."""
-
-    differentiable = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x * 4) / 4
+def quantiser() -> FeatureSqueezing:
+    return FeatureSqueezing(bits=2, median=1)
 
 
-class Noise(InputTransform):
-    """Gaussian noise at test time."""
-
-    random = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+def noise() -> GaussianNoise:
+    return GaussianNoise(sigma=0.2)
 
 
 class ScaledLogits(nn.Module):
@@ -111,7 +101,7 @@ def _show(report: AuditReport) -> str:
 
 def test_standard_model_has_no_false_fail(base, surrogate, digits):
     report = audit_model(base, digits.test, eps=EPS, surrogate=surrogate, **FAST)
-    assert [c.name for c in report.checks] == CHECKS
+    assert [c.name for c in report.checks] == list(CHECK_NAMES)
     assert report.verdict != "fail", _show(report)
     # the masking-specific checks are clean, not merely "not failed"
     for name in ("gradient_health", "randomness", "bpda", "fgsm_vs_pgd", "accuracy_vs_eps"):
@@ -132,7 +122,7 @@ def test_pgd_trained_model_has_no_false_fail(pgd_trained, surrogate, digits):
 
 
 def test_quantising_layer_without_bpda_fails(base, digits):
-    report = audit_model(nn.Sequential(Quantize(), base), digits.test, eps=EPS, **FAST)
+    report = audit_model(nn.Sequential(quantiser(), base), digits.test, eps=EPS, **FAST)
     statuses = _statuses(report)
     assert report.verdict == "fail"
     assert statuses["gradient_health"] == "fail" and statuses["bpda"] == "fail", _show(report)
@@ -141,7 +131,7 @@ def test_quantising_layer_without_bpda_fails(base, digits):
 
 
 def test_declared_quantiser_fails_without_bpda_and_passes_with_it(base, digits):
-    defended = Defended(base, Quantize())
+    defended = Defended(base, quantiser())
     blind = audit_model(defended, digits.test, eps=EPS, bpda=False, **FAST)
     assert blind.check("bpda").status == "fail", _show(blind)
     evidence = blind.check("bpda").evidence
@@ -163,16 +153,16 @@ def test_saturated_softmax_fails(base, surrogate, digits):
 
 
 def test_random_transform_without_eot_fails(base, digits):
-    undeclared = audit_model(nn.Sequential(Noise(), base), digits.test, eps=EPS, **FAST)
+    undeclared = audit_model(nn.Sequential(noise(), base), digits.test, eps=EPS, **FAST)
     assert undeclared.check("randomness").status == "fail", _show(undeclared)
     assert undeclared.check("randomness").evidence["prediction_flip_fraction"] > 0
-    declared_but_unused = audit_model(Defended(base, Noise()), digits.test, eps=EPS, eot=1, n=40, steps=3,
+    declared_but_unused = audit_model(Defended(base, noise()), digits.test, eps=EPS, eot=1, n=40, steps=3,
                                       square_queries=30)
     assert declared_but_unused.check("randomness").status == "fail"
 
 
 def test_random_transform_with_eot_passes_randomness(base, digits):
-    report = audit_model(Defended(base, Noise()), digits.test, eps=EPS, n=40, steps=3, square_queries=30)
+    report = audit_model(Defended(base, noise()), digits.test, eps=EPS, n=40, steps=3, square_queries=30)
     assert report.settings["eot_samples"] > 1
     assert report.check("randomness").status == "pass", _show(report)
 
@@ -233,7 +223,7 @@ def test_audit_run_writes_audit_json(trained_digits):
     report = audit_run(trained_digits.run_dir, n=60, steps=5, surrogate_epochs=2, square_queries=100, device="cpu")
     data = json.loads((trained_digits.run_dir / "audit.json").read_text())
     assert data["verdict"] == report.verdict in ("pass", "warn", "fail")
-    assert [c["name"] for c in data["checks"]] == CHECKS
+    assert [c["name"] for c in data["checks"]] == list(CHECK_NAMES)
     assert all(set(c) == {"name", "status", "evidence", "message"} for c in data["checks"])
     assert data["settings"]["eps"] == pytest.approx(0.1) and data["settings"]["n"] == 60
     assert "transfer pgd-5" in data["checks"][3]["evidence"]

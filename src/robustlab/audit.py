@@ -63,6 +63,9 @@ WARN_FRACTION = 0.02
 FAIL_FRACTION = 0.10
 #: EOT samples used when a model declares (or is found to have) random outputs
 EOT_SAMPLES = 10
+#: the checks of every report, in order
+CHECK_NAMES = ("accuracy_vs_eps", "more_steps_restarts", "fgsm_vs_pgd", "blackbox_transfer", "gradient_health",
+               "randomness", "bpda")
 
 
 @dataclass
