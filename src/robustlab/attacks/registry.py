@@ -36,10 +36,11 @@ def register_attack(name: str, fn: Attack | None = None):
     return fn
 
 
-def cw_linf(model, x, y, *, eps: float, norm: str = "linf", **kwargs: Any) -> torch.Tensor:
+def cw_linf(
+    model, x, y, *, eps: float, norm: str = "linf", steps: int = 30, early_stop: bool = False, **kwargs: Any
+) -> torch.Tensor:
     """"CW" of robustness tables: PGD on the Carlini-Wagner margin loss under the same budget."""
-    kwargs.setdefault("steps", 30)
-    return pgd(model, x, y, eps=eps, norm=norm, loss="cw", **kwargs)
+    return pgd(model, x, y, eps=eps, norm=norm, loss="cw", steps=steps, early_stop=early_stop, **kwargs)
 
 
 def mifgsm(model, x, y, *, eps: float, norm: str = "linf", **kwargs: Any) -> torch.Tensor:
