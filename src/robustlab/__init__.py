@@ -12,7 +12,7 @@ from robustlab.config import RunConfig, load_config  # noqa: E402
 from robustlab.data import DATASETS, TensorLoader, load_dataset  # noqa: E402
 from robustlab.defenses import DEFENSES, Objective, build_objective  # noqa: E402
 from robustlab.errors import RobustlabError  # noqa: E402
-from robustlab.evaluation import evaluate_run  # noqa: E402
+from robustlab.evaluation import EvaluationResult, evaluate_model, evaluate_run  # noqa: E402
 from robustlab.models import MODELS, build_model  # noqa: E402
 from robustlab.runs import load_run  # noqa: E402
 from robustlab.training import TrainResult, train  # noqa: E402
@@ -22,6 +22,7 @@ __all__ = [
     "AuditReport",
     "DATASETS",
     "DEFENSES",
+    "EvaluationResult",
     "MODELS",
     "Objective",
     "RobustlabError",
@@ -33,6 +34,7 @@ __all__ = [
     "audit_run",
     "build_model",
     "build_objective",
+    "evaluate_model",
     "evaluate_run",
     "fgsm",
     "load_config",
