@@ -18,6 +18,7 @@ from robustlab.evaluation import (
     read_evaluation,
     read_samples,
     resolve_attacks,
+    subset,
     threat_key,
 )
 from robustlab.metrics import predict
@@ -52,10 +53,21 @@ def test_worst_case_is_per_sample_and_below_every_attack(result):
 
 
 def test_clean_accuracy_matches_plain_prediction(result, trained_digits):
-    test = trained_digits.data.test.head(120)
+    test, indices = subset(trained_digits.data.test, 120)
     expected = float((predict(trained_digits.model, test) == test.labels).float().mean())
     assert result.clean.accuracy == pytest.approx(expected)
     assert result.samples["n"] == 120 and result.samples["digest"] == test.digest()
+    assert np.array_equal(result.indices, indices.numpy())
+
+
+def test_subset_is_a_fixed_random_sample_not_a_prefix(trained_digits):
+    split = trained_digits.data.test
+    part, indices = subset(split, 50)
+    again, same = subset(split, 50)
+    assert torch.equal(indices, same) and torch.equal(part.labels, split.labels[indices])
+    assert not torch.equal(indices, torch.arange(50)) and len(set(indices.tolist())) == 50
+    whole, all_indices = subset(split, None)
+    assert whole is split and len(all_indices) == len(split)
 
 
 def test_gap_arithmetic_and_intervals(result):

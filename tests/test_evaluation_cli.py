@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from robustlab.cli import main
+from robustlab.evaluation import subset
 from robustlab.rundir import read_json, save_weights
 
 QUICK = ["--n", "40", "--n-boot", "50", "--no-progress"]
@@ -58,8 +59,8 @@ def test_cli_evaluate_own_checkpoint(trained_digits, tmp_path, capsys):
     b = read_json(tmp_path / "b" / "metrics.json")["evaluations"]["linf-0.1"]
     assert a["run_config"]["checkpoint"] == str(weights)
     # the safetensors file carries the run's normalisation, so it reproduces the run's clean accuracy
-    expected = float((trained_digits.model(trained_digits.data.test.float_images()[:40]).argmax(1)
-                      == trained_digits.data.test.labels[:40]).float().mean())
+    test, _ = subset(trained_digits.data.test, 40)
+    expected = float((trained_digits.model(test.float_images()).argmax(1) == test.labels).float().mean())
     assert a["clean"]["accuracy"] == pytest.approx(expected)
     assert 0 <= b["clean"]["accuracy"] <= 1
 

@@ -25,7 +25,7 @@ prediction) and ``accuracy_per_draw`` lists each pass; worst case is taken per p
       evaluations:                                        # one entry per threat, key threat_key(norm, eps)
         "linf-0.3":                                       #   e.g. norm "linf", eps 0.3
           threat:   {norm, eps}
-          samples:  {split: "test", n, digest, file}      # file: per-sample arrays, relative to RUN_DIR
+          samples:  {split: "test", n, of, selection, digest, file}  # file: per-sample arrays (relative)
           model:    {adaptive, differentiable, random, random_passes, eot_samples, weights_sha256}
           clean:      MEASUREMENT
           attacks:    {label: MEASUREMENT, ...}           # label = the spec as given, e.g. "pgd-20"
@@ -39,6 +39,7 @@ prediction) and ``accuracy_per_draw`` lists each pass; worst case is taken per p
                                 histogram: {edges (21), correct (20 counts), wrong (20 counts)}}}
 
 Per-sample arrays (``evaluation/<threat key>.npz``, read with :func:`read_samples`, no pickle):
+``indices`` (n,) into the test split (with ``n`` below the split size: a fixed-seed random subset),
 ``labels`` (n,), ``correct:<label>`` bool and ``confidence:<label>`` float32 of shape (passes, n) for
 ``clean``, every attack label and ``worst_case``, ``worst_case_attack`` (passes, n) index into
 ``attack_labels``. ``correct:clean[0]`` and ``correct:worst_case[0]`` are what McNemar's test
@@ -83,9 +84,25 @@ SUITES: dict[str, tuple[tuple[str, AttackSpec], ...]] = {
     "rand": (("autoattack-rand", {"name": "autoattack", "version": "rand", "eot_samples": 1}),),
 }
 ECE_BINS = 15
+#: Seed of the random test subset evaluated with ``n`` (fixed, so all runs see the same samples).
+SUBSET_SEED = 0
 HISTOGRAM_BINS = 20
 #: Arguments the evaluation itself supplies or that would change what is measured; not "parameters".
 _INTERNAL_ARGS = {"model", "x", "y", "eps", "norm", "targeted", "target", "generator", "validate"}
+
+
+def subset(split: Split, n: int | None) -> tuple[Split, torch.Tensor]:
+    """The evaluated samples: all of ``split``, or ``n`` of them drawn with the fixed ``SUBSET_SEED``.
+
+    A random subset, not the first ``n``: folder datasets are sorted by class, so a prefix would test a
+    few classes only. The seed is fixed (independent of the attack seed) so that every evaluation of
+    the same split with the same ``n`` sees the same samples, which paired tests (McNemar) require.
+    """
+    if n is None or n >= len(split):
+        return split, torch.arange(len(split))
+    generator = torch.Generator().manual_seed(SUBSET_SEED)
+    indices = torch.randperm(len(split), generator=generator)[:n].sort().values
+    return Split(split.images[indices], split.labels[indices]), indices
 
 
 def threat_key(norm: str, eps: float) -> str:
@@ -137,6 +154,7 @@ class EvaluationResult:
 
     threat: dict[str, Any]
     labels: np.ndarray
+    indices: np.ndarray
     clean: Measurement
     attacks: dict[str, Measurement]
     worst_case: Measurement
@@ -197,6 +215,7 @@ class EvaluationResult:
         """The per-sample arrays saved next to ``metrics.json`` (see the module docstring)."""
         out: dict[str, np.ndarray] = {
             "labels": self.labels,
+            "indices": self.indices,
             "attack_labels": np.array(list(self.attacks), dtype=str),
             "worst_case_attack": self.worst_case_attack,
         }
@@ -350,7 +369,8 @@ def evaluate_model(
         if value is not None and int(value) < 1:
             raise InputError(f"{name} must be >= 1, got {value}")
     plan = resolve_attacks(attacks, suite)
-    split = split.head(n)
+    total = len(split)
+    split, indices = subset(split, n)
     if len(split) == 0:
         raise InputError("the evaluation split is empty")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -403,7 +423,10 @@ def evaluate_model(
         worst_case=worst,
         worst_case_attack=worst_index,
         model_info=info,
-        samples={"split": "test", "n": len(split), "digest": split.digest()},
+        samples={"split": "test", "n": len(split), "of": total,
+                 "selection": "all" if len(split) == total else f"random subset (seed {SUBSET_SEED})",
+                 "digest": split.digest()},
+        indices=indices.numpy(),
         seed=seed,
         n_boot=n_boot,
         seconds=time.perf_counter() - started,
