@@ -35,6 +35,11 @@ from torch import nn
 from robustlab.errors import CheckpointError, RobustlabError
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty (EOFError)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + fsync + rename; on failure the old file is intact."""
     path = Path(path)
@@ -110,11 +115,11 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    rows = []
-    with path.open(newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            rows.append({k: _number(v) for k, v in row.items()})
-    return rows
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise CheckpointError(f"corrupt CSV in {path}: {error}") from None
 
 
 def _number(text: str | None) -> Any:
@@ -159,7 +164,7 @@ def load_foreign_checkpoint(path: str | Path, model: nn.Module) -> None:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as error:  # torch raises many types for corrupt or unsafe files
-        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {first_line(error)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -168,7 +173,7 @@ def load_foreign_checkpoint(path: str | Path, model: nn.Module) -> None:
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"weights in {path} do not fit the model: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"weights in {path} do not fit the model: {first_line(error)}") from None
 
 
 def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
@@ -181,7 +186,7 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"corrupt resume state {path}: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"corrupt resume state {path}: {first_line(error)}") from None
 
 
 class RunDir:
@@ -218,9 +223,14 @@ class RunDir:
         try:
             data = yaml.safe_load(self.config.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"corrupt config.yaml in {self.path}: {str(error).splitlines()[0]}") from None
+            raise CheckpointError(f"corrupt config.yaml in {self.path}: {first_line(error)}") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"corrupt config.yaml in {self.path}: not a mapping")
+        from robustlab.config import RunConfig
+
+        missing = [name for name in RunConfig.model_fields if name not in data]
+        if missing:  # a run's config.yaml is always written whole: a missing section means a truncated file
+            raise CheckpointError(f"corrupt config.yaml in {self.path}: no {', '.join(missing)} (truncated?)")
         return data
 
     def update_metadata(self, **fields: Any) -> dict[str, Any]:

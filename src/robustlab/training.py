@@ -40,6 +40,7 @@ from robustlab.rundir import (
     RunDir,
     load_resume_state,
     load_weights,
+    first_line,
     read_csv,
     remove_temp_files,
     save_resume_state,
@@ -234,12 +235,17 @@ class Trainer:
             self.best_score = float(state["best_score"])
             self.objective.load_state_dict(state["objective"])
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            reason = f"{type(error).__name__}: {first_line(error)}"
             raise CheckpointError(
                 f"{self.run.resume} does not fit this run ({reason}); pass --overwrite to start again"
             ) from None
-        self.history = read_csv(self.run.history)[: state["epoch"] + 1]
         self.start_epoch = int(state["epoch"]) + 1
+        self.history = read_csv(self.run.history)[: self.start_epoch]
+        if [row.get("epoch") for row in self.history] != list(range(1, self.start_epoch + 1)):
+            raise CheckpointError(
+                f"{self.run.history} lacks rows of the {self.start_epoch} finished epoch(s) that {self.run.resume} "
+                "records (truncated or edited); pass --overwrite to start again"
+            )
 
     # --- validation ----------------------------------------------------------------------------
     def _validate(self) -> dict[str, float]:
