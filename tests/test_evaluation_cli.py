@@ -84,3 +84,12 @@ def test_cli_unknown_attack_and_bad_flags(run_copy, tmp_path, capsys):
         ["evaluate", "--checkpoint", str(tmp_path / "x.pt"), "--model", "lenet5"], capsys
     )
     assert "give a RUN_DIR" in _fail(["evaluate"], capsys)
+
+
+def test_cli_warns_about_an_unfinished_run(run_copy, capsys):
+    from robustlab.rundir import RunDir
+
+    RunDir(run_copy).update_metadata(status="running")
+    _run(["evaluate", str(run_copy), "--attacks", "fgsm", *QUICK])
+    assert "warning: this run has not finished training" in capsys.readouterr().out
+    assert read_json(run_copy / "metrics.json")["evaluations"]["linf-0.1"]["run_config"]["finished"] is False

@@ -33,6 +33,7 @@ prediction) and ``accuracy_per_draw`` lists each pass; worst case is taken per p
           gap:      {clean_minus_worst_case, clean_minus_cw, cw_attack}   # cw entries None without cw_linf
           cost:     copy of the run's training cost {train_seconds, seconds_per_epoch, peak_memory_mb, device}
           seed, n_boot, seconds, versions: {robustlab, torch}
+          run_config: {dataset, model, defense, seed, finished}  (with --checkpoint: {dataset, model, checkpoint})
     MEASUREMENT = {accuracy, ci95: [low, high], accuracy_per_draw (random models only), ece, seconds,
                    attack: null (clean) | {name, spec, label, params, eps, norm, adaptive},
                    confidence: {mean, mean_correct, mean_wrong, n_correct, n_wrong,
@@ -524,7 +525,8 @@ def evaluate_run(
     result.cost = previous.get("cost")
     result.model_info["weights_sha256"] = _sha256(run.weights)
     result.extra.update(run_config={"dataset": loaded.config.data.dataset, "model": loaded.config.model.name,
-                                    "defense": loaded.config.defense.name, "seed": loaded.config.seed})
+                                    "defense": loaded.config.defense.name, "seed": loaded.config.seed,
+                                    "finished": run.is_finished()})
     if write:
         save_evaluation(result, run.path)
     return result
@@ -611,6 +613,8 @@ def summary_lines(result: EvaluationResult) -> list[str]:
         + (f"; random model, accuracy = mean over {result.model_info['random_passes']} forward passes"
            if result.model_info["random"] else ""),
     ]
+    if result.extra.get("run_config", {}).get("finished") is False:
+        lines.append("warning: this run has not finished training; these are the weights selected so far")
     if result.cost:
         c = result.cost
         lines.append(f"training cost: {c.get('train_seconds')} s, {c.get('seconds_per_epoch')} s/epoch, "
