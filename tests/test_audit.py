@@ -254,3 +254,66 @@ def test_cli_strict_exits_1_on_a_masked_run(trained_digits, tmp_path, capsys):
 def test_cli_bad_eps_is_one_line_error(trained_digits, capsys):
     assert _exit_code(["audit", str(trained_digits.run_dir), "--eps", "2", "--no-surrogate", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: eps=2 is larger")
+
+
+# ---------------------------------------------------------------------------------- decision rules, no model
+
+
+class _Accuracies:
+    """Stands in for the auditor: PGD accuracy as a function of (eps, steps, restarts), FGSM accuracy fixed."""
+
+    n, eps, norm, steps, huge_eps = 200, 0.1, "linf", 10, 1.0
+
+    def __init__(self, pgd_accuracy, fgsm_accuracy: float = 0.9, clean: float = 0.95) -> None:
+        self.pgd_accuracy, self.fgsm_accuracy, self.clean = pgd_accuracy, fgsm_accuracy, clean
+
+    def _mask(self, accuracy: float) -> torch.Tensor:
+        return torch.arange(self.n) < round(accuracy * self.n)
+
+    def correct(self) -> torch.Tensor:
+        return self._mask(self.clean)
+
+    def pgd_correct(self, eps, steps, restarts=1, offset=0, *, model=None, key=None) -> torch.Tensor:
+        return self._mask(self.pgd_accuracy(eps, steps, restarts))
+
+    def run(self, key, attack) -> torch.Tensor:
+        assert key == "fgsm"
+        return self._mask(self.fgsm_accuracy)
+
+
+def _curve(points: dict[float, float], huge: float = 0.0):
+    return lambda eps, steps, restarts: huge if eps == 1.0 else points[round(eps, 6)]
+
+
+@pytest.mark.parametrize(
+    ("points", "huge", "status"),
+    [
+        ({0.025: 0.7, 0.05: 0.5, 0.1: 0.3, 0.2: 0.1}, 0.0, "pass"),
+        ({0.025: 0.7, 0.05: 0.5, 0.1: 0.33, 0.2: 0.3}, 0.0, "pass"),  # 3 points up from 0.05: noise
+        ({0.025: 0.7, 0.05: 0.3, 0.1: 0.6, 0.2: 0.1}, 0.0, "fail"),  # accuracy rises by 30 points with eps
+        ({0.025: 0.7, 0.05: 0.5, 0.1: 0.3, 0.2: 0.1}, 0.2, "fail"),  # eps = 1 leaves 20%
+    ],
+)
+def test_accuracy_vs_eps_rule(points, huge, status):
+    from robustlab.audit import _check_accuracy_vs_eps
+
+    check = _check_accuracy_vs_eps(_Accuracies(_curve(points, huge)))
+    assert check.status == status, check.message
+    assert check.evidence["eps"] == pytest.approx([0.0, 0.025, 0.05, 0.1, 0.2])
+
+
+@pytest.mark.parametrize(("strong", "status"), [(0.29, "pass"), (0.6, "fail"), (0.1, "warn")])
+def test_more_steps_rule(strong, status):
+    from robustlab.audit import _check_more_steps
+
+    check = _check_more_steps(_Accuracies(lambda eps, steps, restarts: 0.3 if restarts == 1 else strong))
+    assert check.status == status, check.message
+    assert check.evidence["tolerance"] == pytest.approx(noise_tolerance(0.3, strong, 200))
+
+
+@pytest.mark.parametrize(("fgsm_accuracy", "status"), [(0.5, "pass"), (0.35, "pass"), (0.1, "fail")])
+def test_fgsm_rule(fgsm_accuracy, status):
+    from robustlab.audit import _check_fgsm
+
+    check = _check_fgsm(_Accuracies(lambda eps, steps, restarts: 0.4, fgsm_accuracy=fgsm_accuracy))
+    assert check.status == status, check.message

@@ -641,6 +641,7 @@ def train_surrogate(
         data = dataclasses.replace(data, train=data.train.head(train_subset))
     config = {
         "seed": seed,
+        "data": {"dataset": data.name, "val_size": len(data.val)},
         "model": {"name": model},
         "defense": {"name": "standard"},
         "train": {
