@@ -175,13 +175,13 @@ def pgd(
     best = x.clone()
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with frozen(model):
-        for _ in range(max(1, restarts)):
+        for restart in range(max(1, restarts)):
             todo = (~fooled).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
             x_adv, done = _pgd_run(
                 model, x[todo], labels[todo], y[todo], eps, steps, step_size, norm,
-                random_start, loss_fn, targeted, momentum, early_stop, generator,
+                random_start, loss_fn, targeted, momentum, early_stop, generator, restart + 1 < restarts,
             )
             best[todo] = x_adv
             fooled[todo] = done
@@ -208,15 +208,20 @@ def _pgd_run(
     momentum: float,
     early_stop: bool,
     generator: torch.Generator | None,
+    verdict: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One PGD run from one (random) start; returns (x_adv, fooled-at-return)."""
+    """One PGD run from one (random) start; returns (x_adv, fooled).
+
+    ``fooled`` is exact only with ``early_stop`` or ``verdict`` (an extra forward pass, needed only when
+    another restart follows); without early stopping the whole batch is updated in place (no gathers).
+    """
     x_adv = clip_to_ball(x + random_init(x, eps, norm, generator), x, eps, norm) if random_start else x.clone()
     velocity = torch.zeros_like(x)
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    active = torch.arange(x.shape[0], device=x.device)
+    active: torch.Tensor | slice = torch.arange(x.shape[0], device=x.device) if early_stop else slice(None)
     for _ in range(steps):
         grad, _, logits = input_gradient(model, x_adv[active], labels[active], loss_fn)
-        if early_stop:
+        if isinstance(active, torch.Tensor):
             hit = is_fooled(logits, y[active], labels[active], targeted)
             fooled[active[hit]] = True
             keep = ~hit
@@ -229,7 +234,7 @@ def _pgd_run(
             grad = velocity[active]
         step = x_adv[active] + step_size * ascent_direction(grad, norm)
         x_adv[active] = clip_to_ball(step, x[active], eps, norm)
-    if active.numel():
+    if verdict and (not isinstance(active, torch.Tensor) or active.numel()):
         with torch.no_grad():
             logits = model(x_adv[active])
         fooled[active] = is_fooled(logits, y[active], labels[active], targeted)
