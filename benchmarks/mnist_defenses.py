@@ -65,13 +65,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def summarize(root: Path) -> str:
     lines = [
-        "| defence | eps | epochs | train images | clean % (n) | PGD-40 % (n) | selected epoch | train s | overrides |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | defence | eps | epochs | train images | clean % (n) | PGD-40 % (n) | selected epoch | train s "
+        "| overrides |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(root.glob("*/benchmark.json")):
         r = json.loads(path.read_text())
         lines.append(
-            f"| {r['defense']} | {r['eps']} | {r['epochs']} | {r['train_images']} "
+            f"| {path.parent.name} | {r['defense']} | {r['eps']} | {r['epochs']} | {r['train_images']} "
             f"| {100 * r['clean']:.2f} ({r['clean_n']}) | {100 * r['pgd40']:.2f} ({r['pgd40_n']}) "
             f"| {r['selected_epoch']} | {r['train_seconds']} "
             f"| {' '.join(r['overrides']) or '-'} |"
