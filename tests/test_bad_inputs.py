@@ -244,3 +244,12 @@ def test_val_size_larger_than_the_data(capsys, tmp_path):
     argv = ["train", "--set", "data.val_size=5000", "--out", str(tmp_path / "r")]
     code, _, err = main_in_process(argv, capsys)
     assert_one_error_line(code, err, "data.val_size=5000")
+
+
+def test_os_errors_are_one_line(tmp_path, capsys):
+    """An environment failure (here --out under a regular file) is one line too, with exit status 1."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = main_in_process([*TRAIN, "--out", str(blocker / "run")], capsys)
+    assert code == 1
+    assert_one_error_line(code, err, "Not a directory", str(blocker))

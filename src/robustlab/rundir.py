@@ -164,7 +164,7 @@ def load_foreign_checkpoint(path: str | Path, model: nn.Module) -> None:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as error:  # torch raises many types for corrupt or unsafe files
-        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {first_line(error)}") from None
+        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {_torch_load_problem(error)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -174,6 +174,13 @@ def load_foreign_checkpoint(path: str | Path, model: nn.Module) -> None:
         target.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"weights in {path} do not fit the model: {first_line(error)}") from None
+
+
+def _torch_load_problem(error: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to load it unsafely."""
+    if "Weights only load failed" in str(error):
+        return "it holds Python objects, not only tensors, and unpickling them could run code; refused"
+    return first_line(error)
 
 
 def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
@@ -186,7 +193,7 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"corrupt resume state {path}: {first_line(error)}") from None
+        raise CheckpointError(f"corrupt resume state {path}: {_torch_load_problem(error)}") from None
 
 
 class RunDir:
