@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,23 @@ def test_bad_grid_fails_before_training_naming_the_field(tmp_path, grid, field):
     message = str(info.value)
     assert field in message and "\n" not in message
     assert not (tmp_path / "out" / "runs").exists(), "a run started although the grid was invalid"
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "field"),
+    [
+        ({"attacks": ["fgsm", "no_such_attack"]}, "evaluation.attacks[1]"),
+        ({"suite": "nope"}, "evaluation.suite"),
+        ({"options": {"eot_sample": 3}}, "evaluation.options.eot_sample"),
+        ({"audit": True, "audit_options": {"bogus": 1}}, "evaluation.audit_options.bogus"),
+    ],
+)
+def test_bad_evaluation_settings_fail_before_training(tmp_path, evaluation, field):
+    spec = tiny_experiment()
+    spec["evaluation"].update(evaluation)
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        run(spec, tmp_path / "out")
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 def test_missing_dataset_fails_before_training(tmp_path):
@@ -167,6 +185,30 @@ def test_interrupted_cell_resumes_from_last_epoch(tmp_path, monkeypatch):
     assert [int(r["epoch"]) for r in read_csv(cell / "history.csv")] == [1, 2]
 
 
+def test_failed_cell_is_recorded_others_run_and_rerun_fixes_it(tmp_path, monkeypatch):
+    from robustlab import training
+    from robustlab.errors import RobustlabError
+
+    real_train = training.train
+
+    def flaky(config, run_dir, **kwargs):
+        if config.threat.eps == 0.05:
+            raise RobustlabError("training diverged at epoch 1 (loss is nan); lower train.lr")
+        return real_train(config, run_dir, **kwargs)
+
+    monkeypatch.setattr(training, "train", flaky)
+    out = tmp_path / "out"
+    spec = tiny_experiment(eps=[0.05, 0.1])
+    first = run(spec, out)
+    bad, good = "digits-lenet5-standard-eps0.05-s0", "digits-lenet5-standard-eps0.1-s0"
+    assert first.ran == [good] and first.failed == {bad: "training diverged at epoch 1 (loss is nan); lower train.lr"}
+    assert {r["cell"]: r["status"] for r in read_csv(out / "results.csv")} == {bad: "failed", good: "finished"}
+    monkeypatch.setattr(training, "train", real_train)
+    second = run(spec, out)
+    assert second.ran == [bad] and second.skipped == [good] and not second.failed
+    assert {r["status"] for r in second.rows} == {"finished"}
+
+
 def test_locked_cell_is_left_to_its_owner(tmp_path):
     spec = tiny_experiment(eps=[0.05, 0.1])
     out = tmp_path / "out"
@@ -179,9 +221,18 @@ def test_locked_cell_is_left_to_its_owner(tmp_path):
     assert statuses["digits-lenet5-standard-eps0.05-s0"] == "pending"
 
 
-@pytest.mark.slow  # a spawned child re-imports torch: ~10 s idle, minutes on a loaded machine
+@pytest.mark.slow  # each child process re-imports torch: ~10 s idle, minutes on a loaded machine
 def test_isolated_training_runs_in_a_child_process(tmp_path):
-    result = run(tiny_experiment(), tmp_path / "out", isolate=True)
+    out = tmp_path / "out"
+    result = run(tiny_experiment(), out, isolate=True)
     assert len(result.ran) == 1 and not result.failed
-    metadata = json.loads((tmp_path / "out" / "runs" / result.ran[0] / "metadata.json").read_text())
+    metadata = json.loads((out / "runs" / result.ran[0] / "metadata.json").read_text())
     assert metadata["status"] == "finished"
+    # a user error raised inside the child comes back as that cell's one-line failure
+    blocker = out / "runs" / "digits-lenet5-standard-eps0.05-s0"
+    blocker.mkdir(parents=True)
+    (blocker / "notes.txt").write_text("not a run")
+    second = run(tiny_experiment(eps=[0.05, 0.1]), out, isolate=True)
+    assert second.failed == {blocker.name: f"{blocker} exists and is not a robustlab run; choose another --out"}
+    assert second.skipped == [result.ran[0]]
+    assert {r["cell"]: r["status"] for r in second.rows}[blocker.name] == "failed"

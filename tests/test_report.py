@@ -81,7 +81,8 @@ def test_claimed_rows_are_labelled_and_taken_from_the_paper():
     mnist = [r for r in claims["table1"]["rows"] if r["dataset"] == "mnist"]
     stat = Stat(0.5, None, 1)
     stats = {"hybrid": {"clean": stat, "pgd": stat, "worst_case": stat, "gap_worst_case": stat, "gap_cw": None,
-                        "attack_labels": {"pgd": "pgd-20"}, "audit": [], "seeds": 1, "failed": []}}
+                        "attack_labels": {"pgd": "pgd-20"}, "audit": [], "seeds": 1, "failed": [],
+                        "statuses": ["finished"]}}
     table = table1(stats, mnist)
     sources = [r[1] for r in table.rows]
     assert sources == ["claimed (paper)", "claimed (paper)", "measured (robustlab, attack=PGD=pgd-20)"]

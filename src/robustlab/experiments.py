@@ -32,13 +32,14 @@ import hashlib
 import importlib
 import inspect
 import json
-import multiprocessing
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,10 @@ class GridAxes(_Strict):
 class EvaluationSettings(_Strict):
     """What ``evaluate_run`` is asked to measure for every cell.
 
-    ``attacks``, ``suite`` and ``n`` are the common knobs; ``options`` passes any further keyword that
-    the installed ``evaluate_run`` accepts. ``audit`` runs ``robustlab.audit.audit_run`` (when that
-    module exists) with ``audit_options`` (e.g. ``n``, ``surrogate_epochs``).
+    ``attacks``, ``suite`` and ``n`` are the common knobs; ``options`` passes further keywords of
+    ``evaluate_run`` (e.g. ``eot_samples``). ``audit`` runs ``robustlab.audit.audit_run`` (when that
+    module exists) with ``audit_options`` (e.g. ``n``, ``surrogate_epochs``, ``square_queries``).
+    All names are checked before any training starts.
     """
 
     attacks: list[str | dict[str, Any]] | None = None
@@ -346,6 +348,7 @@ def plan_experiment(
                             "norm": cell_config.threat.norm,
                         }
                         cells.append(Cell(cell_id, cell_config, results_dir / "runs" / cell_id, axes))
+    check_evaluation(evaluation)
     ids = [c.id for c in cells]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -383,19 +386,41 @@ def _read_state(cell: Cell) -> dict[str, Any]:
         return {}
 
 
-def _evaluation_kwargs(settings: EvaluationSettings, device: str) -> tuple[dict[str, Any], list[str]]:
-    """Keyword arguments for the installed ``evaluate_run``; returns (accepted, ignored setting names)."""
-    from robustlab.evaluation import evaluate_run
-
+def _evaluation_kwargs(settings: EvaluationSettings, device: str) -> dict[str, Any]:
+    """Keyword arguments for :func:`robustlab.evaluation.evaluate_run` (validated by ``check_evaluation``)."""
     common = {"attacks": settings.attacks, "suite": settings.suite, "n": settings.n}
-    wanted = {k: v for k, v in common.items() if v is not None}
-    wanted.update(settings.options)
-    parameters = inspect.signature(evaluate_run).parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
-    accepted = {k: v for k, v in wanted.items() if takes_any or k in parameters}
-    if "device" in parameters:
-        accepted["device"] = device
-    return accepted, sorted(set(wanted) - set(accepted))
+    return {**{k: v for k, v in common.items() if v is not None}, **settings.options, "device": device}
+
+
+def _accepted(*functions: Callable[..., Any], exclude: set[str]) -> set[str]:
+    return {name for f in functions for name in inspect.signature(f).parameters} - exclude
+
+
+def check_evaluation(settings: EvaluationSettings) -> None:
+    """Validate attacks, suite and the option names of evaluation and audit before anything trains."""
+    from robustlab.attacks import parse_attack_spec
+    from robustlab.evaluation import SUITES, evaluate_run
+
+    for i, spec in enumerate(settings.attacks or []):
+        try:
+            parse_attack_spec(spec)
+        except RobustlabError as error:
+            raise ConfigError(f"evaluation.attacks[{i}]: {error}") from None
+    if settings.suite is not None and settings.suite not in SUITES:
+        raise ConfigError(f"evaluation.suite: unknown suite '{settings.suite}'; valid: {', '.join(sorted(SUITES))}")
+    internal = {"run_dir", "write", "device", "model", "data", "options", "self"}
+    checks = [("options", settings.options, _accepted(evaluate_run, exclude=internal))]
+    audit = _audit_function()
+    if audit is not None and settings.audit:
+        from robustlab.audit import audit_model
+
+        checks.append(("audit_options", settings.audit_options, _accepted(audit, audit_model, exclude=internal)))
+    for section, given, accepted in checks:
+        unknown = sorted(set(given) - accepted)
+        if unknown:
+            raise ConfigError(
+                f"evaluation.{section}.{unknown[0]}: not a parameter; accepted: {', '.join(sorted(accepted))}"
+            )
 
 
 def _signature(kwargs: dict[str, Any]) -> Any:
@@ -427,29 +452,44 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _train_in_child(config: dict[str, Any], run_dir: str, progress: bool, parent: int) -> None:
-    """Entry point of the isolated training process (module level so ``spawn`` can import it)."""
+def train_child_main() -> None:
+    """Entry point of an isolated training process: a JSON job on stdin, a user error to ``error_file``."""
     from robustlab.training import train
 
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    train(config, run_dir, progress=progress)
+    job = json.loads(sys.stdin.read())
+    threading.Thread(target=_exit_with_parent, args=(job["parent"],), daemon=True).start()
+    try:
+        train(job["config"], job["run_dir"], progress=job["progress"])
+    except RobustlabError as error:
+        Path(job["error_file"]).write_text(str(error), encoding="utf-8")
+        sys.exit(2)
 
 
 def _train(cell: Cell, data: DatasetSplits | None, progress: bool, isolate: bool) -> None:
-    """Train one cell, by default in a fresh process.
+    """Train one cell, by default in a fresh Python process.
 
     Isolation makes Table 2 honest on CPU: peak memory there is the process's peak resident set size,
     which only ever grows, so cells trained one after another in one process would inherit the peak
-    of every earlier cell. The child re-raises a RobustlabError in the parent unchanged.
+    of every earlier cell. The child is a plain ``python -c`` process (not multiprocessing's spawn,
+    which would re-run an unguarded user script); a user error in it is re-raised here unchanged.
     """
     if not isolate:
         from robustlab.training import train
 
         train(cell.config, cell.run_dir, progress=progress, data=data)
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        pool.submit(_train_in_child, config_to_dict(cell.config), str(cell.run_dir), progress, os.getpid()).result()
+    with tempfile.TemporaryDirectory(prefix="robustlab-cell-") as scratch:
+        error_file = Path(scratch) / "error.txt"
+        job = {"config": config_to_dict(cell.config), "run_dir": str(cell.run_dir), "progress": progress,
+               "parent": os.getpid(), "error_file": str(error_file)}
+        code = "from robustlab.experiments import train_child_main; train_child_main()"
+        done = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), text=True, check=False)
+        if done.returncode != 0:
+            if error_file.exists():
+                raise RobustlabError(error_file.read_text(encoding="utf-8"))
+            raise RobustlabError(
+                f"training process of cell {cell.id} exited with status {done.returncode} (its traceback is above)"
+            )
 
 
 def run_cell(
@@ -477,12 +517,13 @@ def run_cell(
         _train(cell, data, progress, isolate)
         did_work = True
     state = _read_state(cell)
-    kwargs, ignored = _evaluation_kwargs(settings, cell.config.train.device)
+    state.pop("error", None)  # an earlier failure of this cell is resolved once it trains
+    kwargs = _evaluation_kwargs(settings, cell.config.train.device)
     signature = _signature(kwargs)
     if did_work or state.get("evaluation") != signature:
         log(f"[{cell.id}] evaluating")
         evaluate_run(cell.run_dir, **kwargs)
-        state.update(evaluation=signature, evaluation_ignored=ignored, evaluated_at=time.time())
+        state.update(evaluation=signature, evaluated_at=time.time())
         write_json(cell.state_path, state)
         did_work = True
     audit = _audit_function() if settings.audit else None
@@ -552,11 +593,11 @@ def run_experiment(
             _run_locked(cell, plan, data, result, progress, log, isolate)
         finally:
             lock.release()
-        collect_results(plan)  # keep results.csv current, so a partly done grid can already be reported
+        collect_results(plan, result.failed)  # keep results current: a partly done grid can be reported
     for cell in deferred if wait_for_locked else []:
         with _lock(plan.results_dir, cell.id):
             _run_locked(cell, plan, data, result, progress, log, isolate)
-    result.rows = collect_results(plan)
+    result.rows = collect_results(plan, result.failed)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -564,7 +605,7 @@ def run_experiment(
 def _cell_done(cell: Cell, settings: EvaluationSettings) -> bool:
     if not RunDir(cell.run_dir).is_finished():
         return False
-    kwargs, _ = _evaluation_kwargs(settings, cell.config.train.device)
+    kwargs = _evaluation_kwargs(settings, cell.config.train.device)
     state = _read_state(cell)
     signature = _signature(kwargs)
     audited = state.get("audited") or not settings.audit or _audit_function() is None
@@ -650,9 +691,15 @@ def cell_row(cell: Cell) -> dict[str, Any]:
     return row
 
 
-def collect_results(plan: ExperimentPlan) -> list[dict[str, Any]]:
-    """Rewrite ``results.csv`` and ``results.json`` from every cell's run directory (under a lock)."""
+def collect_results(plan: ExperimentPlan, failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Rewrite ``results.csv`` and ``results.json`` from every cell's run directory (under a lock).
+
+    ``failed`` adds this invocation's failures of cells that never got a run directory.
+    """
     rows = [cell_row(cell) for cell in plan.cells]
+    for row in rows:
+        if failed and row["cell"] in failed and row["status"] != "failed":
+            row.update(status="failed", error=failed[row["cell"]])
     with _lock(plan.results_dir, "results"):
         summary = {"experiment": plan.config.name, "profile": plan.profile, "rows": rows}
         write_json(plan.results_dir / "results.json", summary)

@@ -124,12 +124,20 @@ def _is_paper_eps(claims: dict[str, Any], eps: float, norm: str) -> bool:
 
 
 def table1(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Table:
-    """Table 1 of one group: claimed (paper) rows first, then one measured row per defence."""
+    """Table 1 of one group: claimed (paper) rows first, then one measured row per defence.
+
+    An attack column appears when some row has a number in it (AutoAttack only when it was measured).
+    """
+    columns = [
+        (key, heading)
+        for key, heading, _ in ATTACK_COLUMNS
+        if any(key in c for c in claims) or any(s.get(key) is not None for s in stats.values())
+    ]
     header = [
         "defence",
         "source",
         "clean",
-        *[h for _, h, _ in ATTACK_COLUMNS],
+        *[h for _, h in columns],
         "worst case",
         "gap (clean - worst)",
         "gap (clean - CW)",
@@ -143,7 +151,7 @@ def table1(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
                 f"{claim['label']} ({claim['defense']})",
                 "claimed (paper)",
                 f"{claim['clean']:.1f}",
-                *[f"{claim[k]:.1f}" if k in claim else "-" for k, _, _ in ATTACK_COLUMNS],
+                *[f"{claim[k]:.1f}" if k in claim else "-" for k, _ in columns],
                 "-",
                 "-",
                 f"{claim['gap']:.1f}" + (" *" if claim.get("note") else ""),
@@ -155,9 +163,12 @@ def table1(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
         attacks = ", ".join(
             f"{h}={s['attack_labels'][k]}" for k, h, _ in ATTACK_COLUMNS if k in s["attack_labels"]
         )
-        source = (
-            f"measured (robustlab, attack={attacks})" if attacks else "measured (robustlab; not evaluated)"
-        )
+        if not s["seeds"]:
+            source = f"not measured (cell {'/'.join(s['statuses'])})"
+        elif attacks:
+            source = f"measured (robustlab, attack={attacks})"
+        else:
+            source = "measured (robustlab; no attack evaluated)"
         if s["failed"]:
             source += f"; failed: {len(s['failed'])} cell(s)"
         rows.append(
@@ -165,7 +176,7 @@ def table1(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
                 defense,
                 source,
                 pct(s["clean"]),
-                *[pct(s.get(k)) for k, _, _ in ATTACK_COLUMNS],
+                *[pct(s.get(k)) for k, _ in columns],
                 pct(s["worst_case"]),
                 pct(s["gap_worst_case"]),
                 pct(s["gap_cw"]),
@@ -210,7 +221,7 @@ def table2(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
         rows.append(
             [
                 defense,
-                "measured (robustlab)",
+                "measured (robustlab)" if s["seeds"] else f"not measured (cell {'/'.join(s['statuses'])})",
                 _number(s["train_seconds"]) + " s",
                 _number(s["seconds_per_epoch"], "{:.2f}"),
                 _number(s["peak_memory_mb"], "{:.0f}") + " MB",
@@ -324,7 +335,8 @@ def group_section(
     doc.add(Heading("Table 2: training cost", 3))
     cost = table2(stats, claimed2)
     cost.caption = (
-        "Ratios are to standard training measured in the same run of the grid. On CPU, peak memory is "
+        "Ratios are to standard training measured in the same run of the grid (wall-clock time, so they "
+        "carry the machine's load at the time). On CPU, peak memory is "
         "the training process's peak resident set size (cells train in separate processes)."
     )
     doc.add(cost)

@@ -138,6 +138,7 @@ def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "audit": sorted({str(r["audit_verdict"]) for r in finished if r.get("audit_verdict")}),
         "attack_labels": {k: ", ".join(sorted(v)) for k, v in labels.items()},
         "failed": [r["cell"] for r in rows if r.get("status") == "failed"],
+        "statuses": sorted({str(r.get("status")) for r in rows}),
     }
     for key, values in per_attack.items():
         out[key] = Stat.of(values)

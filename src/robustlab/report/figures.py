@@ -68,7 +68,8 @@ def defenses_figure(
     for offset, label, stats in ((-width / 2, "clean", clean), (width / 2, f"{attack}", robust)):
         values = [100 * s.mean if s else 0.0 for s in (stats[n] for n in names)]
         errors = [100 * s.std if s and s.std is not None else 0.0 for s in (stats[n] for n in names)]
-        ax.bar([i + offset for i in range(len(names))], values, width, yerr=errors, capsize=3, label=label)
+        ax.bar([i + offset for i in range(len(names))], values, width, yerr=errors if any(errors) else None,
+               capsize=3, label=label)
     ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
     ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title=title)
     ax.legend(fontsize=8)
@@ -117,5 +118,5 @@ def training_curves_figure(histories: dict[str, list[dict[str, Any]]], title: st
         ax.set(xlabel="epoch", title=label)
         ax.title.set_fontsize(9)
     axes[0][0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.04)
     return _png(fig)
