@@ -50,6 +50,7 @@ Per-sample arrays (``evaluation/<threat key>.npz``, read with :func:`read_sample
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import math
 import time
@@ -278,8 +279,6 @@ def _label(spec: AttackSpec) -> str:
 
 def _attack_record(label: str, spec: AttackSpec, eps: float, norm: str, adaptive: str) -> tuple[Any, dict]:
     """Build the attack callable and the record of exactly what it runs (defaults included)."""
-    import inspect
-
     name, params = parse_attack_spec(spec)
     fn = ATTACKS[name]
     signature = inspect.signature(fn).parameters
