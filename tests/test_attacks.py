@@ -18,6 +18,7 @@ from robustlab.attacks import (
     apply_patch,
     autoattack,
     carlini_wagner_l2,
+    fab_t,
     make_attack,
     patched_accuracy,
     square,
@@ -321,3 +322,23 @@ def test_universal_patch_lowers_patched_accuracy(trained_digits):
     assert optimised < baseline
     pasted = apply_patch(x_test[:2], patch, torch.Generator().manual_seed(0))
     assert int((pasted != x_test[:2]).flatten(1).any(1).sum()) <= 2
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_finds_the_minimal_distortion_of_a_linear_model(norm):
+    """For a linear two-class model away from the box, the closest boundary point has a closed form."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    x = 0.5 + 0.05 * torch.rand((5, 3, 2, 2), generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        w = model[1].weight
+        margin = (model(x).gather(1, y[:, None]) - model(x).gather(1, 1 - y[:, None])).squeeze(1)
+        direction = (w[y] - w[1 - y]).flatten(1)
+        exact = margin / (direction.abs().sum(1) if norm == "linf" else direction.norm(dim=1))
+    assert float(exact.max()) < 0.4  # the box is not active: the closed form applies
+    x_adv = fab_t(model, x, y, eps=0.45, norm=norm, steps=30, n_target_classes=1, restarts=2, early_stop=False,
+                  generator=g)
+    assert torch.all(model(x_adv).argmax(1) != y)
+    found = lp_norm(x_adv - x, norm)
+    assert torch.all(found >= exact - 1e-5) and torch.all(found <= exact * 1.1 + 1e-5)

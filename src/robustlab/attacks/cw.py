@@ -53,13 +53,15 @@ def _from_tanh_space(w: torch.Tensor) -> torch.Tensor:
 
 
 def _succeeds(logits: torch.Tensor, labels: torch.Tensor, kappa: float, targeted: bool) -> torch.Tensor:
-    """Success with confidence ``kappa``: the margin towards the target (away from y) exceeds kappa."""
+    """Success with confidence ``kappa``: the margin towards the target (away from y) exceeds kappa.
+
+    With ``kappa = 0`` this is plain (mis)classification, so ties in the logits count as in argmax.
+    """
+    if kappa == 0:
+        prediction = logits.argmax(1)
+        return prediction == labels if targeted else prediction != labels
     margin = cw_margin(logits, labels)
-    return (
-        (-margin if targeted else margin) > kappa
-        if kappa > 0
-        else (logits.argmax(1) == labels if targeted else logits.argmax(1) != labels)
-    )
+    return (-margin if targeted else margin) > kappa
 
 
 def carlini_wagner_l2(

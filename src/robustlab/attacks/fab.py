@@ -150,9 +150,10 @@ def _fab_run(
     flat_x = x.flatten(1)
     if random_start:
         radius = best_dist[where].clamp(max=eps) * 0.5
-        noise = torch.rand(shape, generator=generator, device="cpu").to(x.device) * 2 - 1
         if norm == "l2":
             noise = torch.randn(shape, generator=generator, device="cpu").to(x.device)
+        else:
+            noise = torch.rand(shape, generator=generator, device="cpu").to(x.device) * 2 - 1
         noise = noise / per_sample(lp_norm(noise, norm).clamp_min(1e-12), noise)
         start = (
             x + noise * per_sample(torch.where(radius.isfinite(), radius, torch.zeros_like(radius)), x)
