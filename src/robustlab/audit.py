@@ -222,12 +222,11 @@ class _Auditor:
         return 1.0 if self.norm == "linf" else math.sqrt(self.x[0].numel())
 
     def gradients(
-        self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor | None = None
+        self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-image gradient of ``loss_fn`` as attacked, per-image loss), batch by batch."""
-        x = self.x if x is None else x
+        """(per-image gradient of ``loss_fn`` at the clean images as attacked, per-image loss), batch by batch."""
         grads, losses = [], []
-        for xb, yb in zip(x.split(self.batch_size), self.y.split(self.batch_size), strict=True):
+        for xb, yb in zip(self.x.split(self.batch_size), self.y.split(self.batch_size), strict=True):
             grad, loss, _ = input_gradient(self.attacked, xb, yb, loss_fn)
             grads.append(grad)
             losses.append(loss)
