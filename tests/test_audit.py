@@ -317,3 +317,8 @@ def test_fgsm_rule(fgsm_accuracy, status):
 
     check = _check_fgsm(_Accuracies(lambda eps, steps, restarts: 0.4, fgsm_accuracy=fgsm_accuracy))
     assert check.status == status, check.message
+
+
+def test_cli_missing_run_is_one_line_error(tmp_path, capsys):
+    assert _exit_code(["audit", str(tmp_path / "missing"), "--no-surrogate"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: run directory not found")
