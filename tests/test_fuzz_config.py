@@ -137,7 +137,7 @@ def test_load_config_arbitrary_overrides(overrides):
 
 @pytest.mark.parametrize(
     "text",
-    ["[" * 5000, "a:\n" + "".join(" " * i + "b:\n" for i in range(1, 3000)),
+    ["[" * 1500, "a:\n" + "".join(" " * i + "b:\n" for i in range(1, 1500)),
      "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b]\n"
      "train: {milestones: [*c, *c, *c, *c, *c, *c, *c, *c]}\n"],
     ids=["deep-flow", "deep-block", "alias-bomb"],
