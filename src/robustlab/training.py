@@ -38,9 +38,9 @@ from robustlab.errors import CheckpointError, RobustlabError
 from robustlab.metrics import accuracy, robust_accuracy
 from robustlab.rundir import (
     RunDir,
+    first_line,
     load_resume_state,
     load_weights,
-    first_line,
     read_csv,
     remove_temp_files,
     save_resume_state,
