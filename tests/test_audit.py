@@ -322,3 +322,12 @@ def test_fgsm_rule(fgsm_accuracy, status):
 def test_cli_missing_run_is_one_line_error(tmp_path, capsys):
     assert _exit_code(["audit", str(tmp_path / "missing"), "--no-surrogate"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: run directory not found")
+
+
+def test_l2_threat_model_runs_every_check(base, digits):
+    report = audit_model(base, digits.test, eps=1.0, norm="l2", n=40, steps=5, square_queries=30)
+    assert [c.name for c in report.checks] == list(CHECK_NAMES)
+    assert report.check("accuracy_vs_eps").evidence["huge_eps"] == pytest.approx(8.0)  # sqrt(1 * 8 * 8)
+    assert report.check("accuracy_vs_eps").evidence["huge_accuracy"] == 0.0
+    for name in ("gradient_health", "randomness", "bpda"):
+        assert report.check(name).status == "pass", _show(report)
