@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-art", action="store_true", help="leave ART out (it is the slowest)")
+    parser.add_argument("--only", default="", help="comma-separated rows to run, e.g. FGSM,PGD-10 (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import torchattacks
@@ -88,7 +89,10 @@ def main() -> None:
         "| robust acc % ours / ta / ART |"
     )
     print("|" + "---|" * 8)
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
     for name, (params, ours, theirs, art_fn) in suite.items():
+        if only and name not in only:
+            continue
         rows = []
         for fn in (ours, theirs, art_fn):
             if fn is None:
