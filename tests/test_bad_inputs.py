@@ -253,3 +253,20 @@ def test_os_errors_are_one_line(tmp_path, capsys):
     code, _, err = main_in_process([*TRAIN, "--out", str(blocker / "run")], capsys)
     assert code == 1
     assert_one_error_line(code, err, "Not a directory", str(blocker))
+
+
+def test_decompression_bomb_and_truncated_images_in_a_folder_dataset(tmp_path, capsys, monkeypatch):
+    """Untrusted image files: PIL's decompression-bomb guard and a truncated PNG are one-line DataErrors."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "cat" / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # an 8x8 image now counts as a bomb (> 2 x limit)
+    code, _, err = main_in_process(["train", "--dataset", f"folder:{tmp_path}", "--out", str(tmp_path / "r")], capsys)
+    assert_one_error_line(code, err, "cannot read image", "a.png")
+    monkeypatch.undo()
+    png = tmp_path / "train" / "cat" / "a.png"
+    png.write_bytes(png.read_bytes()[:40])
+    code, _, err = main_in_process(["train", "--dataset", f"folder:{tmp_path}", "--out", str(tmp_path / "r")], capsys)
+    assert_one_error_line(code, err, "cannot read image", "a.png")

@@ -160,7 +160,7 @@ def _read_image_folder(folder: Path, classes: list[str], size: int | None) -> tu
                     if image.size != (size, size):
                         image = image.resize((size, size), Image.BILINEAR)
                     images.append(np.asarray(image, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError) as error:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
                 raise DataError(f"cannot read image {path}: {error}") from None
             labels.append(label)
     if not images:
