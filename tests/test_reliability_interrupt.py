@@ -8,6 +8,7 @@ epoch exactly once, every file must parse, and the weights must equal those of a
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -24,7 +25,9 @@ from tests.reliability_support import (
     KILL_AT_REPLACE,
     ROOT,
     TINY_TRAIN,
+    assert_one_error_line,
     assert_run_files_parse,
+    main_in_process,
     run_cli,
     run_main,
     run_python,
@@ -124,3 +127,16 @@ def test_sigkill_at_random_moments(tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert_run_files_parse(out)
     assert_same_as_reference(out, reference)
+
+
+def test_a_run_that_never_finished_an_epoch_accepts_a_corrected_config(tmp_path, capsys):
+    """A start that failed (no data) must not block the corrected command; a run with epochs still does."""
+    out = tmp_path / "run"
+    missing = ["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--out", str(out)]
+    code, _, err = main_in_process(missing, capsys)
+    assert_one_error_line(code, err, "--data-dir")
+    code, _, err = main_in_process([*TINY_TRAIN, "--out", str(out)], capsys)
+    assert code == 0, err
+    (out / "metadata.json").write_text(json.dumps({**json.loads((out / "metadata.json").read_text()), "status": "x"}))
+    code, _, err = main_in_process([*TINY_TRAIN, "--lr", "0.02", "--out", str(out)], capsys)
+    assert_one_error_line(code, err, "different config")
