@@ -126,6 +126,8 @@ def test_unknown_attack_or_suite_fails_before_any_work():
         resolve_attacks(["fgsm"], "bogus")
     with pytest.raises(RobustlabError, match="twice"):
         resolve_attacks(["fgsm", "FGSM"], None)
+    with pytest.raises(RobustlabError, match="at least one"):
+        resolve_attacks("", None)
 
 
 def test_standard_suite_needs_autoattack():

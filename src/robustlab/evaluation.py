@@ -267,6 +267,8 @@ def resolve_attacks(attacks: Sequence[AttackSpec], suite: str | None) -> list[tu
             raise ConfigError(f"attack '{label}' is listed twice")
         seen.add(label)
         resolved.append((label, spec))
+    if not resolved:
+        raise ConfigError("no attack to run: give at least one, e.g. --attacks fgsm,pgd-20,cw_linf")
     return resolved
 
 
@@ -310,7 +312,7 @@ def _adaptive(model: nn.Module, eot_samples: int) -> tuple[nn.Module, dict[str, 
             "(BPDA/EOT) is not available; refusing to report a non-adaptive robust accuracy"
         ) from None
     grad_model, description = adaptive_model(model, eot_samples=eot_samples)
-    info = {"adaptive": str(description), "differentiable": bool(differentiable), "random": bool(random)}
+    info = {"adaptive": str(description), "differentiable": differentiable is not False, "random": bool(random)}
     return grad_model, info
 
 
@@ -414,7 +416,7 @@ def evaluate_model(
 
     clean, _ = measurement("clean", None)
     measured = {label: measurement(label, record) for label, _, record in built}
-    worst, worst_index = _worst_case(clean, measured, n_boot, seed)
+    worst, worst_index = _worst_case(measured, n_boot, seed)
     return EvaluationResult(
         threat={"norm": norm, "eps": eps},
         labels=split.labels.numpy(),
@@ -435,7 +437,7 @@ def evaluate_model(
 
 
 def _worst_case(
-    clean: Measurement, measured: dict[str, tuple[Measurement, np.ndarray]], n_boot: int, seed: int
+    measured: dict[str, tuple[Measurement, np.ndarray]], n_boot: int, seed: int
 ) -> tuple[Measurement, np.ndarray]:
     """Per sample (and pass): robust only if every attack failed; its adversarial is the strongest one.
 
@@ -445,10 +447,6 @@ def _worst_case(
     """
     labels = list(measured)
     record = {"name": "worst_case", "over": labels}
-    if not labels:
-        worst = Measurement("worst_case", record, clean.correct.copy(), clean.confidence.copy(), 0.0,
-                            clean.ci95)
-        return worst, np.full(clean.correct.shape, -1, dtype=np.int16)
     correct = np.stack([measured[k][0].correct for k in labels])
     confidence = np.stack([measured[k][0].confidence for k in labels])
     p_true = np.stack([measured[k][1] for k in labels])
@@ -568,7 +566,7 @@ def _attack_text(record: dict[str, Any] | None) -> str:
     if record is None:
         return "-"
     if record["name"] == "worst_case":
-        return "min over " + ", ".join(record["over"]) if record["over"] else "no attack run"
+        return "min over " + ", ".join(record["over"])
     given = parse_attack_spec(record["spec"])[1]
     shown = {**{k: v for k, v in record["params"].items() if k == "steps"}, **given}
     params = [f"{k}={v}" for k, v in shown.items() if v is not None]
