@@ -93,3 +93,11 @@ def test_cli_warns_about_an_unfinished_run(run_copy, capsys):
     _run(["evaluate", str(run_copy), "--attacks", "fgsm", *QUICK])
     assert "warning: this run has not finished training" in capsys.readouterr().out
     assert read_json(run_copy / "metrics.json")["evaluations"]["linf-0.1"]["run_config"]["finished"] is False
+
+
+def test_cli_several_budgets_give_an_accuracy_vs_eps_curve(run_copy, capsys):
+    _run(["evaluate", str(run_copy), "--attacks", "pgd-5", "--eps", "0.02,8/255,0.2", *QUICK])
+    capsys.readouterr()
+    evaluations = read_json(run_copy / "metrics.json")["evaluations"]
+    curve = [evaluations[key]["worst_case"]["accuracy"] for key in ("linf-0.02", "linf-0.0313725", "linf-0.2")]
+    assert curve[0] >= curve[1] >= curve[2] and curve[0] > curve[2]

@@ -85,9 +85,9 @@ def evaluate(
     run_dir: Annotated[Path | None, typer.Argument(help="a run directory written by robustlab train")] = None,
     attacks: Annotated[str | None, typer.Option(help="attack specs, default fgsm,pgd-20,cw_linf")] = None,
     suite: Annotated[str | None, typer.Option(help="standard: add AutoAttack; rand: its EOT version")] = None,
-    eps: Annotated[str | None, typer.Option(help="pixel budget, 0.3 or 8/255 (default: the run's)")] = None,
+    eps: Annotated[str | None, typer.Option(help="pixel budget(s): 0.3 or 8/255,16/255 (default: run's)")] = None,
     norm: Annotated[str | None, typer.Option(help="linf or l2 (default: the run's)")] = None,
-    n: Annotated[int | None, typer.Option(help="evaluate the first N test samples only")] = None,
+    n: Annotated[int | None, typer.Option(help="evaluate N test samples (a fixed-seed random subset)")] = None,
     batch_size: Annotated[int, typer.Option(help="attack batch size")] = 256,
     seed: Annotated[int, typer.Option(help="seed of the attacks' random starts and of the bootstrap")] = 0,
     eot_samples: Annotated[int, typer.Option(help="EOT gradient samples per step for random defences")] = 20,
@@ -115,13 +115,14 @@ def evaluate(
         save_evaluation,
         summary_lines,
     )
+    from robustlab.validation import check_eps
 
     specs = list(DEFAULT_ATTACKS) if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
     options = {
         "attacks": specs, "suite": suite, "n": n, "batch_size": batch_size, "seed": seed, "n_boot": n_boot,
         "eot_samples": eot_samples, "random_passes": random_passes, "progress": progress,
     }
-    budget = None if eps is None else parse_number(eps)
+    budgets = [None] if eps is None else [check_eps(parse_number(e), norm or "l2", "--eps") for e in eps.split(",")]
     if checkpoint is not None:
         if run_dir is not None:
             raise ConfigError("give either RUN_DIR or --checkpoint, not both")
@@ -130,21 +131,22 @@ def evaluate(
         if missing:
             raise ConfigError(f"--checkpoint also needs {', '.join(missing)}")
         out = out or Path("runs") / f"eval-{checkpoint.stem}"
-        result = evaluate_checkpoint(
-            model, checkpoint, dataset, eps=budget, norm=norm or "linf", data_dir=data_dir, device=device,
-            **options,
-        )
-        save_evaluation(result, out)
-        where = out
-    else:
-        if run_dir is None:
-            raise ConfigError("give a RUN_DIR, or --checkpoint FILE --model NAME --dataset D --eps E")
-        result = evaluate_run(run_dir, eps=budget, norm=norm, device=device, **options)
-        where = run_dir
-    console.print(format_table(result))
-    for line in summary_lines(result):
-        console.print(line, markup=False, highlight=False)
-    console.print(f"wrote {where / 'metrics.json'} (evaluations.{result.key})", markup=False, highlight=False)
+    elif run_dir is None:
+        raise ConfigError("give a RUN_DIR, or --checkpoint FILE --model NAME --dataset D --eps E")
+    for budget in budgets:  # several budgets give the points of an accuracy-vs-eps curve
+        if checkpoint is not None:
+            result = evaluate_checkpoint(
+                model, checkpoint, dataset, eps=budget, norm=norm or "linf", data_dir=data_dir, device=device,
+                **options,
+            )
+            save_evaluation(result, out)
+        else:
+            result = evaluate_run(run_dir, eps=budget, norm=norm, device=device, **options)
+        console.print(format_table(result))
+        for line in summary_lines(result):
+            console.print(line, markup=False, highlight=False)
+        where = out if checkpoint is not None else run_dir
+        console.print(f"wrote {where / 'metrics.json'} (evaluations.{result.key})", markup=False, highlight=False)
 
 
 @app.command()
