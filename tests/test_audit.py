@@ -331,3 +331,19 @@ def test_l2_threat_model_runs_every_check(base, digits):
     assert report.check("accuracy_vs_eps").evidence["huge_accuracy"] == 0.0
     for name in ("gradient_health", "randomness", "bpda"):
         assert report.check(name).status == "pass", _show(report)
+
+
+def test_audit_run_attacks_a_trained_preprocessing_defence_through_bpda(digits, tmp_path):
+    from robustlab.training import train
+
+    config = {
+        "data": {"dataset": "digits", "val_size": 200}, "model": {"name": "lenet5"},
+        "defense": {"name": "feature_squeezing", "bits": 2, "median": 1},
+        "train": {"epochs": 2, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "select": "last"},
+        "threat": {"eps": 0.1},
+    }
+    run = train(config, tmp_path / "squeeze", progress=False, data=digits)
+    report = audit_run(run.run_dir, n=40, steps=3, square_queries=30, surrogate=False, device="cpu")
+    assert report.settings["bpda"] is True and report.settings["eot_samples"] == 1
+    assert report.check("bpda").status == "pass", _show(report)
+    assert report.check("gradient_health").status == "pass", _show(report)
