@@ -18,7 +18,8 @@ each pass, as deployed): its accuracy is the mean over passes (the expected accu
 prediction) and ``accuracy_per_draw`` lists each pass; worst case is taken per pass.
 
 :func:`evaluate_run` evaluates a run directory and merges the result into ``RUN_DIR/metrics.json``
-(atomically; keys written by training or by evaluations at another budget are kept). Schema::
+(atomically; keys written by training or by evaluations at another budget are kept; a new evaluation at
+the same threat replaces that threat's entry and per-sample file as a whole). Schema::
 
     metrics.json
       clean_accuracy, test_size, cost, selected_epoch     # written by training, left untouched
