@@ -17,11 +17,11 @@ the numbers behind each verdict:
 7. ``bpda``: non-differentiable preprocessing is attacked through BPDA (Backward Pass Differentiable
    Approximation, Athalye et al. 2018 §4.1).
 
-The attacks are run *as the evaluation runs them*: through BPDA when the model declares a
-non-differentiable :class:`~robustlab.defenses.preprocessing.InputTransform`, with EOT when it declares a
-random one (``bpda=`` / ``eot=`` override this). The audit therefore checks both that the declarations
-are truthful (an undeclared random or non-differentiable layer fails checks 6/7) and that the
-adaptive attacks chosen from them work (checks 1-5).
+The attacks are run *as the evaluation runs them*: through BPDA when the model is a
+:class:`~robustlab.defenses.preprocessing.Defended` whose transform declares ``differentiable=False``,
+with EOT when it declares ``random=True`` (``bpda=`` / ``eot=`` override this). The audit therefore
+checks both that the declarations are truthful (an undeclared random or non-differentiable layer fails
+checks 6/7) and that the adaptive attacks chosen from them work (checks 1-5).
 
 "Beyond noise" always means beyond ``Z`` = 2 binomial standard errors of the difference of two
 accuracies measured on the same ``n`` images, with the Agresti-Coull estimate
@@ -61,7 +61,7 @@ EXPLODING_CHANGE = 1e4
 #: fractions of unhealthy gradients / non-differentiable points that warn and fail
 WARN_FRACTION = 0.02
 FAIL_FRACTION = 0.10
-#: EOT samples used when a model declares (or is found to have) random outputs
+#: EOT samples when a model declares random outputs (and for the EOT evidence of an undeclared random one)
 EOT_SAMPLES = 10
 #: the checks of every report, in order
 CHECK_NAMES = ("accuracy_vs_eps", "more_steps_restarts", "fgsm_vs_pgd", "blackbox_transfer", "gradient_health",
@@ -536,8 +536,9 @@ def audit_model(
         steps: PGD steps of the reference white-box attack; check 2 compares it with 5x the steps
             and 3 restarts.
         bpda / eot: how the audited evaluation attacks the model. ``None`` follows robustlab's
-            evaluation protocol: BPDA iff an InputTransform declares ``differentiable=False``, EOT over
-            ``EOT_SAMPLES`` passes iff one declares ``random=True``. ``eot=1`` means no EOT.
+            evaluation protocol (``attacks.wrappers.adaptive_model``): BPDA iff the model is a
+            ``Defended`` whose transform declares ``differentiable=False``, EOT over ``EOT_SAMPLES``
+            passes iff it declares ``random=True``. ``eot=1`` means no EOT.
     Returns:
         An :class:`AuditReport`; the model's mode and ``requires_grad`` flags are left as found.
     """
@@ -605,13 +606,14 @@ def audit_model(
 def train_surrogate(
     data: DatasetSplits,
     *,
-    model: str = "lenet5",
+    model: str | dict[str, Any] = "lenet5",
     epochs: int = 3,
     seed: int = 1,
     train_subset: int | None = 20_000,
 ) -> nn.Module:
     """A quickly trained *standard* model on ``data``'s training split, the source of transfer attacks.
 
+    ``model`` is a model name or a config ``model`` section (``{"name": "wide_resnet", "depth": 28}``).
     Trained with robustlab's own training loop in a throw-away run directory (Adam, lr 1e-3).
     """
     from robustlab.training import train
@@ -621,7 +623,7 @@ def train_surrogate(
     config = {
         "seed": seed,
         "data": {"dataset": data.name, "val_size": len(data.val)},
-        "model": {"name": model},
+        "model": {"name": model} if isinstance(model, str) else model,
         "defense": {"name": "standard"},
         "train": {
             "epochs": epochs,
@@ -661,7 +663,7 @@ def audit_run(
     source = None
     if surrogate:
         source = train_surrogate(
-            loaded.data, model=loaded.config.model.name, epochs=surrogate_epochs, seed=seed + 1
+            loaded.data, model=loaded.config.model.model_dump(), epochs=surrogate_epochs, seed=seed + 1
         )
         source.to(next(loaded.model.parameters()).device)
     report = audit_model(
