@@ -94,8 +94,10 @@ def project(delta: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.
     """Project a perturbation onto the Linf or L2 ball of radius ``eps`` (scalar or per-sample)."""
     if isinstance(eps, torch.Tensor):
         eps = eps.view(-1, *([1] * (delta.dim() - 1)))
-    if norm == "linf":
-        return torch.maximum(torch.minimum(delta, eps * torch.ones_like(delta)), -eps * torch.ones_like(delta))
+        if norm == "linf":
+            return torch.maximum(torch.minimum(delta, eps), -eps)
+    elif norm == "linf":
+        return delta.clamp(-eps, eps)
     factor = (eps / _flat_norm(delta, 2).clamp_min(1e-12)).clamp(max=1.0)
     return delta * factor
 
