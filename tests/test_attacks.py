@@ -342,3 +342,15 @@ def test_fab_finds_the_minimal_distortion_of_a_linear_model(norm):
     assert torch.all(model(x_adv).argmax(1) != y)
     found = lp_norm(x_adv - x, norm)
     assert torch.all(found >= exact - 1e-5) and torch.all(found <= exact * 1.1 + 1e-5)
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_pgd_restarts_only_retry_robust_points(batch, early_stop):
+    model, x, y = batch
+    g = torch.Generator().manual_seed(0)
+    x_adv = make_attack("pgd-3", eps=0.1, restarts=3, early_stop=early_stop, generator=g)(model, x, y)
+    assert float(lp_norm(x_adv - x, "linf").max()) <= 0.1 + 1e-6
+    single = make_attack("pgd-3", eps=0.1, generator=torch.Generator().manual_seed(0))(model, x, y)
+    fooled_single = model(single).argmax(1) != y
+    fooled_multi = model(x_adv).argmax(1) != y
+    assert torch.all(fooled_multi[fooled_single])  # the first restart is the single run; kept where it won

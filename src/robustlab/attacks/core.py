@@ -178,9 +178,11 @@ def pgd(
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with frozen(model):
         for restart in range(max(1, restarts)):
-            todo = (~fooled).nonzero().squeeze(1)
+            todo: torch.Tensor | slice = (~fooled).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
+            if todo.numel() == x.shape[0]:
+                todo = slice(None)  # the whole batch: views instead of gathered copies
             x_adv, done = _pgd_run(
                 model, x[todo], labels[todo], y[todo], eps, steps, step_size, norm,
                 random_start, loss_fn, targeted, momentum, early_stop, generator, restart + 1 < restarts,
@@ -218,7 +220,7 @@ def _pgd_run(
     another restart follows); without early stopping the whole batch is updated in place (no gathers).
     """
     x_adv = clip_to_ball(x + random_init(x, eps, norm, generator), x, eps, norm) if random_start else x.clone()
-    velocity = torch.zeros_like(x)
+    velocity = torch.zeros_like(x) if momentum else x
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     active: torch.Tensor | slice = torch.arange(x.shape[0], device=x.device) if early_stop else slice(None)
     for _ in range(steps):
