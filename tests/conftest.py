@@ -48,7 +48,9 @@ def trained_digits(tmp_path_factory, digits):
     config = {
         "data": {"dataset": "digits", "val_size": 200},
         "model": {"name": "lenet5"},
-        "train": {"epochs": 8, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "select": "last"},
+        "train": {
+            "epochs": 8, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "select": "last",
+        },
         "threat": {"eps": 0.1},
     }
     result = train(config, tmp_path_factory.mktemp("runs") / "std", progress=False, data=digits)

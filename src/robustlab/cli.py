@@ -45,18 +45,29 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+DatasetOpt = Annotated[
+    str | None, typer.Option(help="digits, mnist, cifar10, imagenet-subset, folder:PATH, npz:PATH")
+]
+ModelOpt = Annotated[
+    str | None, typer.Option(help="lenet5, small_cnn, resnet18, preact_resnet18, wide_resnet, efficientnet_b0")
+]
+DataDirOpt = Annotated[
+    str | None, typer.Option(help="dataset root (default $ROBUSTLAB_DATA or ~/.cache/robustlab/data)")
+]
+
+
 @app.command()
 def train(
     config: ConfigArg = None,
-    dataset: Annotated[str | None, typer.Option(help="digits, mnist, cifar10, imagenet-subset, folder:PATH, npz:PATH")] = None,
-    model: Annotated[str | None, typer.Option(help="lenet5, small_cnn, resnet18, preact_resnet18, wide_resnet, efficientnet_b0")] = None,
-    defense: Annotated[str | None, typer.Option(help="training objective, e.g. standard, pgd_at, trades, hybrid")] = None,
+    dataset: DatasetOpt = None,
+    model: ModelOpt = None,
+    defense: Annotated[str | None, typer.Option(help="training objective: standard, pgd_at, trades, hybrid...")] = None,
     epochs: Annotated[int | None, typer.Option(help="number of epochs")] = None,
     eps: Annotated[str | None, typer.Option(help="perturbation budget in pixels, e.g. 0.3 or 8/255")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
     batch_size: Annotated[int | None, typer.Option(help="batch size")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="dataset root (default $ROBUSTLAB_DATA or ~/.cache/robustlab/data)")] = None,
+    data_dir: DataDirOpt = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/DATASET-MODEL-DEFENSE-sSEED)")] = None,
     set_: SetOpt = None,
@@ -72,7 +83,8 @@ def train(
         seed=seed, data_dir=data_dir, device=device,
     ) + list(set_ or [])
     cfg = load_config(config, overrides)
-    out = out or Path("runs") / f"{cfg.data.dataset.replace(':', '_').replace('/', '_')}-{cfg.model.name}-{cfg.defense.name}-s{cfg.seed}"
+    dataset_tag = cfg.data.dataset.replace(":", "_").replace("/", "_")
+    out = out or Path("runs") / f"{dataset_tag}-{cfg.model.name}-{cfg.defense.name}-s{cfg.seed}"
     result = run_training(cfg, out, overwrite=overwrite, progress=progress)
     console.print(
         f"finished {cfg.defense.name} on {cfg.data.dataset}: clean test accuracy "
@@ -181,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
     load_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="robustlab")
     except RobustlabError as error:
         err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -192,17 +204,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted: rerun the same command to resume from the last finished epoch")
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as error:  # click usage errors surface here with standalone_mode=False
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        if isinstance(error, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
     t = config.train
     if t.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=False)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int):
@@ -142,8 +142,7 @@ def _restore_rng(state: dict[str, Any]) -> None:
 def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
     """Create or validate the run directory; returns True when an unfinished run should resume."""
     if run.path.exists() and any(run.path.iterdir()) and not run.exists():
-        if not overwrite:
-            raise RobustlabError(f"{run.path} exists and is not a robustlab run; choose another --out")
+        raise RobustlabError(f"{run.path} exists and is not a robustlab run; choose another --out")
     if run.exists():
         if overwrite:
             shutil.rmtree(run.path)
@@ -192,7 +191,8 @@ class Trainer:
         augment = self.data.default_augment if config.data.augment == "auto" else config.data.augment
         self.loader = TensorLoader(
             self.data.train.images, self.data.train.labels, config.train.batch_size,
-            shuffle=True, augment=augment, device=self.device, seed=config.seed, drop_last=len(self.data.train) > config.train.batch_size,
+            shuffle=True, augment=augment, device=self.device, seed=config.seed,
+            drop_last=len(self.data.train) > config.train.batch_size,
         )
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = make_scheduler(self.optimizer, config, len(self.loader))
@@ -278,7 +278,8 @@ class Trainer:
         else:
             run.update_metadata(
                 status="running", seed=config.seed, environment=environment(), device=str(self.device),
-                data=self.data.describe(), defense=config.defense.name, parameters=sum(p.numel() for p in self.model.parameters()),
+                data=self.data.describe(), defense=config.defense.name,
+                parameters=sum(p.numel() for p in self.model.parameters()),
             )
         state = TrainState(
             epochs=config.train.epochs, steps_per_epoch=len(self.loader), eps=config.threat.eps,
@@ -314,7 +315,9 @@ class Trainer:
                     loss = loss + transform_loss
                     stats["transform_loss"] = transform_loss.item()
                 if not torch.isfinite(loss):
-                    raise RobustlabError(f"training diverged at epoch {epoch + 1} (loss is {loss.item()}); lower train.lr")
+                    raise RobustlabError(
+                        f"training diverged at epoch {epoch + 1} (loss is {loss.item()}); lower train.lr"
+                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
