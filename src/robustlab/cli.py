@@ -201,9 +201,6 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {error.filename}" if error.filename else ""
         err_console.print(f"error: {error.strerror or error}{where}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: rerun the same command to resume from the last finished epoch")
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 from robustlab.attacks.registry import ATTACKS, make_attack, parse_attack_spec
 from robustlab.data import Split, load_dataset
 from robustlab.errors import CheckpointError, ConfigError, InputError, RobustlabError
+from robustlab.memory import split_on_oom
 from robustlab.metrics import iterate
 from robustlab.rundir import RunDir, atomic_write_bytes, load_foreign_checkpoint, read_json
 from robustlab.runs import load_run, select_device
@@ -286,7 +287,7 @@ def _attack_record(label: str, spec: AttackSpec, eps: float, norm: str, adaptive
     fn = ATTACKS[name]
     signature = inspect.signature(fn).parameters
     extra = {"early_stop": True} if "early_stop" in signature else {}
-    attack = make_attack(spec, eps=eps, norm=norm, **extra)
+    attack = split_on_oom(make_attack(spec, eps=eps, norm=norm, **extra))
     defaults = {
         k: p.default for k, p in signature.items()
         if k not in _INTERNAL_ARGS and p.default is not inspect.Parameter.empty

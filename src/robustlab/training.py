@@ -272,6 +272,15 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to the last epoch (resuming if possible); on Ctrl-C say how to resume, then re-raise."""
+        try:
+            return self._fit()
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {self.run.path} keeps every finished epoch; rerun the same command to resume",
+                  file=sys.stderr)
+            raise
+
+    def _fit(self) -> TrainResult:
         config, run = self.config, self.run
         if self.resuming:
             self._resume()
@@ -344,7 +353,8 @@ class Trainer:
                 save_weights(run.weights, self.model)
                 row["selected"] = 1
             self._save_checkpoint(epoch)
-            bar.write(self._epoch_line(row)) if self.progress else None
+            if self.progress:
+                bar.write(self._epoch_line(row))
         bar.close()
         return self._finish()
 
