@@ -20,10 +20,12 @@ field's defaults, because the paper does not state its optimiser) and ``quick`` 
 data subsets and evaluates with cheap attacks. The file's own ``profiles`` section is merged on top.
 
 Every cell is validated (names, eps range, data present) before any training starts. Each cell is a
-run directory ``RESULTS_DIR/runs/<cell-id>``: a finished one is skipped, an unfinished one resumes
-through the Trainer's resume, and a per-cell file lock lets several processes share one results
-directory without running a cell twice. After training each cell is evaluated, audited when
-``robustlab.audit`` is available, and ``RESULTS_DIR/results.csv`` / ``results.json`` are rewritten.
+run directory ``RESULTS_DIR/runs/<cell-id>`` trained in its own process (so CPU peak memory is per
+cell): a finished one is skipped, an unfinished one resumes through the Trainer's resume (the runner's
+own progress is kept in ``runs/<cell-id>/experiment.json``), and a per-cell file lock lets several
+processes share one results directory without running a cell twice. After training each cell is
+evaluated, audited when ``robustlab.audit`` is available, and ``RESULTS_DIR/results.csv`` /
+``results.json`` are rewritten (after every cell, so a partly done grid can already be reported).
 """
 
 from __future__ import annotations
@@ -56,11 +58,18 @@ from robustlab.runs import prepare_data
 __all__ = [
     "BUILTIN_PROFILES",
     "Cell",
+    "EvaluationSettings",
     "ExperimentConfig",
+    "ExperimentPlan",
     "ExperimentResult",
+    "GridAxes",
+    "Profile",
+    "cell_row",
+    "check_evaluation",
     "collect_results",
     "load_experiment",
     "plan_experiment",
+    "run_cell",
     "run_experiment",
 ]
 

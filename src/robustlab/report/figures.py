@@ -107,6 +107,7 @@ def training_curves_figure(histories: dict[str, list[dict[str, Any]]], title: st
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), squeeze=False)
+    colours = {name: f"C{i % 10}" for i, name in enumerate(histories)}
     for ax, (columns, label) in zip(axes[0], panels, strict=True):
         for name, rows in histories.items():
             column = next((c for c in columns if any(r.get(c) is not None for r in rows)), None)
@@ -114,9 +115,10 @@ def training_curves_figure(histories: dict[str, list[dict[str, Any]]], title: st
                 continue
             points = [(r["epoch"], r[column]) for r in rows if isinstance(r.get(column), int | float)]
             if points:
-                ax.plot(*zip(*points, strict=True), marker=".", label=name)
+                ax.plot(*zip(*points, strict=True), marker=".", color=colours[name], label=name)
         ax.set(xlabel="epoch", title=label)
         ax.title.set_fontsize(9)
-    axes[0][0].legend(fontsize=6)
+    handles = [plt.Line2D([], [], color=colour, marker=".", label=name) for name, colour in colours.items()]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     fig.suptitle(title, fontsize=10, y=1.04)
     return _png(fig)
