@@ -347,3 +347,13 @@ def test_audit_run_attacks_a_trained_preprocessing_defence_through_bpda(digits, 
     assert report.settings["bpda"] is True and report.settings["eot_samples"] == 1
     assert report.check("bpda").status == "pass", _show(report)
     assert report.check("gradient_health").status == "pass", _show(report)
+
+
+def test_surrogate_cache_reuses_the_trained_weights(digits, tmp_path):
+    first = train_surrogate(digits, epochs=1, seed=3, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("surrogate-*.safetensors"))) == 1
+    again = train_surrogate(digits, epochs=1, seed=3, cache_dir=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))
+    train_surrogate(digits, epochs=1, seed=4, cache_dir=tmp_path)  # another recipe, another entry
+    assert len(list(tmp_path.glob("surrogate-*.safetensors"))) == 2

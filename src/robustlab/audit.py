@@ -31,6 +31,8 @@ accuracies measured on the same ``n`` images, with the Agresti-Coull estimate
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import tempfile
 from collections.abc import Callable
@@ -45,6 +47,7 @@ from robustlab.attacks import fgsm, frozen, input_gradient, make_attack, pgd
 from robustlab.attacks.losses import ce_loss, cw_margin
 from robustlab.attacks.transfer import transfer_attack
 from robustlab.attacks.wrappers import BPDA, EOT
+from robustlab.config import build_config
 from robustlab.data import DatasetSplits, Split
 from robustlab.errors import InputError
 from robustlab.validation import check_batch, check_eps
@@ -610,12 +613,17 @@ def train_surrogate(
     epochs: int = 3,
     seed: int = 1,
     train_subset: int | None = 20_000,
+    cache_dir: str | Path | None = None,
 ) -> nn.Module:
     """A quickly trained *standard* model on ``data``'s training split, the source of transfer attacks.
 
     ``model`` is a model name or a config ``model`` section (``{"name": "wide_resnet", "depth": 28}``).
-    Trained with robustlab's own training loop in a throw-away run directory (Adam, lr 1e-3).
+    Trained with robustlab's own training loop in a throw-away run directory (Adam, lr 1e-3). With
+    ``cache_dir`` the weights are kept there as safetensors, keyed by the training images, model and
+    recipe, so the audits of every run of one experiment share one surrogate.
     """
+    from robustlab.rundir import load_weights, save_weights
+    from robustlab.runs import prepare_model
     from robustlab.training import train
 
     if train_subset is not None and len(data.train) > train_subset:
@@ -634,8 +642,19 @@ def train_surrogate(
             "schedule": "constant",
         },
     }
+    cached = None
+    if cache_dir is not None:
+        recipe = json.dumps([config, data.train.digest()], sort_keys=True).encode()
+        cached = Path(cache_dir) / f"surrogate-{hashlib.sha256(recipe).hexdigest()[:16]}.safetensors"
+        if cached.exists():
+            surrogate = prepare_model(build_config(config), data)
+            load_weights(cached, surrogate)
+            return surrogate.eval()
     with tempfile.TemporaryDirectory(prefix="robustlab-surrogate-") as tmp:
-        return train(config, Path(tmp) / "surrogate", progress=False, data=data).model.eval()
+        surrogate = train(config, Path(tmp) / "surrogate", progress=False, data=data).model.eval()
+    if cached is not None:
+        save_weights(cached, surrogate)
+    return surrogate
 
 
 def audit_run(
@@ -647,13 +666,15 @@ def audit_run(
     device: str = "auto",
     surrogate: bool = True,
     surrogate_epochs: int = 3,
+    surrogate_cache: str | Path | None = None,
     **options: Any,
 ) -> AuditReport:
     """Audit a finished run on its test split and write ``RUN_DIR/audit.json`` atomically.
 
     ``eps`` and the norm default to the run's threat model. With ``surrogate=True`` a standard model of
     the run's architecture is trained for ``surrogate_epochs`` on the run's training split as the
-    transfer-attack source. Other keyword options go to :func:`audit_model`.
+    transfer-attack source (reused from ``surrogate_cache`` when one was trained there already). Other
+    keyword options go to :func:`audit_model`.
     """
     from robustlab.rundir import RunDir, write_json
     from robustlab.runs import load_run, select_device
@@ -663,7 +684,8 @@ def audit_run(
     source = None
     if surrogate:
         source = train_surrogate(
-            loaded.data, model=loaded.config.model.model_dump(), epochs=surrogate_epochs, seed=seed + 1
+            loaded.data, model=loaded.config.model.model_dump(), epochs=surrogate_epochs, seed=seed + 1,
+            cache_dir=surrogate_cache,
         )
         source.to(next(loaded.model.parameters()).device)
     report = audit_model(
