@@ -11,8 +11,24 @@ from robustlab.cli import main
 def test_attack_command_saves_npz_and_figure(trained_digits, tmp_path, capsys):
     out, figure = tmp_path / "adv.npz", tmp_path / "grid.png"
     with pytest.raises(SystemExit) as info:
-        main(["attack", str(trained_digits.run_dir), "--attack", "pgd-5", "--eps", "0.2", "--n", "40",
-              "--out", str(out), "--figure", str(figure), "--batch-size", "16"])
+        main(
+            [
+                "attack",
+                str(trained_digits.run_dir),
+                "--attack",
+                "pgd-5",
+                "--eps",
+                "0.2",
+                "--n",
+                "40",
+                "--out",
+                str(out),
+                "--figure",
+                str(figure),
+                "--batch-size",
+                "16",
+            ]
+        )
     assert info.value.code == 0
     printed = capsys.readouterr().out
     saved = np.load(out)
@@ -40,3 +56,19 @@ def test_attack_command_user_errors(trained_digits, tmp_path, capsys, extra, mes
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("error:") == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "a.npz").exists()
+
+
+def test_attack_command_is_adaptive_on_a_preprocessing_defence(tmp_path, capsys, digits):
+    from robustlab.training import train
+
+    config = {
+        "data": {"dataset": "digits", "val_size": 200},
+        "model": {"name": "lenet5"},
+        "train": {"epochs": 1, "optimizer": "adam", "lr": 0.003, "select": "last"},
+        "defense": {"name": "feature_squeezing", "bits": 2},
+    }
+    run = train(config, tmp_path / "squeezed", progress=False, data=digits)
+    with pytest.raises(SystemExit) as info:
+        main(["attack", str(run.run_dir), "-a", "pgd-3", "--eps", "0.1", "--n", "16", "--out", str(tmp_path / "a.npz")])
+    assert info.value.code == 0
+    assert "robust accuracy under pgd-3 with BPDA (linf eps=0.1)" in capsys.readouterr().out
