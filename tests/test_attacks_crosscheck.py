@@ -145,5 +145,8 @@ def test_apgd_ce_matches_torchattacks_on_mnist(mnist_lenet):
 @requires_mnist
 def test_cw_l2_matches_torchattacks_on_mnist(mnist_lenet):
     model, x, y = mnist_lenet
-    ours, theirs, info = _compare_cw(model, x[:300], y[:300], c=1.0, steps=100, lr=0.05)
+    # lr=0.01 keeps torchattacks' batch-level early stop (summed objective rising at a checkpoint) from
+    # firing, so both run all 100 steps; at lr=0.05 it stopped with 40% success where we reached 89%
+    # (and our median L2 on the common successes was 14% *lower*: 1.11 vs 1.30).
+    ours, theirs, info = _compare_cw(model, x[:300], y[:300], c=10.0, steps=100, lr=0.01)
     assert abs(ours - theirs) <= 0.05 * theirs, (ours, theirs, info)
