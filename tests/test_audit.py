@@ -264,8 +264,13 @@ class _Accuracies:
 
     n, eps, norm, steps, huge_eps = 200, 0.1, "linf", 10, 1.0
 
-    def __init__(self, pgd_accuracy, fgsm_accuracy: float = 0.9, clean: float = 0.95) -> None:
-        self.pgd_accuracy, self.fgsm_accuracy, self.clean = pgd_accuracy, fgsm_accuracy, clean
+    def __init__(self, pgd_accuracy, fgsm_accuracy: float = 0.9, clean: float = 0.95, blackbox: float = 0.9) -> None:
+        self.pgd_accuracy, self.clean = pgd_accuracy, clean
+        self.accuracy_of = {"fgsm": fgsm_accuracy, "square": blackbox, "transfer": blackbox}
+        self.model = None
+
+    def generator(self, offset: int) -> torch.Generator:
+        return torch.Generator().manual_seed(offset)
 
     def _mask(self, accuracy: float) -> torch.Tensor:
         return torch.arange(self.n) < round(accuracy * self.n)
@@ -277,8 +282,7 @@ class _Accuracies:
         return self._mask(self.pgd_accuracy(eps, steps, restarts))
 
     def run(self, key, attack) -> torch.Tensor:
-        assert key == "fgsm"
-        return self._mask(self.fgsm_accuracy)
+        return self._mask(self.accuracy_of[key])
 
 
 def _curve(points: dict[float, float], huge: float = 0.0):
@@ -357,3 +361,13 @@ def test_surrogate_cache_reuses_the_trained_weights(digits, tmp_path):
                                                  strict=True))
     train_surrogate(digits, epochs=1, seed=4, cache_dir=tmp_path)  # another recipe, another entry
     assert len(list(tmp_path.glob("surrogate-*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize(("blackbox", "status"), [(0.45, "pass"), (0.37, "pass"), (0.33, "warn"), (0.25, "fail")])
+def test_blackbox_rule(blackbox, status):
+    from robustlab.audit import _check_blackbox
+
+    stub = _Accuracies(lambda eps, steps, restarts: 0.4, blackbox=blackbox)
+    check = _check_blackbox(stub, surrogate=nn.Identity(), queries=10)
+    assert check.status == status, check.message
+    assert check.evidence["not_run"] == []
