@@ -204,4 +204,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the importable module, so sub-commands (which register on robustlab.cli.app) are seen.
+    from robustlab.cli import main as package_main
+
+    package_main()
