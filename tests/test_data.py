@@ -103,3 +103,15 @@ def test_imagenet_subset_from_shared_data():
     data = load_dataset("imagenet-subset", shared_data_dir(), val_size=500)
     assert data.num_classes == 10 and data.image_size == 64 and data.channels == 3
     assert len(data.test) == 500
+
+
+def test_subsets_of_a_class_sorted_source_are_random_samples(tmp_path):
+    """ImageFolder trees come sorted by class: a 'first N' subset would hold one class only."""
+    labels = np.repeat(np.arange(5), 40)
+    path = tmp_path / "sorted.npz"
+    np.savez(path, x_train=np.zeros((200, 4, 4), np.uint8), y_train=labels,
+             x_test=np.zeros((200, 4, 4), np.uint8), y_test=labels)
+    data = load_dataset(f"npz:{path}", val_size=50, train_subset=30, test_subset=30)
+    for part in (data.train, data.val.head(20), data.test):
+        assert len(set(part.labels.tolist())) >= 3
+    assert len(data.train) == 30 and len(data.test) == 30

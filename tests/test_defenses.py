@@ -196,7 +196,9 @@ def _pgd_accuracy(model, data) -> float:
         ("trades", {"steps": 3}),
         ("mart", {"steps": 3, "awp_gamma": 0.005}),
         ("hybrid", {}),
-        ("lipschitz", {}),
+        # the gradient-norm penalty needs a little longer: at 6 epochs its margin is 7 points (PGD-20 48.5% vs
+        # 41.5%), at 8 epochs 13 points (54.9%); measured after splits kept their seeded random order
+        ("lipschitz", {"epochs": 8}),
     ],
 )
 def test_objective_beats_standard_under_pgd(defense, params, digits, standard_pgd, tmp_path):

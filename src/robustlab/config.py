@@ -56,8 +56,8 @@ class DataConfig(Section):
     val_size: int = Field(default=1000, ge=0, description="validation images carved from the train split")
     split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
     augment: Literal["auto", "none", "flip", "crop", "crop_flip"] = "auto"
-    train_subset: int | None = Field(default=None, ge=1, description="use only the first N train images")
-    test_subset: int | None = Field(default=None, ge=1, description="use only the first N test images")
+    train_subset: int | None = Field(default=None, ge=1, description="train on a seeded random N of the train images")
+    test_subset: int | None = Field(default=None, ge=1, description="test on a seeded random N of the test images")
 
     @model_validator(mode="after")
     def _known_dataset(self) -> DataConfig:

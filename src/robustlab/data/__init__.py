@@ -142,11 +142,18 @@ def load_dataset(
     n_train = raw.x_train.shape[0]
     if val_size >= n_train:
         raise DataError(f"data.val_size={val_size} must be smaller than the {n_train} training images")
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(split_seed))
-    val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
+    # Splits keep the seeded random order (not the source order), so any prefix - a train or test subset,
+    # the validation images the loop attacks - is a random sample even where the source is sorted by class
+    # (ImageFolder trees). The full test split keeps its source order.
+    generator = torch.Generator().manual_seed(split_seed)
+    order = torch.randperm(n_train, generator=generator)
+    val_index, train_index = order[:val_size], order[val_size:]
     train = Split(raw.x_train[train_index], raw.y_train[train_index]).head(train_subset)
     val = Split(raw.x_train[val_index], raw.y_train[val_index])
-    test = Split(raw.x_test, raw.y_test).head(test_subset)
+    test = Split(raw.x_test, raw.y_test)
+    if test_subset is not None and test_subset < len(test):
+        pick = torch.randperm(len(test), generator=generator)[:test_subset].sort().values
+        test = Split(test.images[pick], test.labels[pick])
     mean, std = _channel_stats(train.images)
     default_augment = DATASETS[name][1] if name in DATASETS else "none"
     num_classes = raw.num_classes
