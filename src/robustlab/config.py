@@ -40,7 +40,6 @@ def parse_number(value: Any) -> Any:
     return value
 
 
-Budget = Annotated[float, BeforeValidator(parse_number), Field(ge=0.0, le=1.0)]
 Rate = Annotated[float, BeforeValidator(parse_number), Field(gt=0.0, le=10.0)]
 
 
@@ -97,7 +96,6 @@ class TrainConfig(Section):
     channels_last: bool = False
     device: str = "auto"
     deterministic: bool = False
-    log_every: int = Field(default=0, ge=0)
 
 
 class ThreatConfig(Section):
