@@ -42,6 +42,17 @@ def test_run_directory_contents(tmp_path, digits):
     assert metrics["cost"]["train_seconds"] > 0
 
 
+def test_run_saved_with_a_retired_config_key_still_loads(tmp_path, digits):
+    result = train(tiny_config(epochs=1), tmp_path / "run", progress=False, data=digits)
+    run = RunDir(result.run_dir)
+    config = yaml.safe_load(run.config.read_text())
+    config["train"]["log_every"] = 50  # a field older versions wrote
+    run.config.write_text(yaml.safe_dump(config))
+    with pytest.warns(UserWarning, match="retired config key 'train.log_every'"):
+        loaded = load_run(result.run_dir)
+    assert loaded.config.train.epochs == 1
+
+
 def test_training_learns(tmp_path, digits):
     result = train(tiny_config(epochs=6), tmp_path / "run", progress=False, data=digits)
     assert result.metrics["clean_accuracy"] > 0.85

@@ -181,6 +181,24 @@ def format_validation_error(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
+#: Fields that older run directories may still carry in config.yaml. They are dropped (with a warning)
+#: when a saved run is read, so retiring a field never makes a computed run unreadable.
+RETIRED_KEYS: dict[tuple[str, str], str] = {
+    ("train", "log_every"): "it never changed anything (progress is per batch, history per epoch)",
+}
+
+
+def drop_retired_keys(raw: dict[str, Any]) -> list[str]:
+    """Remove :data:`RETIRED_KEYS` from a saved config dict in place; return one note per key removed."""
+    notes = []
+    for (section, key), why in RETIRED_KEYS.items():
+        block = raw.get(section)
+        if isinstance(block, dict) and key in block:
+            del block[key]
+            notes.append(f"ignored retired config key '{section}.{key}': {why}")
+    return notes
+
+
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a plain dict into a RunConfig, raising ConfigError with field names on failure."""
     if not isinstance(raw, dict):

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -233,8 +234,10 @@ class RunDir:
             raise CheckpointError(f"corrupt config.yaml in {self.path}: {first_line(error)}") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"corrupt config.yaml in {self.path}: not a mapping")
-        from robustlab.config import RunConfig
+        from robustlab.config import RunConfig, drop_retired_keys
 
+        for note in drop_retired_keys(data):
+            warnings.warn(f"{self.path}: {note}", stacklevel=2)
         missing = [name for name in RunConfig.model_fields if name not in data]
         if missing:  # a run's config.yaml is always written whole: a missing section means a truncated file
             raise CheckpointError(f"corrupt config.yaml in {self.path}: no {', '.join(missing)} (truncated?)")
