@@ -2,9 +2,12 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_attacks.py --run RUN_DIR [--n 256] [--threads 1]
 
-RUN_DIR is a trained run (e.g. a standard LeNet-5 on MNIST). Each attack is timed best-of-``--repeat``
-after a warm-up call on a small slice; every library gets the same parameters (listed in the table) and the
-robust accuracy it reached is printed beside its speed, so a fast but weak configuration is visible.
+RUN_DIR is a trained run (e.g. a standard LeNet-5 on MNIST). After a warm-up call on a small slice, the
+libraries are called in turn (ours, torchattacks, ART, ours, ...) ``--repeat`` times, so load on a shared
+machine hits all of them alike; speeds are the median over rounds, and the ratio is the median of the
+per-round ratios with a bootstrap 95% interval. Every library gets the same parameters (listed in the
+table) and the robust accuracy it reached is printed beside its speed, so a fast but weak configuration
+is visible.
 Our APGD stops per sample once it is misclassified (same verdicts, see robustlab.attacks.apgd); the
 ``no early stop`` row shows the cost of the full schedule for comparison.
 """
@@ -22,18 +25,35 @@ from robustlab.attacks import apgd, carlini_wagner_l2, fgsm, pgd
 from robustlab.runs import load_run
 
 
-def _time(fn: Callable[[], torch.Tensor], repeat: int, budget: float = 60.0) -> tuple[float, torch.Tensor]:
-    """Best-of-``repeat`` wall time (fewer repeats once ``budget`` seconds are spent): on a shared,
-    loaded machine the minimum is the least noisy estimate of the attack's own cost."""
-    best, spent, out = float("inf"), 0.0, None
+def _interleaved(
+    fns: list[Callable[[], torch.Tensor] | None], repeat: int, budget: float = 120.0
+) -> tuple[list[list[float]], list[torch.Tensor | None]]:
+    """Wall times of ``fns`` called round-robin ``repeat`` times (fewer rounds once ``budget`` s are spent)."""
+    times: list[list[float]] = [[] for _ in fns]
+    outputs: list[torch.Tensor | None] = [None] * len(fns)
+    spent = 0.0
     for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - start
-        best, spent = min(best, seconds), spent + seconds
+        for i, fn in enumerate(fns):
+            if fn is None:
+                continue
+            start = time.perf_counter()
+            outputs[i] = fn()
+            seconds = time.perf_counter() - start
+            times[i].append(seconds)
+            spent += seconds
         if spent > budget:
             break
-    return best, out
+    return times, outputs
+
+
+def _ratio(ours: list[float], theirs: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Median of the per-round speed ratios theirs_time / ours_time, with a bootstrap 95% interval."""
+    if not ours or not theirs:
+        return float("nan"), float("nan"), float("nan")
+    ratios = np.asarray(theirs) / np.asarray(ours)
+    rng = np.random.default_rng(seed)
+    boots = np.median(rng.choice(ratios, size=(2000, len(ratios))), axis=1)
+    return float(np.median(ratios)), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
 def main() -> None:
@@ -42,7 +62,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256, help="batch size (images attacked at once)")
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=5, help="best-of-N timing (stops repeating after 60 s)")
+    parser.add_argument("--repeat", type=int, default=15, help="interleaved rounds (fewer once 120 s are spent)")
     parser.add_argument("--skip-art", action="store_true", help="leave ART out (it is the slowest)")
     parser.add_argument("--only", default="", help="comma-separated rows to run, e.g. FGSM,PGD-10 (default: all)")
     args = parser.parse_args()
@@ -73,6 +93,14 @@ def main() -> None:
             lambda xs, ys: torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=10)(xs, ys),
             art and art["pgd"],
         ),
+        "PGD-10 (ours with early stop as in evaluation)": (
+            f"eps={eps}, step={eps / 4:g}, random start",
+            lambda xs, ys: pgd(
+                model, xs, ys, eps=eps, steps=10, step_size=eps / 4, early_stop=True, generator=seeded()
+            ),
+            lambda xs, ys: torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=10)(xs, ys),
+            None,
+        ),
         "CW-L2": (
             "c=1, kappa=0, 50 Adam steps, lr=0.01, 1 binary step",
             lambda xs, ys: carlini_wagner_l2(model, xs, ys, c=1.0, steps=50, binary_search_steps=1).x_adv,
@@ -94,28 +122,30 @@ def main() -> None:
     }
     print(f"model: {run.config.model.name} on {run.config.data.dataset}, batch {args.n}, threads {args.threads}")
     print(
-        "| attack | parameters | ours img/s | torchattacks img/s | ART img/s | ours/torchattacks | ours/ART "
-        "| robust acc % ours / ta / ART |"
+        "| attack | parameters | ours img/s | torchattacks img/s | ART img/s | ours/torchattacks [95% CI] "
+        "| ours/ART [95% CI] | robust acc % ours / ta / ART | rounds |"
     )
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 9)
     only = {name.strip() for name in args.only.split(",") if name.strip()}
     for name, (params, ours, theirs, art_fn) in suite.items():
         if only and name not in only:
             continue
-        rows = []
-        for fn in (ours, theirs, art_fn):
-            if fn is None:
-                rows.append((float("nan"), float("nan")))
-                continue
-            fn(x[:8], y[:8])  # warm-up
-            seconds, x_adv = _time(lambda fn=fn: fn(x, y), args.repeat)
+        fns = [ours, theirs, art_fn]
+        for fn in fns:
+            if fn is not None:
+                fn(x[:8], y[:8])  # warm-up
+        times, outputs = _interleaved([fn and (lambda fn=fn: fn(x, y)) for fn in fns], args.repeat)
+        speed, acc = [], []
+        for t, out in zip(times, outputs, strict=True):
+            speed.append(args.n / float(np.median(t)) if t else float("nan"))
             with torch.no_grad():
-                acc = float((model(torch.as_tensor(x_adv)).argmax(1) == y).float().mean())
-            rows.append((args.n / seconds, acc))
-        (o, oa), (t, ta), (a, aa) = rows
+                acc.append(float((model(torch.as_tensor(out)).argmax(1) == y).float().mean()) if t else float("nan"))
+        vs_ta, lo_ta, hi_ta = _ratio(times[0], times[1])
+        vs_art, lo_art, hi_art = _ratio(times[0], times[2])
         print(
-            f"| {name} | {params} | {o:.1f} | {t:.1f} | {a:.1f} | {o / t:.2f}x | {o / a:.2f}x | "
-            f"{100 * oa:.1f} / {100 * ta:.1f} / {100 * aa:.1f} |",
+            f"| {name} | {params} | {speed[0]:.1f} | {speed[1]:.1f} | {speed[2]:.1f} "
+            f"| {vs_ta:.2f}x [{lo_ta:.2f}, {hi_ta:.2f}] | {vs_art:.2f}x [{lo_art:.2f}, {hi_art:.2f}] "
+            f"| {100 * acc[0]:.1f} / {100 * acc[1]:.1f} / {100 * acc[2]:.1f} | {len(times[0])} |",
             flush=True,
         )
 

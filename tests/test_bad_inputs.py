@@ -82,6 +82,23 @@ def test_bad_labels_are_refused(lenet, labels, message):
         check_labels(labels, 4, 10)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"eps": 0.0}, {"restarts": 2}, {"early_stop": True}, {"targeted": True}],
+    ids=["plain", "zero-budget", "restarts", "early-stop", "targeted"],
+)
+def test_labels_are_checked_against_the_models_classes_on_every_pgd_path(lenet, options):
+    """pgd checks labels on its own first forward pass (no probe pass): every path must still refuse."""
+    x, y = _batch()
+    options = {"eps": 0.1, "steps": 2, **options}
+    bad = torch.tensor([0, 1, 2, 10])
+    with pytest.raises(InputError, match="labels must be < 10"):
+        if options.get("targeted"):
+            pgd(lenet, x, y, target=bad, **options)
+        else:
+            pgd(lenet, x, bad, **options)
+
+
 # --- budgets -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("eps", [-0.1, 5, math.nan, math.inf, "a lot"])
 def test_bad_eps_is_refused_by_attacks(lenet, eps):

@@ -47,12 +47,21 @@ def frozen(model: Model) -> Iterator[None]:
 
 
 def input_gradient(
-    model: Model, x: torch.Tensor, labels: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    model: Model,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    check_labels: tuple[torch.Tensor | None, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradient of the summed per-sample ``loss_fn`` w.r.t. ``x``; returns (grad, per-sample loss, logits)."""
+    """Gradient of the summed per-sample ``loss_fn`` w.r.t. ``x``; returns (grad, per-sample loss, logits).
+
+    ``check_labels`` are checked against the number of logits before the loss indexes them (how
+    ``pgd`` validates labels without a separate probe forward pass).
+    """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
+        check_classes(logits.shape[1], *check_labels)
         loss = loss_fn(logits, labels)
         (grad,) = torch.autograd.grad(loss.sum(), x)
     return grad.detach(), loss.detach(), logits.detach()
@@ -72,22 +81,34 @@ def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
+def check_call(x: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> None:
+    """The model-free half of :func:`check_attack_inputs`: images, labels, budget and norm."""
+    check_batch(x, y)
+    check_eps(eps, norm)
+    if norm not in ("linf", "l2"):
+        raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}")
+
+
+def check_classes(num_classes: int, *labels: torch.Tensor | None) -> None:
+    """Raise :class:`~robustlab.errors.InputError` if a label is not one of the model's ``num_classes``."""
+    for t in labels:
+        if t is not None and t.numel() and int(t.max()) >= num_classes:
+            raise InputError(f"labels must be < {num_classes} (the model's classes), found {int(t.max())}")
+
+
 def check_attack_inputs(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> None:
     """Validate an attack call once, with one clear :class:`~robustlab.errors.InputError` per mistake.
 
     Checks the pixel-space images, the budget, the norm, and that every label is a class the model
     actually outputs (one eval-mode forward pass of a single image; mode and flags are restored).
+    ``pgd`` skips that probe and checks the labels against the logits of its own first forward pass.
     """
-    check_batch(x, y)
-    check_eps(eps, norm)
-    if norm not in ("linf", "l2"):
-        raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    check_call(x, y, eps, norm)
     with frozen(model), torch.no_grad():
         if isinstance(model, nn.Module):
             model.eval()
         num_classes = model(x[:1]).shape[1]
-    if int(y.max()) >= num_classes:
-        raise InputError(f"labels must be < {num_classes} (the model's classes), found {int(y.max())}")
+    check_classes(num_classes, y)
 
 
 def project(delta: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
@@ -163,21 +184,30 @@ def pgd(
         x_adv with ``||x_adv - x||_norm <= eps`` and values in [0, 1].
     """
     if validate:
-        check_attack_inputs(model, x, y, eps, norm)
+        check_call(x, y, eps, norm)
     elif norm not in ("linf", "l2"):
         raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if targeted and target is None:
         raise InputError("a targeted attack needs target labels")
     if eps == 0 or steps == 0:
+        if validate:  # no forward pass of our own follows to check the labels on
+            check_attack_inputs(model, x, y, eps, norm)
         return x.detach().clone()
     step_size = 2.5 * eps / steps if step_size is None else step_size
     labels = target if targeted else y
     loss_fn = objective(loss, targeted)
+    # labels are checked against the model's classes on the first forward pass, not by a probe pass
+    check_labels = (y, target) if validate else ()
     x = x.detach()
-    best = x.clone()
-    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with frozen(model):
-        for restart in range(max(1, restarts)):
+        if restarts <= 1:
+            return _pgd_run(
+                model, x, labels, y, eps, steps, step_size, norm, random_start, loss_fn, targeted,
+                momentum, early_stop, generator, False, check_labels,
+            )[0]
+        best = x.clone()
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for restart in range(restarts):
             todo: torch.Tensor | slice = (~fooled).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
@@ -186,6 +216,7 @@ def pgd(
             x_adv, done = _pgd_run(
                 model, x[todo], labels[todo], y[todo], eps, steps, step_size, norm,
                 random_start, loss_fn, targeted, momentum, early_stop, generator, restart + 1 < restarts,
+                check_labels if restart == 0 else (),
             )
             best[todo] = x_adv
             fooled[todo] = done
@@ -213,18 +244,24 @@ def _pgd_run(
     early_stop: bool,
     generator: torch.Generator | None,
     verdict: bool,
+    check_labels: tuple[torch.Tensor | None, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One PGD run from one (random) start; returns (x_adv, fooled).
 
     ``fooled`` is exact only with ``early_stop`` or ``verdict`` (an extra forward pass, needed only when
-    another restart follows); without early stopping the whole batch is updated in place (no gathers).
+    another restart follows); without early stopping each step replaces the whole batch (no gathers or copies).
     """
-    x_adv = clip_to_ball(x + random_init(x, eps, norm, generator), x, eps, norm) if random_start else x.clone()
+    if random_start:
+        x_adv = clip_to_ball(x + random_init(x, eps, norm, generator), x, eps, norm)
+    else:  # written in place only under early stopping
+        x_adv = x.clone() if early_stop else x
     velocity = torch.zeros_like(x) if momentum else x
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     active: torch.Tensor | slice = torch.arange(x.shape[0], device=x.device) if early_stop else slice(None)
-    for _ in range(steps):
-        grad, _, logits = input_gradient(model, x_adv[active], labels[active], loss_fn)
+    for step_index in range(steps):
+        grad, _, logits = input_gradient(
+            model, x_adv[active], labels[active], loss_fn, check_labels if step_index == 0 else ()
+        )
         if isinstance(active, torch.Tensor):
             hit = is_fooled(logits, y[active], labels[active], targeted)
             fooled[active[hit]] = True
@@ -237,7 +274,10 @@ def _pgd_run(
             velocity[active] = momentum * velocity[active] + grad
             grad = velocity[active]
         step = x_adv[active] + step_size * ascent_direction(grad, norm)
-        x_adv[active] = clip_to_ball(step, x[active], eps, norm)
+        if isinstance(active, slice):  # the whole batch: a new tensor instead of a copy into x_adv
+            x_adv = clip_to_ball(step, x, eps, norm)
+        else:
+            x_adv[active] = clip_to_ball(step, x[active], eps, norm)
     if verdict and (not isinstance(active, torch.Tensor) or active.numel()):
         with torch.no_grad():
             logits = model(x_adv[active])
