@@ -220,6 +220,14 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left
 
 
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """Results in a shared folder must be readable by its other users, as open(path, "w") would make them."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    write_json(tmp_path / "metrics.json", {"clean_accuracy": 0.9})
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
 def test_temp_file_creation_on_a_full_disk(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -41,6 +41,17 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: read/write permissions a plain ``open(path, "w")`` would give (mkstemp's own 0600 would hide results
+#: from the other users of a shared results folder)
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + fsync + rename; on failure the old file is intact."""
     path = Path(path)
@@ -51,6 +62,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise RobustlabError(f"could not write {path}: {error.strerror or error}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _FILE_MODE)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
