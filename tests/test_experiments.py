@@ -236,3 +236,14 @@ def test_isolated_training_runs_in_a_child_process(tmp_path):
     assert second.failed == {blocker.name: f"{blocker} exists and is not a robustlab run; choose another --out"}
     assert second.skipped == [result.ran[0]]
     assert {r["cell"]: r["status"] for r in second.rows}[blocker.name] == "failed"
+
+
+def test_worker_environments_split_threads_and_pin_one_gpu_per_worker(monkeypatch):
+    from robustlab.experiments import worker_environments
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_environments(2, gpus=0, cpus=8) == [{"OMP_NUM_THREADS": "4"}] * 2
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_environments(3, gpus=2, cpus=2)] == ["0", "1", "0"]
+    assert worker_environments(3, gpus=2, cpus=2)[0]["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_environments(2, gpus=2, cpus=4)] == ["4", "6"]

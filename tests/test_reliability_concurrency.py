@@ -87,6 +87,25 @@ def test_two_experiment_processes_share_one_results_dir(tmp_path):
     assert evaluated == Counter(cells), logs
 
 
+def test_workers_option_runs_each_cell_once_and_reports_once(tmp_path):
+    """``--workers 2`` starts two worker processes on the grid; the parent writes the report at the end."""
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(EXPERIMENT))
+    results = tmp_path / "results"
+    code = "from robustlab.cli import main; main()"
+    args = ["experiment", str(config), "--out", str(results), "--no-isolate", "--workers", "2"]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("worker ") >= 2 and "OMP_NUM_THREADS=" in done.stdout
+    cells = _check_results(results)
+    assert _work_done([done.stdout], "training") == Counter(cells), done.stdout
+    assert _work_done([done.stdout], "evaluating") == Counter(cells), done.stdout
+    assert (results / "report.md").exists() and (results / "report.html").exists()
+
+
 @pytest.mark.slow
 def test_killed_experiment_resumes_without_redoing_finished_cells(tmp_path):
     """SIGKILL one of two concurrent experiment processes mid-grid; a rerun finishes only what is missing."""

@@ -611,6 +611,28 @@ def run_experiment(
     return result
 
 
+def worker_environments(workers: int, gpus: int | None = None, cpus: int | None = None) -> list[dict[str, str]]:
+    """Environment overrides for ``workers`` processes that share one grid through the per-cell locks.
+
+    Each worker gets ``cpus // workers`` CPU threads (``OMP_NUM_THREADS``), so the workers do not
+    oversubscribe the cores. When CUDA devices are visible, worker ``i`` is pinned to device
+    ``i mod count`` (``CUDA_VISIBLE_DEVICES``, respecting an existing restriction): one cell per GPU at
+    a time, which is how a many-cell grid uses a multi-GPU machine.
+    """
+    import torch
+
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    threads = str(max(1, cpus // workers))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d for d in visible.split(",") if d] if visible else [str(i) for i in range(gpus)]
+    devices = devices[:gpus] if gpus else []
+    return [
+        {"OMP_NUM_THREADS": threads, **({"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]} if devices else {})}
+        for i in range(workers)
+    ]
+
+
 def _cell_done(cell: Cell, settings: EvaluationSettings) -> bool:
     if not RunDir(cell.run_dir).is_finished():
         return False

@@ -12,6 +12,9 @@ from robustlab.cli import SetOpt, app, console
 ConfigPath = Annotated[Path, typer.Argument(help="experiment YAML: base config, grid axes, evaluation")]
 ProfileOpt = Annotated[str | None, typer.Option(help="paper (the paper's settings) or quick (2 CPU cores)")]
 OutOpt = Annotated[Path | None, typer.Option(help="results directory (default results/NAME[-PROFILE])")]
+WorkersOpt = Annotated[
+    int, typer.Option(min=1, help="processes sharing the grid (each with its own GPU when several are visible)")
+]
 
 
 @app.command()
@@ -24,32 +27,70 @@ def experiment(
     report: Annotated[bool, typer.Option(help="write report.md / report.html when the grid is done")] = True,
     progress: Annotated[bool, typer.Option(help="show per-cell progress bars")] = False,
     isolate: Annotated[bool, typer.Option(help="train each cell in its own process")] = True,
+    workers: WorkersOpt = 1,
 ) -> None:
     """Train, evaluate and audit every cell of a grid; finished cells are skipped, unfinished ones resume."""
     from robustlab.errors import RobustlabError
-    from robustlab.experiments import load_experiment, run_experiment
+    from robustlab.experiments import load_experiment, plan_experiment, run_experiment
 
     spec = load_experiment(config)
     out = out or Path("results") / (spec.name + (f"-{profile}" if profile else ""))
-    result = run_experiment(
-        spec,
-        out,
-        profile=profile,
-        data_dir=data_dir,
-        overrides=list(set_ or []),
-        progress=progress,
-        isolate=isolate,
-        log=lambda line: console.print(line, markup=False, highlight=False),
-    )
-    console.print(
-        f"{len(result.ran)} cell(s) run, {len(result.skipped)} already done, {len(result.failed)} failed "
-        f"in {result.seconds:.0f}s -> {out / 'results.csv'}"
-    )
-    if report:
+    overrides = list(set_ or [])
+    if workers > 1:
+        plan_experiment(spec, out, profile=profile, data_dir=data_dir, overrides=overrides)  # fail once, early
+        forwarded = [*(["--profile", profile] if profile else []), *(["--data-dir", data_dir] if data_dir else [])]
+        forwarded += [arg for value in overrides for arg in ("--set", value)]
+        forwarded += ["--progress" if progress else "--no-progress", "--isolate" if isolate else "--no-isolate"]
+        failed = _run_workers(config, out, workers, forwarded)
+        error = f"{failed} of {workers} worker(s) failed; their errors are printed above" if failed else None
+    else:
+        result = run_experiment(
+            spec,
+            out,
+            profile=profile,
+            data_dir=data_dir,
+            overrides=overrides,
+            progress=progress,
+            isolate=isolate,
+            log=lambda line: console.print(line, markup=False, highlight=False),
+        )
+        console.print(
+            f"{len(result.ran)} cell(s) run, {len(result.skipped)} already done, {len(result.failed)} failed "
+            f"in {result.seconds:.0f}s -> {out / 'results.csv'}"
+        )
+        first = next(iter(result.failed.items()), None)
+        error = f"{len(result.failed)} cell(s) failed; first: {first[0]}: {first[1]}" if first else None
+    if report:  # also for a partly failed grid: the finished cells are worth reading
         from robustlab.report import write_report
 
         paths = write_report(out)
         console.print(f"report: {paths['markdown']} and {paths['html']}")
-    if result.failed:
-        first, message = next(iter(result.failed.items()))
-        raise RobustlabError(f"{len(result.failed)} cell(s) failed; first: {first}: {message}")
+    if error:
+        raise RobustlabError(error)
+
+
+def _run_workers(config: Path, out: Path, workers: int, forwarded: list[str]) -> int:
+    """Start ``workers`` copies of this command on one results directory; return how many failed.
+
+    They share the grid through the per-cell file locks (each cell is trained and evaluated once);
+    ``worker_environments`` gives each its share of the CPU threads and, where there are several GPUs,
+    its own device. The report is written once, by the caller, after all of them have finished.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from robustlab.experiments import worker_environments
+
+    command = [sys.executable, "-m", "robustlab", "experiment", str(config), "--out", str(out), "--no-report"]
+    environments = worker_environments(workers)
+    for index, env in enumerate(environments):
+        console.print(f"worker {index}: " + " ".join(f"{k}={v}" for k, v in env.items()), markup=False)
+    children = [subprocess.Popen([*command, *forwarded], env={**os.environ, **env}) for env in environments]
+    try:
+        codes = [child.wait() for child in children]
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them save their state first
+        for child in children:
+            child.wait()
+        raise
+    return sum(code != 0 for code in codes)
