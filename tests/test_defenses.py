@@ -94,6 +94,28 @@ def test_hybrid_uses_schedule_alpha_and_guard():
     assert restored.state_dict() == objective.state_dict()
 
 
+@pytest.mark.parametrize("defense", ["pgd_at", "fast_at", "trades", "mart"])
+def test_eps_warmup_grows_the_training_budget_linearly_from_zero(defense):
+    objective = build_objective(defense, {"eps_warmup": 2})
+    state = TrainState(epoch=0, epochs=5, step=0, steps_per_epoch=10, eps=0.3)
+    budgets = []
+    for step in (0, 5, 10, 20, 35):
+        state.step = step
+        plan = objective.attack_plan(state)
+        budgets.append(plan.eps)
+        assert plan.step_size == pytest.approx(plan.eps * (1.25 if defense == "fast_at" else 2.5 / plan.steps))
+    assert budgets == pytest.approx([0.0, 0.075, 0.15, 0.3, 0.3])
+    assert objective.on_epoch_end(state, {}) == {"eps_t": 0.3}
+    plain = build_objective(defense, {})
+    assert plain.attack_plan(TrainState(step=0, steps_per_epoch=10, eps=0.3)).eps == 0.3
+    assert plain.on_epoch_end(state, {}) == {}
+
+
+def test_pgd_at_warmup_is_logged_per_epoch(digits, tmp_path):
+    result = train(_config("pgd_at", epochs=2, steps=2, eps_warmup=2), tmp_path / "w", progress=False, data=digits)
+    assert [row["eps_t"] for row in result.history] == pytest.approx([EPS / 2, EPS])
+
+
 # --- parameters ---------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from robustlab.defenses.adversarial import (
     craft_adversarial,
 )
 from robustlab.defenses.base import Objective, ObjectiveParams, TrainState
-from robustlab.defenses.hybrid import HybridObjective, adaptive_alpha, eps_schedule
+from robustlab.defenses.hybrid import HybridObjective, adaptive_alpha
 from robustlab.defenses.lipschitz import LipschitzObjective
 from robustlab.defenses.preprocessed import (
     AutoencoderObjective,
@@ -34,6 +34,7 @@ from robustlab.defenses.preprocessing import (
     InputTransform,
     build_transform,
 )
+from robustlab.defenses.schedule import eps_schedule
 from robustlab.defenses.standard import StandardObjective
 from robustlab.errors import ConfigError
 

@@ -34,6 +34,7 @@ from torch.func import functional_call
 from robustlab.attacks.core import ascent_direction, clip_to_ball, fgsm, frozen, input_gradient, pgd
 from robustlab.defenses.base import Objective, ObjectiveParams, TrainState
 from robustlab.defenses.preprocessing import Defended
+from robustlab.defenses.schedule import eps_schedule
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -47,7 +48,13 @@ class CraftParams(ObjectiveParams):
     awp_warmup: int = Field(default=0, ge=0, le=10_000, description="epochs of plain training before AWP starts")
 
 
-class PGDParams(CraftParams):
+class WarmupParams(CraftParams):
+    """An objective that trains at the run's eps, optionally reached by a linear warm-up from 0."""
+
+    eps_warmup: float = Field(default=0.0, ge=0.0, le=10_000, description="epochs of linear eps warm-up from 0")
+
+
+class PGDParams(WarmupParams):
     """A k-step PGD inner maximisation (Madry et al. 2018)."""
 
     steps: int = Field(default=10, ge=1, le=1000, description="attack iterations per batch")
@@ -151,11 +158,21 @@ class AdversarialObjective(Objective):
 
     Params = PGDParams
 
+    def eps_t(self, state: TrainState) -> float:
+        """The budget of this iteration: the run's eps, after ``eps_warmup`` epochs of linear growth from 0."""
+        warmup_steps = self.params.eps_warmup * state.steps_per_epoch
+        return eps_schedule(state.step, warmup_steps, state.eps, start_fraction=0.0)
+
     def attack_plan(self, state: TrainState) -> AttackPlan:
-        """PGD-k at the run's budget, step ``step_size`` or ``2.5 * eps / steps``."""
+        """PGD-k at :meth:`eps_t`, step ``step_size`` or ``2.5 * eps_t / steps``."""
         p = self.params
-        step = p.step_size if p.step_size is not None else 2.5 * state.eps / p.steps
-        return AttackPlan("pgd", state.eps, p.steps, step)
+        eps = self.eps_t(state)
+        step = p.step_size if p.step_size is not None else 2.5 * eps / p.steps
+        return AttackPlan("pgd", eps, p.steps, step)
+
+    def on_epoch_end(self, state: TrainState, val_metrics: dict[str, float]) -> dict[str, float]:
+        """Log the budget reached when a warm-up is on (the hybrid logs its own ramp)."""
+        return {"eps_t": self.eps_t(state)} if self.params.eps_warmup > 0 else {}
 
     def adversarial_loss(
         self, forward: Forward, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, state: TrainState
@@ -185,7 +202,7 @@ class PGDATObjective(AdversarialObjective):
         return loss, {"loss": loss.item(), "adv_acc": batch_accuracy(logits, y)}
 
 
-class FastATParams(CraftParams):
+class FastATParams(WarmupParams):
     step_factor: float = Field(default=1.25, gt=0.0, le=4.0, description="FGSM step as a multiple of eps")
 
 
@@ -196,7 +213,8 @@ class FastATObjective(PGDATObjective):
     Params = FastATParams
 
     def attack_plan(self, state: TrainState) -> AttackPlan:
-        return AttackPlan("fgsm", state.eps, 1, self.params.step_factor * state.eps)
+        eps = self.eps_t(state)
+        return AttackPlan("fgsm", eps, 1, self.params.step_factor * eps)
 
 
 class TradesParams(PGDParams):
