@@ -46,7 +46,7 @@ from torch import nn
 from robustlab.attacks import fgsm, frozen, input_gradient, make_attack, pgd
 from robustlab.attacks.losses import ce_loss, cw_margin
 from robustlab.attacks.transfer import transfer_attack
-from robustlab.attacks.wrappers import BPDA, EOT
+from robustlab.attacks.wrappers import BPDA, EOT, EOT_SAMPLES
 from robustlab.config import build_config
 from robustlab.data import DatasetSplits, Split
 from robustlab.errors import InputError
@@ -64,8 +64,6 @@ EXPLODING_CHANGE = 1e4
 #: fractions of unhealthy gradients / non-differentiable points that warn and fail
 WARN_FRACTION = 0.02
 FAIL_FRACTION = 0.10
-#: EOT samples when a model declares random outputs (and for the EOT evidence of an undeclared random one)
-EOT_SAMPLES = 10
 #: the checks of every report, in order
 CHECK_NAMES = ("accuracy_vs_eps", "more_steps_restarts", "fgsm_vs_pgd", "blackbox_transfer", "gradient_health",
                "randomness", "bpda")

@@ -66,6 +66,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robustlab.attacks.registry import ATTACKS, make_attack, parse_attack_spec
+from robustlab.attacks.wrappers import EOT_SAMPLES, adaptive_model
 from robustlab.data import Split, load_dataset
 from robustlab.errors import CheckpointError, ConfigError, InputError, RobustlabError
 from robustlab.memory import split_on_oom
@@ -306,13 +307,6 @@ def _adaptive(model: nn.Module, eot_samples: int) -> tuple[nn.Module, dict[str, 
     random = getattr(model, "random", None)
     if differentiable is None and random is None:
         return model, {"adaptive": "none (plain model)", "differentiable": True, "random": False}
-    try:
-        from robustlab.attacks.wrappers import adaptive_model
-    except ImportError:
-        raise RobustlabError(
-            "this model has an input-transform defence but robustlab.attacks.wrappers.adaptive_model "
-            "(BPDA/EOT) is not available; refusing to report a non-adaptive robust accuracy"
-        ) from None
     grad_model, description = adaptive_model(model, eot_samples=eot_samples)
     info = {"adaptive": str(description), "differentiable": differentiable is not False, "random": bool(random)}
     return grad_model, info
@@ -350,7 +344,7 @@ def evaluate_model(
     seed: int = 0,
     n: int | None = None,
     device: torch.device | str | None = None,
-    eot_samples: int = 20,
+    eot_samples: int = EOT_SAMPLES,
     random_passes: int = 5,
     n_boot: int = 1000,
     progress: bool = False,
@@ -500,7 +494,7 @@ def evaluate_run(
     batch_size: int = 256,
     seed: int = 0,
     device: str = "auto",
-    eot_samples: int = 20,
+    eot_samples: int = EOT_SAMPLES,
     random_passes: int = 5,
     n_boot: int = 1000,
     progress: bool = False,

@@ -21,7 +21,7 @@ from robustlab.attacks.apgd import apgd
 from robustlab.attacks.core import Model, check_attack_inputs, frozen
 from robustlab.attacks.fab import fab_t
 from robustlab.attacks.square import square
-from robustlab.attacks.wrappers import EOT
+from robustlab.attacks.wrappers import EOT, EOT_SAMPLES
 from robustlab.errors import InputError
 
 Stage = tuple[str, Callable[..., torch.Tensor], dict[str, Any]]
@@ -67,7 +67,7 @@ def autoattack(
     version: str = "standard",
     steps: int = 100,
     queries: int = 5000,
-    eot_samples: int = 20,
+    eot_samples: int = EOT_SAMPLES,
     generator: torch.Generator | None = None,
 ) -> AutoAttackResult:
     """Run AutoAttack ``version`` at budget ``eps``; see the module docstring."""

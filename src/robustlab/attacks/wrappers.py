@@ -21,6 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: draws per gradient when a model declares random outputs: the one number evaluation, ``robustlab attack``,
+#: AutoAttack's ``rand`` version and the gradient-masking audit all use, so their verdicts agree
+EOT_SAMPLES = 20
+
 
 class _StraightThrough(torch.autograd.Function):
     """``forward(x, gx) = gx`` with gradient passed to ``x`` unchanged (identity backward)."""
@@ -81,7 +85,7 @@ class EOT(nn.Module):
         return logits.view(self.samples, x.shape[0], *logits.shape[1:]).mean(0)
 
 
-def adaptive_model(model: nn.Module, eot_samples: int = 20) -> tuple[nn.Module, str]:
+def adaptive_model(model: nn.Module, eot_samples: int = EOT_SAMPLES) -> tuple[nn.Module, str]:
     """The model an attacker should differentiate, and a short label of the adaptation.
 
     - non-differentiable transform (``model.differentiable is False``) -> :class:`BPDA`;

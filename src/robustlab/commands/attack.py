@@ -17,6 +17,7 @@ import torch
 import typer
 import yaml
 
+from robustlab.attacks.wrappers import EOT_SAMPLES, adaptive_model
 from robustlab.cli import app, console
 from robustlab.errors import InputError
 
@@ -84,13 +85,12 @@ def attack(
     ] = None,
     param: ParamOpt = None,
     batch_size: Annotated[int, typer.Option(help="images per attack batch")] = 128,
-    eot_samples: Annotated[int, typer.Option(help="EOT draws when the defence is random")] = 20,
+    eot_samples: Annotated[int, typer.Option(help="EOT draws when the defence is random")] = EOT_SAMPLES,
     seed: Annotated[int, typer.Option(help="seed of the attack's random generator")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
 ) -> None:
     """Attack a trained run's first N test images and save the adversarial examples."""
     from robustlab.attacks.registry import make_attack, parse_attack_spec
-    from robustlab.attacks.wrappers import adaptive_model
     from robustlab.config import parse_number
     from robustlab.metrics import iterate
     from robustlab.rundir import atomic_write_bytes
