@@ -19,6 +19,7 @@ its own square positions; samples leave the batch once broken (each query counts
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -111,47 +112,36 @@ def square(
     out = x.clone()
     if eps == 0:
         return out
+    init, propose = (_linf_init, _linf_proposal) if norm == "linf" else (_l2_init, _l2_proposal)
     with frozen(model):
         fooled = _margin(model, x, y) < 0
         for _ in range(restarts):
             todo = (~fooled).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
-            run = _square_linf if norm == "linf" else _square_l2
-            out[todo], fooled[todo] = run(model, x[todo], y[todo], eps, queries, p_init, generator)
+            start = init(x[todo], eps, generator)
+            out[todo], fooled[todo] = _random_search(
+                model, x[todo], y[todo], start, queries,
+                lambda i, xs, cur: propose(xs, cur, eps, square_size_fraction(i, queries, p_init), generator),
+            )
     return out
 
 
-def _square_linf(
-    model: Model,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    queries: int,
-    p_init: float,
-    generator: torch.Generator | None,
+def _random_search(
+    model: Model, x: torch.Tensor, y: torch.Tensor, best: torch.Tensor, queries: int,
+    propose: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n, c, h, w = x.shape
-    best = (x + eps * _signs((n, c, 1, w), generator, x.device)).clamp(0, 1)
+    """The paper's Algorithm 1: from ``best``, keep each proposal that lowers a sample's margin.
+
+    ``propose(i, xs, cur)`` draws query ``i``'s candidates for the still-robust originals ``xs`` at
+    their current points ``cur``. A sample leaves the loop once its margin is negative (broken).
+    """
     margin = _margin(model, best, y)
     for i in range(1, queries):
         todo = (margin >= 0).nonzero().squeeze(1)
         if todo.numel() == 0:
             break
-        xs, cur = x[todo], best[todo]
-        s = min(max(round(math.sqrt(square_size_fraction(i, queries, p_init) * h * w)), 1), h - 1)
-        mask = _square_masks(todo.numel(), h, w, s, generator, x.device)
-        values = eps * _signs((todo.numel(), c, 1, 1), generator, x.device)
-        delta = cur - xs
-        changes = torch.ones(todo.numel(), dtype=torch.bool, device=x.device)
-        for _ in range(100):  # resample the square's colour until it changes the image (paper, Alg. 2)
-            candidate = (xs + torch.where(mask.bool(), values, delta)).clamp(0, 1)
-            changes = ((candidate - cur).abs() * mask).flatten(1).amax(1) > 1e-7
-            if bool(changes.all()):
-                break
-            redo = per_sample(~changes, values)
-            values = torch.where(redo, eps * _signs(tuple(values.shape), generator, x.device), values)
-        candidate = clip_to_ball(candidate, xs, eps, "linf")
+        candidate = propose(i, x[todo], best[todo])
         new_margin = _margin(model, candidate, y[todo])
         improved = new_margin < margin[todo]
         best[todo[improved]] = candidate[improved]
@@ -159,15 +149,33 @@ def _square_linf(
     return best, margin < 0
 
 
-def _square_l2(
-    model: Model,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    queries: int,
-    p_init: float,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _linf_init(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Vertical stripes of +-eps, one sign per column and channel (paper section 3.1)."""
+    n, c, _, w = x.shape
+    return (x + eps * _signs((n, c, 1, w), generator, x.device)).clamp(0, 1)
+
+
+def _linf_proposal(
+    xs: torch.Tensor, cur: torch.Tensor, eps: float, p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Set a random square of side ``round(sqrt(p H W))`` to a fresh +-eps per channel."""
+    m, c, h, w = xs.shape
+    s = min(max(round(math.sqrt(p * h * w)), 1), h - 1)
+    mask = _square_masks(m, h, w, s, generator, xs.device)
+    values = eps * _signs((m, c, 1, 1), generator, xs.device)
+    delta = cur - xs
+    for _ in range(100):  # resample the square's colour until it changes the image (paper, Alg. 2)
+        candidate = (xs + torch.where(mask.bool(), values, delta)).clamp(0, 1)
+        changes = ((candidate - cur).abs() * mask).flatten(1).amax(1) > 1e-7
+        if bool(changes.all()):
+            break
+        redo = per_sample(~changes, values)
+        values = torch.where(redo, eps * _signs(tuple(values.shape), generator, xs.device), values)
+    return clip_to_ball(candidate, xs, eps, "linf")
+
+
+def _l2_init(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A grid of pseudo-Gaussian tiles with random signs, rescaled to L2 norm eps (paper section 3.2)."""
     n, c, h, w = x.shape
     delta = torch.zeros_like(x)
     tile_side = max(h // 5, 1)
@@ -178,38 +186,33 @@ def _square_l2(
             delta[:, :, top : top + tile_side, left : left + tile_side] += tile * _signs(
                 (n, c, 1, 1), generator, x.device
             )
-    best = clip_to_ball(x + _to_sphere(delta, eps), x, eps, "l2")
-    margin = _margin(model, best, y)
-    for i in range(1, queries):
-        todo = (margin >= 0).nonzero().squeeze(1)
-        if todo.numel() == 0:
-            break
-        xs, cur = x[todo], best[todo]
-        m = todo.numel()
-        s = max(round(math.sqrt(square_size_fraction(i, queries, p_init) * h * w)), 3)
-        s = min(s + (s % 2 == 0), h)
-        delta = cur - xs
-        first = _square_masks(m, h, w, s, generator, x.device)
-        second = _square_masks(m, h, w, s, generator, x.device)
-        union = torch.maximum(first, second)
-        image_norm = delta.flatten(1).norm(dim=1)
-        window_norm = (delta * union).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()  # per channel
-        first_norm = (delta * first).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
-        tile = pseudo_gaussian_tile(s, generator, x.device)
-        fresh = torch.zeros_like(delta)
-        fresh[first.expand_as(delta).bool()] = (tile * _signs((m, c, 1, 1), generator, x.device)).flatten()
-        old = delta * first / (first_norm + 1e-12)
-        proposal = fresh + old
-        proposal_norm = proposal.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
-        budget = ((eps**2 - image_norm**2).clamp_min(0) / c).view(-1, 1, 1, 1) + window_norm**2
-        proposal = proposal / (proposal_norm + 1e-12) * budget.sqrt()
-        delta = delta * (1 - union) + proposal * first
-        candidate = clip_to_ball(xs + _to_sphere(delta, eps), xs, eps, "l2")
-        new_margin = _margin(model, candidate, y[todo])
-        improved = new_margin < margin[todo]
-        best[todo[improved]] = candidate[improved]
-        margin[todo[improved]] = new_margin[improved]
-    return best, margin < 0
+    return clip_to_ball(x + _to_sphere(delta, eps), x, eps, "l2")
+
+
+def _l2_proposal(
+    xs: torch.Tensor, cur: torch.Tensor, eps: float, p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Move the perturbation mass of a second random square (and any unused budget) into the first."""
+    m, c, h, w = xs.shape
+    s = max(round(math.sqrt(p * h * w)), 3)
+    s = min(s + (s % 2 == 0), h)
+    delta = cur - xs
+    first = _square_masks(m, h, w, s, generator, xs.device)
+    second = _square_masks(m, h, w, s, generator, xs.device)
+    union = torch.maximum(first, second)
+    image_norm = delta.flatten(1).norm(dim=1)
+    window_norm = (delta * union).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()  # per channel
+    first_norm = (delta * first).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+    tile = pseudo_gaussian_tile(s, generator, xs.device)
+    fresh = torch.zeros_like(delta)
+    fresh[first.expand_as(delta).bool()] = (tile * _signs((m, c, 1, 1), generator, xs.device)).flatten()
+    old = delta * first / (first_norm + 1e-12)
+    proposal = fresh + old
+    proposal_norm = proposal.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+    budget = ((eps**2 - image_norm**2).clamp_min(0) / c).view(-1, 1, 1, 1) + window_norm**2
+    proposal = proposal / (proposal_norm + 1e-12) * budget.sqrt()
+    delta = delta * (1 - union) + proposal * first
+    return clip_to_ball(xs + _to_sphere(delta, eps), xs, eps, "l2")
 
 
 def _to_sphere(delta: torch.Tensor, eps: float) -> torch.Tensor:
