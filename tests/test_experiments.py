@@ -210,15 +210,72 @@ def test_failed_cell_is_recorded_others_run_and_rerun_fixes_it(tmp_path, monkeyp
 
 
 def test_locked_cell_is_left_to_its_owner(tmp_path):
+    spec = tiny_experiment(seeds=[0, 1])
+    out = tmp_path / "out"
+    (out / "locks").mkdir(parents=True)
+    with FileLock(str(out / "locks" / "digits-lenet5-standard-eps0.1-s0.lock")):
+        result = run(spec, out, wait_for_locked=False)
+    assert result.ran == ["digits-lenet5-standard-eps0.1-s1"]
+    assert not (out / "runs" / "digits-lenet5-standard-eps0.1-s0").exists()
+    statuses = {r["cell"]: r["status"] for r in result.rows}
+    assert statuses["digits-lenet5-standard-eps0.1-s0"] == "pending"
+
+
+def test_training_uses_eps_only_where_the_objective_or_validation_reads_it():
+    from robustlab.config import build_config
+    from robustlab.training import training_uses_eps
+
+    def uses(defense: str, **train) -> bool:
+        return training_uses_eps(build_config({"defense": {"name": defense}, "train": train}))
+
+    assert not uses("standard") and not uses("feature_squeezing") and not uses("autoencoder")
+    assert uses("pgd_at") and uses("trades") and uses("lipschitz") and uses("hybrid")
+    assert uses("standard", select="val_robust"), "validation PGD at eps picks the checkpoint"
+
+
+def test_cells_whose_training_ignores_eps_train_once(tmp_path, monkeypatch):
+    from robustlab import training
+
+    trained = []
+    real_train = training.train
+
+    def counting_train(config, run_dir, **kwargs):
+        trained.append(Path(run_dir).name)
+        return real_train(config, run_dir, **kwargs)
+
+    monkeypatch.setattr(training, "train", counting_train)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    spec = tiny_experiment(defenses=["standard", "fast_at"], eps=[0.05, 0.1])
+    result = run_experiment(load_experiment(spec), out, log=lines.append, isolate=False)
+    first, second = (out / "runs" / f"digits-lenet5-standard-eps{e}-s0" for e in ("0.05", "0.1"))
+    fast = [f"digits-lenet5-fast_at-eps{e}-s0" for e in ("0.05", "0.1")]
+    assert sorted(trained) == sorted([first.name, *fast]), "standard trained twice, or fast_at (uses eps) once"
+    assert len(result.ran) == 4 and not result.failed
+    assert f"[{second.name}] sharing the training of {first.name} (it does not depend on eps)" in lines
+    assert (second / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    assert (second / "history.csv").read_text() == (first / "history.csv").read_text()
+    assert yaml.safe_load((second / "config.yaml").read_text())["threat"]["eps"] == 0.1
+    assert json.loads((second / "metadata.json").read_text())["training_shared_with"] == first.name
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert list(metrics["evaluations"]) == ["linf-0.1"], "the twin's evaluation was copied"
+    assert metrics["cost"] == json.loads((first / "metrics.json").read_text())["cost"]
+    assert not list((out / "runs").glob(".*")), "the scratch directory was left behind"
+    again = run(spec, out)
+    assert again.ran == [] and len(again.skipped) == 4
+
+
+def test_cell_waits_for_a_twin_that_another_process_is_training(tmp_path):
     spec = tiny_experiment(eps=[0.05, 0.1])
     out = tmp_path / "out"
     (out / "locks").mkdir(parents=True)
     with FileLock(str(out / "locks" / "digits-lenet5-standard-eps0.05-s0.lock")):
-        result = run(spec, out, wait_for_locked=False)
-    assert result.ran == ["digits-lenet5-standard-eps0.1-s0"]
-    assert not (out / "runs" / "digits-lenet5-standard-eps0.05-s0").exists()
-    statuses = {r["cell"]: r["status"] for r in result.rows}
-    assert statuses["digits-lenet5-standard-eps0.05-s0"] == "pending"
+        lines: list[str] = []
+        result = run_experiment(load_experiment(spec), out, log=lines.append, isolate=False, wait_for_locked=False)
+    assert result.ran == [] and not (out / "runs").exists()
+    assert any("waits for digits-lenet5-standard-eps0.05-s0, whose training it shares" in line for line in lines)
+    finished = run(spec, out)  # the lock is free again: the twin trains, then the cell shares it
+    assert finished.ran == ["digits-lenet5-standard-eps0.05-s0", "digits-lenet5-standard-eps0.1-s0"]
 
 
 @pytest.mark.slow  # each child process re-imports torch: ~10 s idle, minutes on a loaded machine

@@ -23,7 +23,10 @@ Every cell is validated (names, eps range, data present) before any training sta
 run directory ``RESULTS_DIR/runs/<cell-id>`` trained in its own process (so CPU peak memory is per
 cell): a finished one is skipped, an unfinished one resumes through the Trainer's resume (the runner's
 own progress is kept in ``runs/<cell-id>/experiment.json``), and a per-cell file lock lets several
-processes share one results directory without running a cell twice. After training each cell is
+processes share one results directory without running a cell twice. A cell whose training ignores eps
+(standard training and the preprocessing defences, unless validation PGD runs) is not trained again
+for every eps: it shares the training of the first cell that differs from it only in eps, copied into
+its own run directory (``metadata.json`` names it: ``training_shared_with``). After training each cell is
 evaluated, audited when ``robustlab.audit`` is available, and ``RESULTS_DIR/results.csv`` /
 ``results.json`` are rewritten (after every cell, so a partly done grid can already be reported).
 """
@@ -36,6 +39,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -157,6 +161,8 @@ class Cell:
     config: RunConfig
     run_dir: Path
     axes: dict[str, Any]
+    #: an earlier cell whose training is this cell's too (they differ only in an eps training ignores)
+    twin: Cell | None = None
 
     @property
     def state_path(self) -> Path:
@@ -358,6 +364,7 @@ def plan_experiment(
                         }
                         cells.append(Cell(cell_id, cell_config, results_dir / "runs" / cell_id, axes))
     check_evaluation(evaluation)
+    _link_twins(cells)
     ids = [c.id for c in cells]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -365,6 +372,20 @@ def plan_experiment(
             f"grid: two cells share the id '{duplicates[0]}' (eps too close, or a defence listed twice)"
         )
     return ExperimentPlan(config, profile, results_dir, cells, evaluation)
+
+
+def _link_twins(cells: list[Cell]) -> None:
+    """Point each cell whose training ignores eps at the first cell with the same training config."""
+    from robustlab.training import training_uses_eps
+
+    first: dict[str, Cell] = {}
+    for cell in cells:
+        if training_uses_eps(cell.config):
+            continue
+        training = config_to_dict(cell.config)
+        training["threat"] = {k: v for k, v in training["threat"].items() if k != "eps"}
+        twin = first.setdefault(json.dumps(training, sort_keys=True, default=str), cell)
+        cell.twin = twin if twin is not cell else None
 
 
 def _data_key(config: RunConfig) -> str:
@@ -521,6 +542,10 @@ def run_cell(
                 f"cell {cell.id}: {cell.run_dir} holds a finished run with a different config; "
                 "use another --out (or delete that run directory)"
             )
+    elif _twin_trained(cell):
+        log(f"[{cell.id}] sharing the training of {cell.twin.id} (it does not depend on eps)")
+        _share_training(cell.twin, cell)
+        did_work = True
     else:
         log(f"[{cell.id}] training{' (resuming)' if run.exists() else ''}")
         _train(cell, data, progress, isolate)
@@ -543,6 +568,54 @@ def run_cell(
         write_json(cell.state_path, state)
         did_work = True
     return did_work
+
+
+def _twin_trained(cell: Cell) -> bool:
+    twin = cell.twin
+    return (
+        twin is not None
+        and not RunDir(cell.run_dir).exists()
+        and RunDir(twin.run_dir).is_finished()
+        and _config_matches(twin)
+    )
+
+
+def _share_training(source: Cell, cell: Cell) -> None:
+    """Make ``cell`` a finished run holding ``source``'s training, evaluated later at its own eps.
+
+    Weights, history and resume state are copied; ``config.yaml`` is the cell's own; ``metrics.json``
+    keeps the training cost and clean accuracy but none of ``source``'s evaluations; ``metadata.json``
+    names the source (``training_shared_with``). Everything is written into a hidden sibling that is
+    renamed into place, so an interruption leaves either no run directory or a complete one.
+    """
+    origin = RunDir(source.run_dir)
+    cell.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{cell.id}-", dir=cell.run_dir.parent))
+    try:
+        run = RunDir(scratch)
+        for path in (origin.history, origin.weights, origin.last_weights, origin.resume):
+            if path.exists():
+                shutil.copy2(path, scratch / path.name)
+        run.write_config(config_to_dict(cell.config))
+        write_json(run.metrics, {k: v for k, v in read_json(origin.metrics).items() if k != "evaluations"})
+        write_json(run.metadata, {**read_json(origin.metadata), "training_shared_with": source.id})
+        scratch.rename(cell.run_dir)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def _twin_busy(results_dir: Path, cell: Cell) -> bool:
+    """Whether another process holds the lock of the twin whose training ``cell`` is waiting for."""
+    if cell.twin is None or RunDir(cell.twin.run_dir).is_finished() or RunDir(cell.run_dir).exists():
+        return False
+    lock = _lock(results_dir, cell.twin.id)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def _lock(results_dir: Path, name: str) -> FileLock:
@@ -591,6 +664,10 @@ def run_experiment(
     deferred: list[Cell] = []
     for index, cell in enumerate(plan.cells, 1):
         log(f"cell {index}/{len(plan.cells)}: {cell.id}")
+        if _twin_busy(plan.results_dir, cell):
+            log(f"[{cell.id}] waits for {cell.twin.id}, whose training it shares; coming back to it later")
+            deferred.append(cell)
+            continue
         lock = _lock(plan.results_dir, cell.id)
         try:
             lock.acquire(timeout=0)
@@ -604,6 +681,9 @@ def run_experiment(
             lock.release()
         collect_results(plan, result.failed)  # keep results current: a partly done grid can be reported
     for cell in deferred if wait_for_locked else []:
+        if cell.twin is not None:
+            with _lock(plan.results_dir, cell.twin.id):  # its owner has finished it (or failed)
+                pass
         with _lock(plan.results_dir, cell.id):
             _run_locked(cell, plan, data, result, progress, log, isolate)
     result.rows = collect_results(plan, result.failed)

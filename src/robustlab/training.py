@@ -165,6 +165,26 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
     return False
 
 
+def _selection_rule(objective: Objective, config: RunConfig) -> str:
+    """``train.select``, unless the objective imposes its own rule (the hybrid's best-robust checkpoint)."""
+    return objective.select or config.train.select
+
+
+def _measures_val_robust(objective: Objective, config: RunConfig) -> bool:
+    return objective.needs_val_robust or _selection_rule(objective, config) == "val_robust"
+
+
+def training_uses_eps(config: RunConfig) -> bool:
+    """Whether ``threat.eps`` can change what training ``config`` produces (weights or history).
+
+    False only when the objective ignores the budget (``Objective.uses_eps``) and no validation PGD
+    runs (it attacks at ``threat.eps`` and may pick the checkpoint): then runs that differ only in
+    eps are the same training, which an experiment grid runs once.
+    """
+    objective = build_objective(config.defense.name, config.defense.params)
+    return objective.uses_eps or _measures_val_robust(objective, config)
+
+
 class Trainer:
     """Runs one config to completion in one run directory."""
 
@@ -252,7 +272,7 @@ class Trainer:
         t = self.config.train
         self.model.eval()
         metrics = {"val_clean_acc": accuracy(self.model, self.data.val)}
-        if self.objective.needs_val_robust or self._select() == "val_robust":
+        if _measures_val_robust(self.objective, self.config):
             eps, norm = self.config.threat.eps, self.config.threat.norm
             attack = partial(
                 pgd, eps=eps, norm=norm, steps=t.val_attack_steps, generator=self.generator, early_stop=True
@@ -261,8 +281,7 @@ class Trainer:
         return metrics
 
     def _select(self) -> str:
-        """``train.select``, unless the objective imposes its own rule (the hybrid's best-robust checkpoint)."""
-        return self.objective.select or self.config.train.select
+        return _selection_rule(self.objective, self.config)
 
     def _score(self, metrics: dict[str, float]) -> float:
         select = self._select()

@@ -63,12 +63,15 @@ class Objective:
     """A training defence. Subclasses set ``name``, ``Params`` and implement ``loss``.
 
     ``needs_val_robust``: ask the loop to measure validation PGD accuracy every epoch.
+    ``uses_eps``: whether the loss reads the threat budget (``TrainState.eps``); an objective that does
+    not is trained once for all the eps values of an experiment grid.
     ``select``: a checkpoint rule the objective imposes (``"val_robust"``) instead of ``train.select``.
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
     needs_val_robust: ClassVar[bool] = False
+    uses_eps: ClassVar[bool] = True
 
     def __init__(self, params: ObjectiveParams | None = None) -> None:
         self.params = params if params is not None else self.Params()

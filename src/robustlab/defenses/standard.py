@@ -13,6 +13,7 @@ class StandardObjective(Objective):
     """``CE(f(x), y)``: the undefended baseline every defence is compared with."""
 
     name = "standard"
+    uses_eps = False
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState):
         logits = model(x)
