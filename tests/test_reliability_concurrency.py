@@ -87,6 +87,32 @@ def test_two_experiment_processes_share_one_results_dir(tmp_path):
     assert evaluated == Counter(cells), logs
 
 
+def test_two_processes_train_eps_twins_once_and_evaluate_each_cell(tmp_path):
+    """Standard training ignores eps: of each (seed, eps 0.05 / 0.1) pair only the first cell trains.
+
+    Whichever process reaches the eps-0.1 cell while the other one trains its twin waits for it, so
+    across both processes each training runs once and each of the four cells is evaluated once.
+    """
+    spec = {**EXPERIMENT, "grid": {"defenses": ["standard"], "seeds": [0, 1], "eps": [0.05, 0.1]}}
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    results = tmp_path / "results"
+    processes = [_start(config, results) for _ in range(2)]
+    outputs = [process.communicate(timeout=900) for process in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err
+    logs = [out for out, _ in outputs]
+    first = [f"digits-lenet5-standard-eps0.05-s{seed}" for seed in (0, 1)]
+    second = [f"digits-lenet5-standard-eps0.1-s{seed}" for seed in (0, 1)]
+    assert _work_done(logs, "training") == Counter(first), logs
+    shared = Counter(line[1 : line.index("]")] for text in logs for line in text.splitlines()
+                     if "] sharing the training of " in line)
+    assert shared == Counter(second), logs
+    assert _work_done(logs, "evaluating") == Counter(first + second), logs
+    for cell in first + second:
+        assert_run_files_parse(results / "runs" / cell)
+
+
 def test_workers_option_runs_each_cell_once_and_reports_once(tmp_path):
     """``--workers 2`` starts two worker processes on the grid; the parent writes the report at the end."""
     config = tmp_path / "experiment.yaml"

@@ -25,8 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a message or log line stays one line (greppable in a log file); tables still fit the width
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config file (optional; flags and --set override it)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config field: section.key=value")]
@@ -195,11 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="robustlab")
     except RobustlabError as error:
-        err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"error: {error}", markup=False, highlight=False)
         sys.exit(2)
     except OSError as error:  # the environment, not the input: a full disk, a read-only or missing folder
         where = f": {error.filename}" if error.filename else ""
-        err_console.print(f"error: {error.strerror or error}{where}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"error: {error.strerror or error}{where}", markup=False, highlight=False)
         sys.exit(1)
 
 

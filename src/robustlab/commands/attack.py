@@ -149,7 +149,6 @@ def attack(
         f"{100 * robust:.2f}% (clean {100 * float((clean_all == y_all).mean()):.2f}%) -> {out}",
         markup=False,
         highlight=False,
-        soft_wrap=True,
     )
 
 
