@@ -794,6 +794,8 @@ def cell_row(cell: Cell) -> dict[str, Any]:
     for key in ("train_seconds", "seconds_per_epoch", "peak_memory_mb", "device"):
         row[key] = cost.get(key)
     row["selected_epoch"] = metrics.get("selected_epoch")
+    if run.is_finished():
+        row["training_shared_with"] = read_json(run.metadata).get("training_shared_with")
     audit_path = cell.run_dir / "audit.json"
     if audit_path.exists():
         audit = read_json(audit_path)

@@ -218,10 +218,13 @@ def table2(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
         )
     reference = stats.get(STANDARD)
     for defense, s in stats.items():
+        source = "measured (robustlab)" if s["seeds"] else f"not measured (cell {'/'.join(s['statuses'])})"
+        if s.get("shared_training"):  # eps-independent training, run once for the grid's first eps
+            source += f"; training shared with {', '.join(s['shared_training'])}"
         rows.append(
             [
                 defense,
-                "measured (robustlab)" if s["seeds"] else f"not measured (cell {'/'.join(s['statuses'])})",
+                source,
                 _number(s["train_seconds"]) + " s",
                 _number(s["seconds_per_epoch"], "{:.2f}"),
                 _number(s["peak_memory_mb"], "{:.0f}") + " MB",

@@ -135,6 +135,7 @@ def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "seconds_per_epoch": Stat.of([r.get("seconds_per_epoch") for r in finished]),
         "peak_memory_mb": Stat.of([r.get("peak_memory_mb") for r in finished]),
         "devices": sorted({str(r.get("device")) for r in finished if r.get("device")}),
+        "shared_training": sorted({str(r["training_shared_with"]) for r in finished if r.get("training_shared_with")}),
         "audit": sorted({str(r["audit_verdict"]) for r in finished if r.get("audit_verdict")}),
         "attack_labels": {k: ", ".join(sorted(v)) for k, v in labels.items()},
         "failed": [r["cell"] for r in rows if r.get("status") == "failed"],
