@@ -123,12 +123,12 @@ def test_hybrid_guard_catches_fgsm_that_never_became_pgd_robust():
     objective = build_objective("hybrid", {"ramp_epochs": 1})
     state = TrainState(epoch=0, epochs=3, step=10, steps_per_epoch=10, eps=0.3)
     objective._adv_correct, objective._batches = 7.0, 10  # train FGSM acc 0.7 at eps_t = eps
-    assert objective.on_epoch_end(state, {"val_clean_acc": 0.96, "val_robust_acc": 0.5})["attack"] == "fgsm-2"
+    assert objective.on_epoch_end(state, {"val_clean_acc": 0.96, "val_robust_acc": 0.5})["attack"] == "fgsm"
     assert objective.on_epoch_end(state, {"val_clean_acc": 0.96, "val_robust_acc": 0.07})["attack"] == "pgd-2"
     state = TrainState(epoch=0, epochs=3, step=5, steps_per_epoch=10, eps=0.3)  # still ramping: no verdict
     ramping = build_objective("hybrid", {"ramp_epochs": 1})
     ramping._adv_correct, ramping._batches = 7.0, 10
-    assert ramping.on_epoch_end(state, {"val_clean_acc": 0.96, "val_robust_acc": 0.07})["attack"] == "fgsm-2"
+    assert ramping.on_epoch_end(state, {"val_clean_acc": 0.96, "val_robust_acc": 0.07})["attack"] == "fgsm"
 
 
 def test_every_defence_registered():

@@ -147,7 +147,8 @@ class HybridObjective(AdversarialObjective):
             )
         self.best_val_robust = max(self.best_val_robust, robust)
         self.alpha = adaptive_alpha(clean, robust, self.alpha, p.alpha_ema, p.alpha_min, p.alpha_max)
-        return {"eps_t": self.eps_t(state), "alpha_next": self.alpha, "attack": f"{self.attack}-{self.attack_steps}"}
+        attack = "fgsm" if self.attack == "fgsm" else f"pgd-{self.attack_steps}"
+        return {"eps_t": self.eps_t(state), "alpha_next": self.alpha, "attack": attack}
 
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "attack": self.attack, "attack_steps": self.attack_steps,
