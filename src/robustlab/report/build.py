@@ -92,11 +92,11 @@ def pct(stat: Stat | float | None) -> str:
     return f"{100 * stat.mean:.1f} ± {100 * stat.std:.1f}"
 
 
-def _number(stat: Stat | None, fmt: str = "{:.1f}") -> str:
+def _number(stat: Stat | None, fmt: str = "{:.1f}", unit: str = "") -> str:
     if stat is None:
         return "-"
     text = fmt.format(stat.mean)
-    return text if stat.std is None else f"{text} ± {fmt.format(stat.std)}"
+    return (text if stat.std is None else f"{text} ± {fmt.format(stat.std)}") + unit
 
 
 def _ratio(value: Stat | None, reference: Stat | None) -> str:
@@ -225,9 +225,9 @@ def table2(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
             [
                 defense,
                 source,
-                _number(s["train_seconds"]) + " s",
+                _number(s["train_seconds"], unit=" s"),
                 _number(s["seconds_per_epoch"], "{:.2f}"),
-                _number(s["peak_memory_mb"], "{:.0f}") + " MB",
+                _number(s["peak_memory_mb"], "{:.0f}", " MB"),
                 _ratio(s["train_seconds"], reference and reference["train_seconds"]),
                 _ratio(s["peak_memory_mb"], reference and reference["peak_memory_mb"]),
                 ", ".join(s["devices"]) or "-",
