@@ -131,6 +131,20 @@ def test_hybrid_guard_catches_fgsm_that_never_became_pgd_robust():
     assert ramping.on_epoch_end(state, {"val_clean_acc": 0.96, "val_robust_acc": 0.07})["attack"] == "fgsm"
 
 
+def test_hybrid_guard_ignores_a_drop_at_the_noise_floor():
+    """Early in a ramp to eps 0.3 val PGD at the target eps is ~0: 1% -> 0% is not catastrophic overfitting."""
+    objective = build_objective("hybrid", {})
+    state = TrainState(epoch=0, epochs=50, step=10, steps_per_epoch=10, eps=0.3)  # eps_t still ramping
+    objective._adv_correct, objective._batches = 9.5, 10  # train FGSM acc 0.95 at the small eps_t
+    assert objective.on_epoch_end(state, {"val_clean_acc": 0.97, "val_robust_acc": 0.01})["attack"] == "fgsm"
+    assert objective.on_epoch_end(state, {"val_clean_acc": 0.98, "val_robust_acc": 0.0})["attack"] == "fgsm"
+    assert not state.log
+    collapsing = build_objective("hybrid", {})
+    collapsing._adv_correct, collapsing._batches = 9.5, 10
+    collapsing.on_epoch_end(state, {"val_clean_acc": 0.97, "val_robust_acc": 0.4})
+    assert collapsing.on_epoch_end(state, {"val_clean_acc": 0.98, "val_robust_acc": 0.05})["attack"] == "pgd-2"
+
+
 def test_every_defence_registered():
     expected = {"standard", "pgd_at", "trades", "mart", "fast_at", "lipschitz", "hybrid", "feature_squeezing",
                 "noise_injection", "autoencoder"}

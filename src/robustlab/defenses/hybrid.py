@@ -15,7 +15,9 @@ Our reading (``DESIGN.md``, "The hybrid defence, made precise"), every free choi
 5. Refinement (§3.3 step 4): the run keeps the checkpoint with the best validation PGD accuracy
    (``select``), and a catastrophic-overfitting guard (Wong et al. 2020 §5) switches the FGSM
    augmentation to PGD-2 for the remaining epochs when the validation PGD accuracy collapses (below
-   ``co_drop`` x its best) while the training FGSM accuracy stays high (>= ``co_train_acc``), or, once
+   ``co_drop`` x its best, a best of at least ``co_min_best``: early in a ramp to a large eps the
+   accuracy at the target eps sits near 0, where 1% -> 0% is noise, not a collapse) while the
+   training FGSM accuracy stays high (>= ``co_train_acc``), or, once
    the ramp has reached eps, when the training FGSM accuracy exceeds the validation PGD accuracy by
    ``co_gap`` or more (PGD never rose: single-step training that only learned to mask FGSM). The event
    goes to the history's ``events`` column.
@@ -71,6 +73,9 @@ class HybridParams(CraftParams):
     )
     co_guard: bool = Field(default=True, description="catastrophic-overfitting guard (switch FGSM -> PGD-2)")
     co_drop: float = Field(default=0.5, gt=0.0, lt=1.0, description="collapse: val PGD acc < co_drop * best")
+    co_min_best: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="...of a best val PGD acc >= this (lower is noise at the floor)"
+    )
     co_train_acc: float = Field(default=0.5, ge=0.0, le=1.0, description="...while train FGSM acc >= this")
     co_gap: float = Field(default=0.3, gt=0.0, le=1.0, description="or train FGSM acc - val PGD acc >= this")
 
@@ -137,7 +142,8 @@ class HybridObjective(AdversarialObjective):
         p = self.params
         clean, robust = val_metrics["val_clean_acc"], val_metrics["val_robust_acc"]
         train_adv_acc = self._adv_correct / max(1, self._batches)
-        collapsed = robust < p.co_drop * self.best_val_robust and train_adv_acc >= p.co_train_acc
+        best = self.best_val_robust
+        collapsed = best >= p.co_min_best and robust < p.co_drop * best and train_adv_acc >= p.co_train_acc
         masked = self.eps_t(state) >= state.eps and train_adv_acc - robust >= p.co_gap
         if p.co_guard and self.attack == "fgsm" and (collapsed or masked):
             self.attack, self.attack_steps = "pgd", 2
