@@ -71,16 +71,21 @@ def _check_results(results: Path) -> list[str]:
     return cells
 
 
-def test_two_experiment_processes_share_one_results_dir(tmp_path):
+def _run_two(spec: dict, tmp_path: Path) -> tuple[Path, list[str]]:
+    """Start two experiment processes together on ``spec``; both must succeed. Returns (results, stdouts)."""
     config = tmp_path / "experiment.yaml"
-    config.write_text(yaml.safe_dump(EXPERIMENT))
+    config.write_text(yaml.safe_dump(spec))
     results = tmp_path / "results"
     processes = [_start(config, results) for _ in range(2)]
     outputs = [process.communicate(timeout=900) for process in processes]
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err
         assert "Traceback" not in err
-    logs = [out for out, _ in outputs]
+    return results, [out for out, _ in outputs]
+
+
+def test_two_experiment_processes_share_one_results_dir(tmp_path):
+    results, logs = _run_two(EXPERIMENT, tmp_path)
     cells = _check_results(results)
     trained, evaluated = _work_done(logs, "training"), _work_done(logs, "evaluating")
     assert trained == Counter(cells), logs
@@ -94,14 +99,7 @@ def test_two_processes_train_eps_twins_once_and_evaluate_each_cell(tmp_path):
     across both processes each training runs once and each of the four cells is evaluated once.
     """
     spec = {**EXPERIMENT, "grid": {"defenses": ["standard"], "seeds": [0, 1], "eps": [0.05, 0.1]}}
-    config = tmp_path / "experiment.yaml"
-    config.write_text(yaml.safe_dump(spec))
-    results = tmp_path / "results"
-    processes = [_start(config, results) for _ in range(2)]
-    outputs = [process.communicate(timeout=900) for process in processes]
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err
-    logs = [out for out, _ in outputs]
+    results, logs = _run_two(spec, tmp_path)
     first = [f"digits-lenet5-standard-eps0.05-s{seed}" for seed in (0, 1)]
     second = [f"digits-lenet5-standard-eps0.1-s{seed}" for seed in (0, 1)]
     assert _work_done(logs, "training") == Counter(first), logs
