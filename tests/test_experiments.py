@@ -134,6 +134,67 @@ def test_paper_configs_cover_the_papers_matrix(tmp_path, name, dataset, model, s
     assert paper.cells[0].config.train.epochs == 50
 
 
+# --- where rules: settings for some cells only -----------------------------------------------------
+WARMUP_AT_LARGE_EPS = {"match": {"eps": 0.1, "defense": ["fast_at"]}, "set": {"defense": {"eps_warmup": 1}}}
+
+
+def test_where_rule_sets_only_the_cells_it_matches(tmp_path):
+    spec = tiny_experiment(defenses=["standard", "fast_at"], eps=[0.05, "1/10"])
+    spec["where"] = [WARMUP_AT_LARGE_EPS]
+    plan = plan_experiment(load_experiment(spec), tmp_path)
+    warmups = {c.id: c.config.defense.params.get("eps_warmup") for c in plan.cells}
+    assert warmups == {
+        "digits-lenet5-standard-eps0.05-s0": None, "digits-lenet5-standard-eps0.1-s0": None,
+        "digits-lenet5-fast_at-eps0.05-s0": None, "digits-lenet5-fast_at-eps0.1-s0": 1,
+    }
+    assert plan.rules == [{"source": "where[0]", **WARMUP_AT_LARGE_EPS, "cells": ["digits-lenet5-fast_at-eps0.1-s0"]}]
+
+
+def test_profile_where_rules_apply_only_under_that_profile(tmp_path):
+    spec = tiny_experiment(defenses=["fast_at"], eps=[0.1])
+    spec["profiles"] = {"large": {"where": [WARMUP_AT_LARGE_EPS]}}
+    plain = plan_experiment(load_experiment(spec), tmp_path)
+    profiled = plan_experiment(load_experiment(spec), tmp_path, profile="large")
+    assert plain.rules == [] and "eps_warmup" not in plain.cells[0].config.defense.params
+    assert profiled.rules[0]["source"] == "profiles.large.where[0]"
+    assert profiled.cells[0].config.defense.params["eps_warmup"] == 1
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ({"match": {"epsilon": 0.1}, "set": {}}, r"where\[0\]\.match\.epsilon: not a grid axis; valid: dataset,"),
+        ({"match": {"eps": "a/b"}, "set": {}}, r"where\[0\]\.match\.eps: expected a number"),
+        ({"match": {"eps": 0.3}, "set": {"train": {"lr": 0.1}}}, r"where\[0\]: matches no cell of the grid"),
+        ({"match": {"seed": 0}, "set": {"threat": {"eps": 0.2}}}, r"where\[0\]\.set\.threat\.eps: set by the grid"),
+        ({"match": {"defense": "standard"}, "set": {"defense": {"eps_warmup": 1}}},
+         r"cell digits-lenet5-standard-eps0\.1-s0 \(with where\[0\]\): .*eps_warmup"),
+        ({"match": {"seed": 0}}, r"where\.0\.set"),
+    ],
+)
+def test_bad_where_rule_fails_before_training_naming_the_rule(tmp_path, rule, message):
+    spec = tiny_experiment(defenses=["standard"], eps=[0.1])
+    spec["where"] = [rule]
+    with pytest.raises(ConfigError, match=message) as info:
+        run(spec, tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_where_rules_are_recorded_and_reported(tmp_path):
+    from robustlab.report import write_report
+
+    spec = tiny_experiment()
+    spec["where"] = [{"match": {"seed": 0}, "set": {"train": {"val_attack_steps": 3}}}]
+    out = tmp_path / "out"
+    run(spec, out)
+    recorded = json.loads((out / "experiment.json").read_text())["where"]
+    assert recorded == [{"source": "where[0]", **spec["where"][0], "cells": ["digits-lenet5-standard-eps0.1-s0"]}]
+    write_report(out)
+    assert ("Settings for some cells only (where[0]): train.val_attack_steps=3 where seed=0 "
+            "(1 cell(s): digits-lenet5-standard-eps0.1-s0).") in (out / "report.md").read_text()
+
+
 # --- running, resuming, locking -------------------------------------------------------------------
 def test_grid_runs_every_cell_and_second_run_skips_them(tmp_path):
     spec = tiny_experiment(defenses=["standard", {"name": "standard", "label": "standard_b"}], eps=[0.05, 0.1])

@@ -11,6 +11,8 @@ An experiment file holds a *base* run config (the sections of :class:`robustlab.
       eps: [0.03, 0.3]
       seeds: [0]
     evaluation: {attacks: [fgsm, pgd-20, cw_linf-30]}
+    where:                       # settings for some cells only
+      - {match: {eps: 0.3, defense: pgd_at}, set: {defense: {eps_warmup: 5}}}
     profiles:
       quick: {base: {data: {train_subset: 5000}}, evaluation: {attacks: [fgsm, pgd-10]}}
 
@@ -18,6 +20,8 @@ Two profiles are built in (paper section 4.5 and the 2-core budget of this proje
 paper's hyper-parameters (SGD, lr 0.01, batch 128, 50 epochs; momentum 0.9 and weight decay 5e-4, the
 field's defaults, because the paper does not state its optimiser) and ``quick`` trains few epochs on
 data subsets and evaluates with cheap attacks. The file's own ``profiles`` section is merged on top.
+``where`` rules (top level, or in a profile) merge settings into the cells they match, e.g. an eps
+warm-up only where the eps is large; ``experiment.json`` lists each rule with the cells it changed.
 
 Every cell is validated (names, eps range, data present) before any training starts. Each cell is a
 run directory ``RESULTS_DIR/runs/<cell-id>`` trained in its own process (so CPU peak memory is per
@@ -37,6 +41,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -62,6 +67,7 @@ from robustlab.runs import prepare_data
 __all__ = [
     "BUILTIN_PROFILES",
     "Cell",
+    "CellRule",
     "EvaluationSettings",
     "ExperimentConfig",
     "ExperimentPlan",
@@ -109,12 +115,38 @@ class EvaluationSettings(_Strict):
     audit_options: dict[str, Any] = Field(default_factory=dict)
 
 
+#: Grid axes a ``where`` rule can match on (``defense`` is the entry's label, ``defense_name`` the defence).
+MATCH_AXES = ("dataset", "model", "defense", "defense_name", "eps", "seed")
+#: Config fields the grid axes own: a rule that set them would give a cell the wrong id.
+_AXIS_FIELDS = (("seed",), ("data", "dataset"), ("model", "name"), ("defense", "name"), ("threat", "eps"))
+
+
+class CellRule(_Strict):
+    """Settings for some cells only: ``set`` is merged into the config of every cell ``match`` selects.
+
+    ``match`` maps grid axes (:data:`MATCH_AXES`) to a value or a list of values; a cell matches when
+    every axis does. Example (``configs/paper/mnist.yaml``): PGD-style training at eps 0.3 reaches its
+    budget through an eps warm-up, which the same defences at eps 0.03 do not need::
+
+        where:
+          - match: {eps: 0.3, defense: [pgd_at, trades, mart, fast_at]}
+            set: {defense: {eps_warmup: 5}}
+    """
+
+    match: dict[str, Any]
+    set: dict[str, Any]
+
+
 class Profile(_Strict):
-    """Overrides applied by ``--profile``: merged into ``base``, replacing grid axes and evaluation keys."""
+    """Overrides applied by ``--profile``: merged into ``base``, replacing grid axes and evaluation keys.
+
+    Its ``where`` rules are added to the file's own.
+    """
 
     base: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict)
+    where: list[CellRule] = Field(default_factory=list)
 
 
 class ExperimentConfig(_Strict):
@@ -123,6 +155,7 @@ class ExperimentConfig(_Strict):
     base: dict[str, Any] = Field(default_factory=dict)
     grid: GridAxes = Field(default_factory=GridAxes)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    where: list[CellRule] = Field(default_factory=list)
     profiles: dict[str, Profile] = Field(default_factory=dict)
 
 
@@ -176,6 +209,8 @@ class ExperimentPlan:
     results_dir: Path
     cells: list[Cell]
     evaluation: EvaluationSettings
+    #: the ``where`` rules in force: source location, match, set and the ids of the cells they changed
+    rules: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -227,10 +262,11 @@ def load_experiment(path: str | Path | dict[str, Any]) -> ExperimentConfig:
 
 def _apply_profile(
     config: ExperimentConfig, name: str | None
-) -> tuple[dict[str, Any], GridAxes, EvaluationSettings]:
+) -> tuple[dict[str, Any], GridAxes, EvaluationSettings, list[tuple[str, CellRule]]]:
     base, grid, evaluation = dict(config.base), config.grid.model_dump(), config.evaluation.model_dump()
+    rules = [(f"where[{i}]", rule) for i, rule in enumerate(config.where)]
     if name is None:
-        return base, config.grid, config.evaluation
+        return base, config.grid, config.evaluation, rules
     valid = sorted(set(BUILTIN_PROFILES) | set(config.profiles))
     if name not in valid:
         raise ConfigError(f"--profile: unknown profile '{name}'; valid: {', '.join(valid)}")
@@ -240,12 +276,48 @@ def _apply_profile(
         base = deep_merge(base, profile.base)
         grid.update(profile.grid)
         evaluation.update(profile.evaluation)
+        rules += [(f"profiles.{name}.where[{i}]", rule) for i, rule in enumerate(profile.where)]
     where = f"profiles.{name}"
     return (
         base,
         _validate(GridAxes, grid, f"{where}.grid"),
         _validate(EvaluationSettings, evaluation, f"{where}.evaluation"),
+        rules,
     )
+
+
+def _check_rule(location: str, rule: CellRule) -> None:
+    """Unknown axes, unreadable eps and fields the grid owns are one-line errors naming the rule."""
+    from robustlab.config import parse_number
+
+    for key, wanted in rule.match.items():
+        if key not in MATCH_AXES:
+            raise ConfigError(f"{location}.match.{key}: not a grid axis; valid: {', '.join(MATCH_AXES)}")
+        if key == "eps":
+            for value in wanted if isinstance(wanted, list) else [wanted]:
+                try:
+                    float(parse_number(value))
+                except (ValueError, TypeError) as error:
+                    raise ConfigError(f"{location}.match.eps: {error}") from None
+    for path in _AXIS_FIELDS:
+        section: Any = rule.set
+        for key in path:
+            section = section.get(key) if isinstance(section, dict) else None
+        if section is not None:
+            raise ConfigError(f"{location}.set.{'.'.join(path)}: set by the grid axes, not by a rule")
+
+
+def _rule_matches(rule: CellRule, axes: dict[str, Any]) -> bool:
+    from robustlab.config import parse_number
+
+    for key, wanted in rule.match.items():
+        options = wanted if isinstance(wanted, list) else [wanted]
+        if key == "eps":
+            if not any(math.isclose(axes["eps"], float(parse_number(o)), rel_tol=1e-9) for o in options):
+                return False
+        elif str(axes[key]) not in {str(o) for o in options}:
+            return False
+    return True
 
 
 def _slug(value: Any) -> str:
@@ -299,7 +371,10 @@ def plan_experiment(
     from robustlab.defenses import validate_defense
     from robustlab.models import validate_model_name
 
-    base, grid, evaluation = _apply_profile(config, profile)
+    base, grid, evaluation, rules = _apply_profile(config, profile)
+    for location, rule in rules:
+        _check_rule(location, rule)
+    applied: dict[str, list[str]] = {location: [] for location, _ in rules}
     for assignment in overrides or []:
         apply_override(base, assignment)
     if data_dir is not None:
@@ -349,10 +424,6 @@ def plan_experiment(
                             },
                         )
                         raw["defense"] = dict(section)
-                        try:
-                            cell_config = build_config(raw)
-                        except RobustlabError as error:
-                            raise ConfigError(f"cell {cell_id}: {error}") from None
                         axes = {
                             "dataset": dataset,
                             "model": model,
@@ -360,9 +431,21 @@ def plan_experiment(
                             "defense_name": section["name"],
                             "eps": eps,
                             "seed": seed,
-                            "norm": cell_config.threat.norm,
                         }
+                        matched = [(loc, rule) for loc, rule in rules if _rule_matches(rule, axes)]
+                        for location, rule in matched:
+                            raw = deep_merge(raw, rule.set)
+                            applied[location].append(cell_id)
+                        try:
+                            cell_config = build_config(raw)
+                        except RobustlabError as error:
+                            via = f" (with {', '.join(loc for loc, _ in matched)})" if matched else ""
+                            raise ConfigError(f"cell {cell_id}{via}: {error}") from None
+                        axes["norm"] = cell_config.threat.norm
                         cells.append(Cell(cell_id, cell_config, results_dir / "runs" / cell_id, axes))
+    unused = next((location for location, ids in applied.items() if not ids), None)
+    if unused is not None:
+        raise ConfigError(f"{unused}: matches no cell of the grid (check its match values against grid axes)")
     check_evaluation(evaluation)
     _link_twins(cells)
     ids = [c.id for c in cells]
@@ -371,7 +454,11 @@ def plan_experiment(
         raise ConfigError(
             f"grid: two cells share the id '{duplicates[0]}' (eps too close, or a defence listed twice)"
         )
-    return ExperimentPlan(config, profile, results_dir, cells, evaluation)
+    rule_records = [
+        {"source": location, "match": rule.match, "set": rule.set, "cells": applied[location]}
+        for location, rule in rules
+    ]
+    return ExperimentPlan(config, profile, results_dir, cells, evaluation, rule_records)
 
 
 def _link_twins(cells: list[Cell]) -> None:
@@ -657,6 +744,7 @@ def run_experiment(
             "description": config.description,
             "profile": profile,
             "evaluation": plan.evaluation.model_dump(mode="json"),
+            "where": plan.rules,
             "cells": [c.id for c in plan.cells],
         },
     )

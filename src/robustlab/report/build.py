@@ -114,6 +114,30 @@ def _eps_text(eps: float) -> str:
 
 
 # --- sections -------------------------------------------------------------------------------------
+def _dotted(settings: dict[str, Any], prefix: str = "") -> list[str]:
+    """``{defense: {eps_warmup: 5}}`` -> ``["defense.eps_warmup=5"]``."""
+    out = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={value}")
+    return out
+
+
+def rule_text(rule: dict[str, Any]) -> str:
+    """One sentence for an experiment's ``where`` rule: which cells got which settings."""
+    match = " and ".join(
+        f"{key} in {{{', '.join(map(str, value))}}}" if isinstance(value, list) else f"{key}={value}"
+        for key, value in rule["match"].items()
+    )
+    cells = rule.get("cells") or []
+    return (
+        f"Settings for some cells only ({rule['source']}): {', '.join(_dotted(rule['set']))} "
+        f"where {match} ({len(cells)} cell(s): {', '.join(cells)})."
+    )
+
+
 def _claims_for(claims: dict[str, Any], table: str, dataset: str, model: str) -> list[dict[str, Any]]:
     return [r for r in claims[table]["rows"] if r["dataset"] == dataset and r["model"] == model]
 
@@ -457,6 +481,8 @@ def build_document(results_dir: str | Path) -> Document:
         doc.add(
             Paragraph("Evaluation settings: " + ", ".join(f"{k}={v}" for k, v in evaluation.items() if v))
         )
+    for rule in results.settings.get("where") or []:
+        doc.add(Paragraph(rule_text(rule)))
     failed = [r for r in results.rows if r.get("status") == "failed"]
     if failed:
         doc.add(Paragraph("Failed cells: " + "; ".join(f"{r['cell']}: {r.get('error', '')}" for r in failed)))
