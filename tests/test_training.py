@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import yaml
 from robustlab.errors import RobustlabError
 from robustlab.rundir import RunDir, read_csv
 from robustlab.runs import load_run
-from robustlab.training import train
+from robustlab.training import stalled_at_chance, train
 from tests.conftest import requires_mnist, shared_data_dir
 
 
@@ -56,6 +57,23 @@ def test_run_saved_with_a_retired_config_key_still_loads(tmp_path, digits):
 def test_training_learns(tmp_path, digits):
     result = train(tiny_config(epochs=6), tmp_path / "run", progress=False, data=digits)
     assert result.metrics["clean_accuracy"] > 0.85
+
+
+def test_stalled_at_chance_needs_three_chance_epochs_in_a_row():
+    rows = [{"val_clean_acc": a} for a in (0.11, 0.12, 0.9, 0.1, 0.1)]
+    assert not stalled_at_chance(rows, num_classes=10)
+    assert stalled_at_chance([*rows, {"val_clean_acc": 0}], num_classes=10)
+    assert not stalled_at_chance([*rows, {"val_clean_acc": 0.15}], num_classes=10), "1.5x chance is learning"
+    assert not stalled_at_chance(rows[-2:], num_classes=10)
+
+
+def test_training_stuck_at_chance_is_reported_once_while_it_runs(tmp_path, digits, monkeypatch, capsys):
+    monkeypatch.setattr("robustlab.training.accuracy", lambda model, split, *a, **k: 0.1)  # a stalled network
+    small = dataclasses.replace(digits, train=digits.train.head(256))
+    result = train(tiny_config(epochs=4), tmp_path / "run", progress=False, data=small)
+    events = [row.get("events") or "" for row in read_csv(RunDir(result.run_dir).history)]
+    assert ["stalled" in e for e in events] == [False, False, True, False]
+    assert capsys.readouterr().err.count("warning:") == 1 and "defense.eps_warmup" in events[2]
 
 
 def test_finished_run_is_never_overwritten_silently(tmp_path, digits):

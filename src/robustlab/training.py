@@ -165,6 +165,21 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
     return False
 
 
+#: Epochs in a row at chance-level validation accuracy after which the Trainer says training stalled.
+STALL_EPOCHS = 3
+
+
+def stalled_at_chance(history: list[dict[str, Any]], num_classes: int, epochs: int = STALL_EPOCHS) -> bool:
+    """Whether each of the last ``epochs`` epochs left clean validation accuracy below 1.5x chance.
+
+    The signature of adversarial training that never left its first plateau (PGD-AT at MNIST eps 0.3
+    from the first batch: loss 2.30, one class predicted): worth a warning while it runs, not after
+    50 epochs.
+    """
+    recent = [row.get("val_clean_acc") for row in history[-epochs:]]
+    return len(recent) == epochs and all(isinstance(a, int | float) and a < 1.5 / num_classes for a in recent)
+
+
 def _selection_rule(objective: Objective, config: RunConfig) -> str:
     """``train.select``, unless the objective imposes its own rule (the hybrid's best-robust checkpoint)."""
     return objective.select or config.train.select
@@ -363,9 +378,17 @@ class Trainer:
             row.update(self.objective.on_epoch_end(state, val))
             row["epoch_seconds"] = round(seconds, 3)
             row["peak_memory_mb"] = round(peak_memory_mb(self.device), 1)
+            self.history.append(row)
+            if stalled_at_chance(self.history, self.data.num_classes) and not stalled_at_chance(
+                self.history[:-1], self.data.num_classes
+            ):
+                state.log.append(
+                    f"stalled: val clean accuracy at chance for {STALL_EPOCHS} epochs; lower train.lr, or "
+                    "warm the budget up (defense.eps_warmup) for adversarial training at a large eps"
+                )
+                tqdm.write(f"warning: {self.run.path}: {state.log[-1]}", file=sys.stderr)
             if state.log:
                 row["events"] = " | ".join(state.log)
-            self.history.append(row)
             score = self._score(val)
             if score >= self.best_score or epoch == 0:
                 self.best_score = max(score, self.best_score)
