@@ -12,7 +12,7 @@ from filelock import FileLock
 
 from robustlab.defenses import DEFENSES
 from robustlab.errors import ConfigError
-from robustlab.experiments import BUILTIN_PROFILES, load_experiment, plan_experiment, run_experiment
+from robustlab.experiments import BUILTIN_PROFILES, cell_row, load_experiment, plan_experiment, run_experiment
 from robustlab.rundir import RunDir, read_csv
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
@@ -238,6 +238,8 @@ def test_interrupted_cell_resumes_from_last_epoch(tmp_path, monkeypatch):
         run(spec, out)
     cell = out / "runs" / "digits-lenet5-standard-eps0.1-s0"
     assert not RunDir(cell).is_finished() and len(read_csv(cell / "history.csv")) == 1
+    row = cell_row(plan_experiment(load_experiment(spec), out).cells[0])
+    assert (row["status"], row["epochs_done"], row["epochs"]) == ("running", 1, 2)
     lines: list[str] = []
     result = run_experiment(load_experiment(spec), out, log=lines.append, isolate=False)
     assert any("(resuming)" in line for line in lines)

@@ -89,6 +89,13 @@ def test_claimed_rows_are_labelled_and_taken_from_the_paper():
     assert table.rows[1][:3] == ["LeNet-5 + Hybrid (hybrid)", "claimed (paper)", "99.1"]
 
 
+def test_unmeasured_rows_say_how_far_their_cells_got():
+    empty = {"seeds": 0, "failed": [], "attack_labels": {}, "audit": [], "statuses": ["running"],
+             "progress": ["22/50 epochs"]}
+    empty.update({k: None for k in ("clean", "pgd", "worst_case", "gap_worst_case", "gap_cw")})
+    assert table1({"pgd_at": empty}, []).rows[0][1] == "not measured (cell running: 22/50 epochs)"
+
+
 def test_paper_claims_transcription_is_internally_consistent():
     """Paper Table 1 defines gap = clean - CW; every row satisfies it except the one the JSON flags."""
     claims = load_claims()

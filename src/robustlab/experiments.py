@@ -61,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from robustlab.config import RunConfig, build_config, config_to_dict, deep_merge, read_yaml
 from robustlab.data import DatasetSplits
 from robustlab.errors import CheckpointError, ConfigError, RobustlabError
-from robustlab.rundir import RunDir, read_json, write_csv, write_json
+from robustlab.rundir import RunDir, read_csv, read_json, write_csv, write_json
 from robustlab.runs import prepare_data
 
 __all__ = [
@@ -866,6 +866,9 @@ def cell_row(cell: Cell) -> dict[str, Any]:
         row.update(status="failed", error=state["error"])
     else:
         row["status"] = "finished" if run.is_finished() else ("running" if run.exists() else "pending")
+    if row["status"] == "running":  # started, not finished: how far training got (a grid takes hours)
+        row["epochs_done"] = len(read_csv(run.history)) if run.history.exists() else 0
+        row["epochs"] = cell.config.train.epochs
     metrics = read_json(run.metrics) if run.metrics.exists() else {}
     entry = _evaluation_entry(cell)
     if entry is not None:

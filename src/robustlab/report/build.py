@@ -138,6 +138,12 @@ def rule_text(rule: dict[str, Any]) -> str:
     )
 
 
+def _not_measured(stats: dict[str, Any]) -> str:
+    """``not measured (cell running: 22/50 epochs)``: a defence with no finished cell, and how far it got."""
+    progress = f": {', '.join(stats['progress'])}" if stats.get("progress") else ""
+    return f"not measured (cell {'/'.join(stats['statuses'])}{progress})"
+
+
 def _claims_for(claims: dict[str, Any], table: str, dataset: str, model: str) -> list[dict[str, Any]]:
     return [r for r in claims[table]["rows"] if r["dataset"] == dataset and r["model"] == model]
 
@@ -188,7 +194,7 @@ def table1(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
             f"{h}={s['attack_labels'][k]}" for k, h, _ in ATTACK_COLUMNS if k in s["attack_labels"]
         )
         if not s["seeds"]:
-            source = f"not measured (cell {'/'.join(s['statuses'])})"
+            source = _not_measured(s)
         elif attacks:
             source = f"measured (robustlab, attack={attacks})"
         else:
@@ -242,7 +248,7 @@ def table2(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
         )
     reference = stats.get(STANDARD)
     for defense, s in stats.items():
-        source = "measured (robustlab)" if s["seeds"] else f"not measured (cell {'/'.join(s['statuses'])})"
+        source = "measured (robustlab)" if s["seeds"] else _not_measured(s)
         if s.get("shared_training"):  # eps-independent training, run once for the grid's first eps
             source += f"; training shared with {', '.join(s['shared_training'])}"
         rows.append(

@@ -140,6 +140,7 @@ def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "attack_labels": {k: ", ".join(sorted(v)) for k, v in labels.items()},
         "failed": [r["cell"] for r in rows if r.get("status") == "failed"],
         "statuses": sorted({str(r.get("status")) for r in rows}),
+        "progress": [f"{r['epochs_done']}/{r['epochs']} epochs" for r in rows if "epochs_done" in r],
     }
     for key, values in per_attack.items():
         out[key] = Stat.of(values)
