@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from robustlab.attacks import apgd, carlini_wagner_l2, fgsm, pgd
+from robustlab.attacks import apgd, carlini_wagner_l2, fgsm, pgd, square
 from robustlab.runs import load_run
 
 
@@ -117,6 +117,12 @@ def main() -> None:
             f"eps={eps}, 100 steps, 1 restart",
             lambda xs, ys: apgd(model, xs, ys, eps=eps, steps=100, early_stop=False, generator=seeded()),
             lambda xs, ys: torchattacks.APGD(model, eps=eps, steps=100, seed=0)(xs, ys),
+            None,
+        ),
+        "Square": (
+            f"eps={eps}, 1000 queries, p_init=0.8, 1 restart",
+            lambda xs, ys: square(model, xs, ys, eps=eps, queries=1000, generator=seeded()),
+            lambda xs, ys: torchattacks.Square(model, eps=eps, n_queries=1000, p_init=0.8, seed=0)(xs, ys),
             None,
         ),
     }

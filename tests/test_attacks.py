@@ -28,7 +28,7 @@ from robustlab.attacks import (
 from robustlab.attacks.apgd import checkpoints
 from robustlab.attacks.core import lp_norm
 from robustlab.attacks.fab import project_to_hyperplane
-from robustlab.attacks.square import pseudo_gaussian_tile, square_size_fraction
+from robustlab.attacks.square import _linf_proposal, _other_colours, pseudo_gaussian_tile, square_size_fraction
 from robustlab.defenses.preprocessing import Defended, InputTransform
 from robustlab.errors import RobustlabError
 
@@ -197,6 +197,26 @@ def test_square_schedule_and_tile():
     tile = pseudo_gaussian_tile(7, torch.Generator().manual_seed(0))
     assert tile.shape == (7, 7) and float(tile.norm()) == pytest.approx(1.0)
     assert bool((tile > 0).any()) and bool((tile < 0).any())  # two halves of opposite sign
+
+
+def test_square_replacement_colour_is_uniform_over_the_other_colours():
+    g = torch.Generator().manual_seed(0)
+    grey = torch.ones(4000, 1, 1, 1)
+    assert torch.equal(_other_colours(grey, g), -grey), "one channel: the only other colour"
+    rgb = torch.ones(7000, 3, 1, 1)
+    codes = (_other_colours(rgb, g).flatten(1) < 0).long() @ torch.tensor([1, 2, 4])
+    counts = torch.bincount(codes, minlength=8)
+    assert counts[0] == 0, "the rejected colour is never drawn again"
+    assert counts[1:].min() > 850 and counts[1:].max() < 1150  # 1000 expected for each of the 7
+
+
+def test_square_linf_proposal_always_changes_the_image():
+    g = torch.Generator().manual_seed(0)
+    xs = torch.zeros(64, 1, 8, 8)  # black images: -eps clips away, only +eps changes a pixel
+    cur = xs.clone()
+    candidate = _linf_proposal(xs, cur, 0.3, 0.1, g)
+    assert bool(((candidate - cur).abs().flatten(1).amax(1) > 0).all())
+    assert float(candidate.max()) == pytest.approx(0.3) and float(candidate.min()) == 0.0
 
 
 def test_square_breaks_a_linear_model_without_gradients():

@@ -158,20 +158,42 @@ def _linf_init(x: torch.Tensor, eps: float, generator: torch.Generator | None) -
 def _linf_proposal(
     xs: torch.Tensor, cur: torch.Tensor, eps: float, p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Set a random square of side ``round(sqrt(p H W))`` to a fresh +-eps per channel."""
+    """Set a random square of side ``round(sqrt(p H W))`` to a fresh +-eps per channel.
+
+    A colour that leaves the image unchanged (the square already holds it, or clipping to [0, 1] undoes
+    it) is replaced, for that sample only, until the image changes (paper, Algorithm 2). The
+    replacement is uniform over the other colours (a random non-empty set of channel signs flipped),
+    so the colour kept is still uniform over the colours that change the image, and a one-channel
+    image needs at most one replacement.
+    """
     m, c, h, w = xs.shape
     s = min(max(round(math.sqrt(p * h * w)), 1), h - 1)
-    mask = _square_masks(m, h, w, s, generator, xs.device)
-    values = eps * _signs((m, c, 1, 1), generator, xs.device)
+    mask = _square_masks(m, h, w, s, generator, xs.device).bool()
     delta = cur - xs
-    for _ in range(100):  # resample the square's colour until it changes the image (paper, Alg. 2)
-        candidate = (xs + torch.where(mask.bool(), values, delta)).clamp(0, 1)
-        changes = ((candidate - cur).abs() * mask).flatten(1).amax(1) > 1e-7
-        if bool(changes.all()):
+
+    def paint(rows: torch.Tensor | slice, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidates of ``rows`` with their squares painted ``values``, and which ones changed."""
+        candidate = (xs[rows] + torch.where(mask[rows], values, delta[rows])).clamp(0, 1)
+        changed = ((candidate - cur[rows]).abs() * mask[rows]).flatten(1).amax(1) > 1e-7
+        return candidate, changed
+
+    values = eps * _signs((m, c, 1, 1), generator, xs.device)
+    candidate, changed = paint(slice(None), values)
+    for _ in range(100):
+        redo = (~changed).nonzero().squeeze(1)
+        if redo.numel() == 0:
             break
-        redo = per_sample(~changes, values)
-        values = torch.where(redo, eps * _signs(tuple(values.shape), generator, xs.device), values)
+        values[redo] = _other_colours(values[redo], generator)
+        candidate[redo], changed[redo] = paint(redo, values[redo])
     return clip_to_ball(candidate, xs, eps, "linf")
+
+
+def _other_colours(values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Each (N, C, 1, 1) colour with a uniformly random non-empty subset of its channel signs flipped."""
+    n, c = values.shape[:2]
+    subset = (_rand((n,), generator, values.device) * (2**c - 1)).long().clamp(max=2**c - 2) + 1
+    bits = (subset[:, None] >> torch.arange(c, device=values.device)) & 1
+    return values * (1 - 2 * bits).to(values.dtype).view(n, c, 1, 1)
 
 
 def _l2_init(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
