@@ -247,8 +247,11 @@ def test_bad_npz_and_folder_datasets(tmp_path, capsys):
             ["train", "--dataset", f"npz:{tmp_path / name}", "--out", str(tmp_path / "r")], capsys
         )
         assert_one_error_line(code, err, message)
+        assert not (tmp_path / "r").exists(), "a config that cannot load its data left a run directory"
     (tmp_path / "folder" / "train" / "cat").mkdir(parents=True)
-    code, _, err = main_in_process(["train", "--dataset", f"folder:{tmp_path / 'folder'}"], capsys)
+    code, _, err = main_in_process(
+        ["train", "--dataset", f"folder:{tmp_path / 'folder'}", "--out", str(tmp_path / "r")], capsys
+    )
     assert_one_error_line(code, err, "expected", "--data-dir")
 
 

@@ -82,6 +82,10 @@ def test_finished_run_is_never_overwritten_silently(tmp_path, digits):
     with pytest.raises(RobustlabError, match="--overwrite"):
         train(tiny_config(epochs=1), tmp_path / "run", progress=False, data=digits)
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    broken = {**tiny_config(epochs=1), "data": {"dataset": "npz:" + str(tmp_path / "missing.npz")}}
+    with pytest.raises(RobustlabError, match="not found"):
+        train(broken, tmp_path / "run", progress=False, overwrite=True)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before, "--overwrite deleted a run for nothing"
     train(tiny_config(epochs=1, lr=0.001), tmp_path / "run", progress=False, data=digits, overwrite=True)
     assert (tmp_path / "run" / "model.safetensors").read_bytes() != before
 

@@ -214,12 +214,14 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run = RunDir(run_dir)
-        self.resuming = _prepare_run_dir(self.run, config, overwrite)
         self.progress = progress
         self.device = select_device(config.train.device)
         seed_everything(config.seed, config.train.deterministic)
         self.data = data if data is not None else prepare_data(config)
         self.model = prepare_model(config, self.data).to(self.device)
+        # only now, with data and model in hand: a config that cannot load leaves no empty run directory
+        # behind, and --overwrite never deletes a run for one that cannot train
+        self.resuming = _prepare_run_dir(self.run, config, overwrite)
         if config.train.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objective: Objective = build_objective(config.defense.name, config.defense.params)
