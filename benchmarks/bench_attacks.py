@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from robustlab.attacks import apgd, carlini_wagner_l2, fgsm, pgd, square
+from robustlab.attacks import apgd, carlini_wagner_l2, fab_t, fgsm, pgd, square
 from robustlab.runs import load_run
 
 
@@ -117,6 +117,14 @@ def main() -> None:
             f"eps={eps}, 100 steps, 1 restart",
             lambda xs, ys: apgd(model, xs, ys, eps=eps, steps=100, early_stop=False, generator=seeded()),
             lambda xs, ys: torchattacks.APGD(model, eps=eps, steps=100, seed=0)(xs, ys),
+            None,
+        ),
+        "FAB-T": (
+            f"eps={eps}, 10 steps, 9 target classes, 1 restart",
+            lambda xs, ys: fab_t(model, xs, ys, eps=eps, steps=10, n_target_classes=9, generator=seeded()),
+            lambda xs, ys: torchattacks.FAB(model, eps=eps, steps=10, multi_targeted=True, n_classes=10, seed=0)(
+                xs, ys
+            ),
             None,
         ),
         "Square": (
