@@ -113,6 +113,8 @@ def test_resume_after_kill_between_epochs_matches_uninterrupted(tmp_path, digits
     ref_rows, rows = read_csv(reference.run_dir / "history.csv"), read_csv(resumed.run_dir / "history.csv")
     assert [r["train_loss"] for r in rows] == pytest.approx([r["train_loss"] for r in ref_rows], rel=1e-4)
     assert resumed.metrics["clean_accuracy"] == pytest.approx(reference.metrics["clean_accuracy"])
+    epochs = [line.split(",")[0] for line in (resumed.run_dir / "history.csv").read_text().splitlines()]
+    assert epochs == ["epoch", "1", "2", "3"], "rows rewritten on resume must keep their integer epochs"
 
 
 def test_unfinished_run_with_other_config_is_refused(tmp_path, digits, monkeypatch):

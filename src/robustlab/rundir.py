@@ -124,7 +124,7 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Read a history CSV back, converting numeric cells to float."""
+    """Read a history CSV back, converting numeric cells to int or float (as they were written)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -138,10 +138,12 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
 def _number(text: str | None) -> Any:
     if text is None or text == "":
         return None
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    for parse in (int, float):  # an epoch number read back stays "3", not "3.0", when rewritten on resume
+        try:
+            return parse(text)
+        except ValueError:
+            continue
+    return text
 
 
 def save_weights(path: str | Path, model: nn.Module) -> None:
