@@ -58,7 +58,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from robustlab.config import RunConfig, build_config, config_to_dict, deep_merge, read_yaml
+from robustlab.config import RunConfig, build_config, config_to_dict, deep_merge, parse_number, read_yaml
 from robustlab.data import DatasetSplits
 from robustlab.errors import CheckpointError, ConfigError, RobustlabError
 from robustlab.rundir import RunDir, read_csv, read_json, write_csv, write_json
@@ -288,8 +288,6 @@ def _apply_profile(
 
 def _check_rule(location: str, rule: CellRule) -> None:
     """Unknown axes, unreadable eps and fields the grid owns are one-line errors naming the rule."""
-    from robustlab.config import parse_number
-
     for key, wanted in rule.match.items():
         if key not in MATCH_AXES:
             raise ConfigError(f"{location}.match.{key}: not a grid axis; valid: {', '.join(MATCH_AXES)}")
@@ -308,8 +306,6 @@ def _check_rule(location: str, rule: CellRule) -> None:
 
 
 def _rule_matches(rule: CellRule, axes: dict[str, Any]) -> bool:
-    from robustlab.config import parse_number
-
     for key, wanted in rule.match.items():
         options = wanted if isinstance(wanted, list) else [wanted]
         if key == "eps":
@@ -366,7 +362,7 @@ def plan_experiment(
 
     Raises ConfigError naming the offending field (``grid.defenses[2]``, ``grid.eps[0]``, ``base.train.lr``).
     """
-    from robustlab.config import apply_override, parse_number
+    from robustlab.config import apply_override
     from robustlab.data import validate_dataset_name
     from robustlab.defenses import validate_defense
     from robustlab.models import validate_model_name
