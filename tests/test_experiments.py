@@ -13,6 +13,7 @@ from filelock import FileLock
 from robustlab.defenses import DEFENSES
 from robustlab.errors import ConfigError
 from robustlab.experiments import BUILTIN_PROFILES, cell_row, load_experiment, plan_experiment, run_experiment
+from robustlab.report.data import load_results
 from robustlab.rundir import RunDir, read_csv
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
@@ -240,6 +241,10 @@ def test_interrupted_cell_resumes_from_last_epoch(tmp_path, monkeypatch):
     assert not RunDir(cell).is_finished() and len(read_csv(cell / "history.csv")) == 1
     row = cell_row(plan_experiment(load_experiment(spec), out).cells[0])
     assert (row["status"], row["epochs_done"], row["epochs"]) == ("running", 1, 2)
+    stale = {k: v for k, v in row.items() if k not in ("epochs_done", "epochs")}  # written before it started
+    (out / "results.json").write_text(json.dumps({"rows": [{**stale, "status": "pending"}]}))
+    fresh = load_results(out).rows[0]
+    assert (fresh["status"], fresh["epochs_done"], fresh["epochs"]) == ("running", 1, 2), "read from the run"
     lines: list[str] = []
     result = run_experiment(load_experiment(spec), out, log=lines.append, isolate=False)
     assert any("(resuming)" in line for line in lines)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from robustlab.errors import CheckpointError
-from robustlab.rundir import read_csv, read_json
+from robustlab.rundir import RunDir, read_csv, read_json
 
 #: Table 1 columns: (key, heading, registry names of the attacks that fill it)
 ATTACK_COLUMNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -58,9 +58,28 @@ def load_results(results_dir: str | Path) -> Results:
     if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list):
         raise CheckpointError(f"corrupt results.json in {path}: expected a mapping with 'rows'")
     settings = read_json(path / "experiment.json") if (path / "experiment.json").exists() else {}
+    for row in summary["rows"]:
+        if row.get("status") in ("pending", "running"):
+            _refresh_progress(path / str(row.get("run_dir")), row)
     return Results(
         path, str(summary.get("experiment", path.name)), summary.get("profile"), summary["rows"], settings
     )
+
+
+def _refresh_progress(run_dir: Path, row: dict[str, Any]) -> None:
+    """How far an unfinished cell's training has got now, read from its run directory.
+
+    ``results.json`` is rewritten only when a cell finishes, so during a long grid it says "pending" for
+    a cell that is many epochs into its training.
+    """
+    history = run_dir / "history.csv"
+    if not history.exists():
+        return
+    try:
+        epochs = row.get("epochs") or RunDir(run_dir).read_config_dict()["train"]["epochs"]
+    except (CheckpointError, KeyError, TypeError):
+        return
+    row.update(status="running", epochs_done=len(read_csv(history)), epochs=epochs)
 
 
 def load_claims() -> dict[str, Any]:
