@@ -196,6 +196,32 @@ def test_where_rules_are_recorded_and_reported(tmp_path):
             "(1 cell(s): digits-lenet5-standard-eps0.1-s0).") in (out / "report.md").read_text()
 
 
+# --- --only: part of a grid ------------------------------------------------------------------------
+def test_only_runs_the_selected_cells_and_a_later_run_finishes_the_rest(tmp_path):
+    spec = tiny_experiment(defenses=["standard", "fast_at"], eps=[0.05, 0.1])
+    out = tmp_path / "out"
+    first = run(spec, out, only=["defense=fast_at", "eps=0.1"])
+    assert first.ran == ["digits-lenet5-fast_at-eps0.1-s0"] and not first.failed
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["digits-lenet5-fast_at-eps0.1-s0"]
+    assert len(first.rows) == 4, "the results table lists the whole grid, unselected cells as pending"
+    rest = run(spec, out)
+    assert rest.skipped == ["digits-lenet5-fast_at-eps0.1-s0"] and len(rest.ran) == 3
+
+
+@pytest.mark.parametrize(
+    ("only", "message"),
+    [
+        (["epsilon=0.1"], r"--only\.match\.epsilon: not a grid axis"),
+        (["defense"], r"--only 'defense': expected AXIS=VALUE"),
+        (["defense=hybrid"], r"--only defense=hybrid: matches no cell of the grid"),
+    ],
+)
+def test_bad_only_filter_fails_before_training(tmp_path, only, message):
+    with pytest.raises(ConfigError, match=message):
+        run(tiny_experiment(), tmp_path / "out", only=only)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 # --- running, resuming, locking -------------------------------------------------------------------
 def test_grid_runs_every_cell_and_second_run_skips_them(tmp_path):
     spec = tiny_experiment(defenses=["standard", {"name": "standard", "label": "standard_b"}], eps=[0.05, 0.1])

@@ -316,6 +316,34 @@ def _rule_matches(rule: CellRule, axes: dict[str, Any]) -> bool:
     return True
 
 
+def parse_cell_filter(filters: list[str]) -> CellRule:
+    """``--only`` filters (``defense=lipschitz,noise_injection``, ``eps=0.3``) as one match rule.
+
+    Each filter is ``AXIS=VALUE[,VALUE...]`` over :data:`MATCH_AXES`; a cell is selected when it matches
+    every filter. Lets one session (or machine) run part of a grid into the shared results directory.
+    """
+    match: dict[str, Any] = {}
+    for text in filters:
+        key, sep, values = text.partition("=")
+        if not sep or not values.strip():
+            raise ConfigError(f"--only {text!r}: expected AXIS=VALUE[,VALUE...], e.g. defense=standard,hybrid")
+        match.setdefault(key.strip(), []).extend(v.strip() for v in values.split(","))
+    rule = CellRule(match=match, set={})
+    _check_rule("--only", rule)
+    return rule
+
+
+def select_cells(plan: ExperimentPlan, only: list[str] | None) -> list[Cell]:
+    """The plan's cells that ``--only`` selects (all of them without filters); none selected is an error."""
+    if not only:
+        return plan.cells
+    rule = parse_cell_filter(only)
+    selected = [cell for cell in plan.cells if _rule_matches(rule, cell.axes)]
+    if not selected:
+        raise ConfigError(f"--only {' '.join(only)}: matches no cell of the grid")
+    return selected
+
+
 def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "_", str(value)).strip("_") or "x"
 
@@ -717,6 +745,7 @@ def run_experiment(
     log: Callable[[str], None] = print,
     wait_for_locked: bool = True,
     isolate: bool = True,
+    only: list[str] | None = None,
 ) -> ExperimentResult:
     """Validate the whole grid, then train / evaluate / audit every unfinished cell and write results.
 
@@ -725,12 +754,14 @@ def run_experiment(
     user error is recorded (``status = failed``) and the others still run; ``ExperimentResult.failed``
     lists them. ``isolate`` trains each cell in a fresh process (honest per-cell peak memory on CPU);
     ``isolate=False`` trains in this process, reusing the loaded data (faster for tiny grids).
+    ``only`` (:func:`parse_cell_filter`) runs part of the grid; the results table still lists every cell.
     """
     started = time.perf_counter()
     if not isinstance(config, ExperimentConfig):
         config = load_experiment(config)
     plan = plan_experiment(config, results_dir, profile=profile, data_dir=data_dir, overrides=overrides)
-    pending = [c for c in plan.cells if not _cell_done(c, plan.evaluation)]
+    selected = select_cells(plan, only)
+    pending = [c for c in selected if not _cell_done(c, plan.evaluation)]
     data = load_cell_data(pending)
     plan.results_dir.mkdir(parents=True, exist_ok=True)
     write_json(
@@ -746,8 +777,8 @@ def run_experiment(
     )
     result = ExperimentResult(plan.results_dir, [])
     deferred: list[Cell] = []
-    for index, cell in enumerate(plan.cells, 1):
-        log(f"cell {index}/{len(plan.cells)}: {cell.id}")
+    for index, cell in enumerate(selected, 1):
+        log(f"cell {index}/{len(selected)}: {cell.id}")
         if _twin_busy(plan.results_dir, cell):
             log(f"[{cell.id}] waits for {cell.twin.id}, whose training it shares; coming back to it later")
             deferred.append(cell)

@@ -15,6 +15,10 @@ OutOpt = Annotated[Path | None, typer.Option(help="results directory (default re
 WorkersOpt = Annotated[
     int, typer.Option(min=1, help="processes sharing the grid (each with its own GPU when several are visible)")
 ]
+OnlyOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="run only the cells matching AXIS=VALUE[,VALUE...] (repeatable; e.g. eps=0.3)"),
+]
 
 
 @app.command()
@@ -28,18 +32,21 @@ def experiment(
     progress: Annotated[bool, typer.Option(help="show per-cell progress bars")] = False,
     isolate: Annotated[bool, typer.Option(help="train each cell in its own process")] = True,
     workers: WorkersOpt = 1,
+    only: OnlyOpt = None,
 ) -> None:
     """Train, evaluate and audit every cell of a grid; finished cells are skipped, unfinished ones resume."""
     from robustlab.errors import RobustlabError
-    from robustlab.experiments import load_experiment, plan_experiment, run_experiment
+    from robustlab.experiments import load_experiment, plan_experiment, run_experiment, select_cells
 
     spec = load_experiment(config)
     out = out or Path("results") / (spec.name + (f"-{profile}" if profile else ""))
     overrides = list(set_ or [])
     if workers > 1:
-        plan_experiment(spec, out, profile=profile, data_dir=data_dir, overrides=overrides)  # fail once, early
+        plan = plan_experiment(spec, out, profile=profile, data_dir=data_dir, overrides=overrides)
+        select_cells(plan, only)  # a bad config or filter fails once, early
         forwarded = [*(["--profile", profile] if profile else []), *(["--data-dir", data_dir] if data_dir else [])]
         forwarded += [arg for value in overrides for arg in ("--set", value)]
+        forwarded += [arg for value in only or [] for arg in ("--only", value)]
         forwarded += ["--progress" if progress else "--no-progress", "--isolate" if isolate else "--no-isolate"]
         failed = _run_workers(config, out, workers, forwarded)
         error = f"{failed} of {workers} worker(s) failed; their errors are printed above" if failed else None
@@ -52,6 +59,7 @@ def experiment(
             overrides=overrides,
             progress=progress,
             isolate=isolate,
+            only=only,
             log=lambda line: console.print(line, markup=False, highlight=False),
         )
         console.print(
