@@ -365,6 +365,21 @@ def test_cells_whose_training_ignores_eps_train_once(tmp_path, monkeypatch):
     assert again.ran == [] and len(again.skipped) == 4
 
 
+def test_results_kept_without_weights_are_skipped_and_a_weightless_twin_is_not_shared(tmp_path):
+    """A results directory committed without its weights (benchmarks/paper-*) still skips finished cells."""
+    spec = tiny_experiment(eps=[0.05, 0.1])
+    out = tmp_path / "out"
+    run(spec, out, only=["eps=0.05"])
+    first = out / "runs" / "digits-lenet5-standard-eps0.05-s0"
+    for name in ("model.safetensors", "last.safetensors", "resume.pt"):
+        (first / name).unlink(missing_ok=True)
+    lines: list[str] = []
+    result = run_experiment(load_experiment(spec), out, log=lines.append, isolate=False)
+    assert result.skipped == [first.name] and result.ran == ["digits-lenet5-standard-eps0.1-s0"]
+    assert "[digits-lenet5-standard-eps0.1-s0] training" in lines, "shared a twin that has no weights"
+    assert not result.failed
+
+
 def test_cell_waits_for_a_twin_that_another_process_is_training(tmp_path):
     spec = tiny_experiment(eps=[0.05, 0.1])
     out = tmp_path / "out"

@@ -687,6 +687,7 @@ def _twin_trained(cell: Cell) -> bool:
         twin is not None
         and not RunDir(cell.run_dir).exists()
         and RunDir(twin.run_dir).is_finished()
+        and RunDir(twin.run_dir).weights.exists()  # results kept without weights (benchmarks/paper-*)
         and _config_matches(twin)
     )
 
