@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import yaml
 from robustlab.errors import RobustlabError
 from robustlab.rundir import RunDir, read_csv
 from robustlab.runs import load_run
-from robustlab.training import stalled_at_chance, train
+from robustlab.training import git_state, stalled_at_chance, train
 from tests.conftest import requires_mnist, shared_data_dir
 
 
@@ -24,6 +26,22 @@ def tiny_config(**train_overrides):
             "threat": {"eps": 0.1}}
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_state_says_whether_the_code_that_ran_was_modified(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}, "not a checkout"
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = git_state(tmp_path)
+    assert len(clean["git_commit"]) == 40 and clean["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["git_dirty"] is True
+
+
 def test_run_directory_contents(tmp_path, digits):
     result = train(tiny_config(), tmp_path / "run", progress=False, data=digits)
     run = RunDir(result.run_dir)
@@ -32,6 +50,7 @@ def test_run_directory_contents(tmp_path, digits):
     metadata = json.loads(run.metadata.read_text())
     assert metadata["status"] == "finished" and metadata["seed"] == 0
     assert metadata["environment"]["torch"] == torch.__version__
+    assert {"git_commit", "git_dirty"} <= set(metadata["environment"])
     assert set(metadata["data"]["hashes"]) == {"train", "val", "test"}
     history = read_csv(run.history)
     assert [row["epoch"] for row in history] == [1, 2]

@@ -90,16 +90,25 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def git_commit() -> str | None:
+def git_state(directory: Path = Path(__file__).parent) -> dict[str, Any]:
+    """``git_commit`` (HEAD) and ``git_dirty`` (uncommitted changes under ``directory``) of the code that ran.
+
+    A result produced by a modified package is not reproducible from the commit alone, so the
+    run's metadata says so. Both are None outside a git checkout (an installed wheel).
+    """
     if shutil.which("git") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        return {"git_commit": None, "git_dirty": None}
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=directory)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or None
+    status = git("status", "--porcelain", "--", ".") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def environment() -> dict[str, Any]:
@@ -111,7 +120,7 @@ def environment() -> dict[str, Any]:
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": git_commit(),
+        **git_state(),
     }
 
 
