@@ -365,6 +365,26 @@ def test_cells_whose_training_ignores_eps_train_once(tmp_path, monkeypatch):
     assert again.ran == [] and len(again.skipped) == 4
 
 
+def test_a_trained_cell_awaiting_its_evaluation_reads_evaluating_not_measured(tmp_path, monkeypatch):
+    import robustlab.evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(robustlab.evaluation, "evaluate_run", interrupted)
+    spec, out = tiny_experiment(), tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, out)
+    cell = plan_experiment(load_experiment(spec), out).cells[0]
+    assert RunDir(cell.run_dir).is_finished() and cell_row(cell)["status"] == "evaluating"
+    (out / "results.json").write_text(json.dumps({"rows": [{**cell_row(cell), "status": "running"}]}))
+    assert load_results(out).rows[0]["status"] == "evaluating", "a stale 'running' row was not refreshed"
+    from robustlab.report.build import table1
+    from robustlab.report.data import seed_stats
+
+    assert table1({"standard": seed_stats(load_results(out).rows)}, []).rows[0][1] == "not measured (cell evaluating)"
+
+
 def test_results_kept_without_weights_are_skipped_and_a_weightless_twin_is_not_shared(tmp_path):
     """A results directory committed without its weights (benchmarks/paper-*) still skips finished cells."""
     spec = tiny_experiment(eps=[0.05, 0.1])

@@ -881,6 +881,15 @@ def _evaluation_entry(cell: Cell) -> dict[str, Any] | None:
         return None
 
 
+def _status(run: RunDir, state: dict[str, Any]) -> str:
+    """pending / running (training) / evaluating (trained, the grid's evaluation not yet recorded) / finished."""
+    if not run.exists():
+        return "pending"
+    if not run.is_finished():
+        return "running"
+    return "finished" if "evaluation" in state else "evaluating"
+
+
 def cell_row(cell: Cell) -> dict[str, Any]:
     """One results row: axes, status, clean / per-attack / worst-case accuracy, gaps, cost, audit verdict.
 
@@ -893,7 +902,7 @@ def cell_row(cell: Cell) -> dict[str, Any]:
     if state.get("error"):
         row.update(status="failed", error=state["error"])
     else:
-        row["status"] = "finished" if run.is_finished() else ("running" if run.exists() else "pending")
+        row["status"] = _status(run, state)
     if row["status"] == "running":  # started, not finished: how far training got (a grid takes hours)
         row["epochs_done"] = len(read_csv(run.history)) if run.history.exists() else 0
         row["epochs"] = cell.config.train.epochs

@@ -67,13 +67,16 @@ def load_results(results_dir: str | Path) -> Results:
 
 
 def _refresh_progress(run_dir: Path, row: dict[str, Any]) -> None:
-    """How far an unfinished cell's training has got now, read from its run directory.
+    """How far an unfinished cell has got now, read from its run directory.
 
     ``results.json`` is rewritten only when a cell finishes, so during a long grid it says "pending" for
-    a cell that is many epochs into its training.
+    a cell that is many epochs into its training, or "running" for one whose training has finished.
     """
     history = run_dir / "history.csv"
     if not history.exists():
+        return
+    if RunDir(run_dir).is_finished():  # trained since results.json was written: now being evaluated
+        row.update(status="evaluating")
         return
     try:
         epochs = row.get("epochs") or RunDir(run_dir).read_config_dict()["train"]["epochs"]
