@@ -167,6 +167,23 @@ def test_preprocessing_defence_goes_through_the_adaptive_wrapper(trained_digits,
     assert len(res.to_dict()["clean"]["accuracy_per_draw"]) == 4
 
 
+def test_a_random_defence_gets_the_rand_version_of_autoattack(trained_digits):
+    from robustlab.attacks import ATTACKS
+    from robustlab.defenses.preprocessing import Defended, GaussianNoise
+
+    if "autoattack" not in ATTACKS:
+        pytest.skip("autoattack is not registered")
+    test = trained_digits.data.test
+    res = evaluate_model(Defended(trained_digits.model, GaussianNoise(sigma=0.1)), test, eps=0.1,
+                         attacks=("fgsm",), suite="standard", n=8, n_boot=10, eot_samples=2, random_passes=2)
+    assert list(res.attacks) == ["fgsm", "autoattack-rand"]
+    assert res.attacks["autoattack-rand"].attack["params"]["version"] == "rand"
+    assert res.model_info["suite"].startswith("rand")
+    plain = evaluate_model(trained_digits.model, test, eps=0.1, attacks=("fgsm",), suite="standard", n=8,
+                           n_boot=10)
+    assert list(plain.attacks) == ["fgsm", "autoattack"] and "suite" not in plain.model_info
+
+
 def test_evaluate_run_merges_metrics_and_saves_per_sample_arrays(run_copy):
     before = read_json(run_copy / "metrics.json")
     first = evaluate_run(run_copy, attacks=("fgsm",), n=50, n_boot=50)
