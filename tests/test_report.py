@@ -68,6 +68,22 @@ def test_report_figures_and_mcnemar(results_dir):
         assert "| hybrid vs standard | 0 | clean |" in text and "| hybrid vs standard | 1 | worst case |" in text
 
 
+@pytest.mark.skipif("hybrid" not in DEFENCES, reason="hybrid is not registered")
+def test_mcnemar_skips_an_unfinished_hybrid_cell_and_says_so_when_none_is_finished(results_dir):
+    from robustlab.report.build import mcnemar_table
+    from robustlab.report.data import load_results
+
+    results = load_results(results_dir)
+    by_defense: dict[str, list] = {}
+    for row in results.rows:
+        by_defense.setdefault(row["defense"], []).append(row)
+    by_defense["hybrid"][1] = {**by_defense["hybrid"][1], "status": "running"}
+    rows = mcnemar_table(results, by_defense).rows
+    assert {r[1] for r in rows} == {"0"}, "the finished seed's test was dropped, or the running one's kept"
+    by_defense["hybrid"][0] = {**by_defense["hybrid"][0], "status": "pending"}
+    assert mcnemar_table(results, by_defense) == "McNemar's test not available yet: the hybrid cell is pending/running."
+
+
 def test_html_is_self_contained(results_dir):
     page = (results_dir / "report.html").read_text()
     sources = re.findall(r'src="([^"]*)"', page)

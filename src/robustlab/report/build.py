@@ -275,7 +275,10 @@ def mcnemar_table(results: Results, by_defense: dict[str, list[dict[str, Any]]])
     if HYBRID not in by_defense:
         return "No hybrid cell in this group: McNemar's test of hybrid vs the baselines is not applicable."
     rows = []
+    unfinished = sorted({str(r.get("status")) for r in by_defense[HYBRID] if r.get("status") != "finished"})
     for hybrid_row in by_defense[HYBRID]:
+        if hybrid_row.get("status") != "finished":
+            continue
         try:
             mine = read_samples(results.path / hybrid_row["run_dir"], hybrid_row["eps"], hybrid_row["norm"])
         except RobustlabError as error:
@@ -309,6 +312,8 @@ def mcnemar_table(results: Results, by_defense: dict[str, list[dict[str, Any]]])
                         test.method,
                     ]
                 )
+    if not rows and unfinished:
+        return f"McNemar's test not available yet: the hybrid cell is {'/'.join(unfinished)}."
     if not rows:
         return "McNemar's test not available: no baseline evaluated on the same test samples as hybrid."
     return Table(
