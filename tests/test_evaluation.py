@@ -85,6 +85,7 @@ def test_every_robust_number_names_its_attack(result):
     d = result.to_dict()
     pgd = d["attacks"]["pgd-10"]["attack"]
     assert pgd["name"] == "pgd" and pgd["params"]["steps"] == 10 and pgd["params"]["random_start"] is True
+    assert pgd["params"]["early_stop"] is True, "a deterministic model stops early on fooled samples"
     assert pgd["eps"] == 0.1 and pgd["norm"] == "linf" and pgd["adaptive"].startswith("none")
     assert d["attacks"]["cw_linf(steps=10)"]["attack"]["params"]["steps"] == 10
     assert d["worst_case"]["attack"] == {"name": "worst_case", "over": list(result.attacks)}
@@ -234,5 +235,6 @@ def test_random_defence_uses_eot_and_reports_per_draw(trained_digits):
     res = evaluate_model(defended, trained_digits.data.test, eps=0.1, attacks=("pgd-5",), n=40, n_boot=10,
                          eot_samples=4, random_passes=3)
     assert res.model_info["adaptive"] == "EOT(4)" and res.model_info["random"] is True
+    assert res.attacks["pgd-5"].attack["params"]["early_stop"] is False, "stopped on a fooled EOT average"
     per_draw = res.to_dict()["worst_case"]["accuracy_per_draw"]
     assert len(per_draw) == 3 and np.mean(per_draw) == pytest.approx(res.robust_accuracy)

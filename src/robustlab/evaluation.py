@@ -282,12 +282,20 @@ def _label(spec: AttackSpec) -> str:
     return f"{spec.get('name', '')}({params})" if params else str(spec.get("name", ""))
 
 
-def _attack_record(label: str, spec: AttackSpec, eps: float, norm: str, adaptive: str) -> tuple[Any, dict]:
-    """Build the attack callable and the record of exactly what it runs (defaults included)."""
+def _attack_record(
+    label: str, spec: AttackSpec, eps: float, norm: str, adaptive: str, random: bool = False
+) -> tuple[Any, dict]:
+    """Build the attack callable and the record of exactly what it runs (defaults included).
+
+    Attacks stop early on samples already misclassified (the answer is the same, faster), except on a
+    random model: there an example that just fools the EOT average is often classified correctly again
+    under fresh noise (the MNIST noise-injection cell at eps 0.3: PGD-20 23.7% with early stopping,
+    0.0% in the audit's full 20 steps), so every step is taken.
+    """
     name, params = parse_attack_spec(spec)
     fn = ATTACKS[name]
     signature = inspect.signature(fn).parameters
-    extra = {"early_stop": True} if "early_stop" in signature else {}
+    extra = {"early_stop": not random} if "early_stop" in signature else {}
     attack = split_on_oom(make_attack(spec, eps=eps, norm=norm, **extra))
     defaults = {
         k: p.default for k, p in signature.items()
@@ -387,7 +395,9 @@ def evaluate_model(
             info["suite"] = "rand (standard asked for; the model is random)"
         passes = random_passes if info["random"] else 1
         info.update(random_passes=passes, eot_samples=eot_samples if info["random"] else None)
-        built = [(label, *_attack_record(label, spec, eps, norm, info["adaptive"])) for label, spec in plan]
+        built = [
+            (label, *_attack_record(label, spec, eps, norm, info["adaptive"], info["random"])) for label, spec in plan
+        ]
         n_batches = math.ceil(len(split) / batch_size)
         bar = tqdm(total=n_batches * (1 + len(built)), desc="evaluate", unit="batch", disable=not progress,
                    leave=False)
