@@ -275,10 +275,9 @@ def mcnemar_table(results: Results, by_defense: dict[str, list[dict[str, Any]]])
     if HYBRID not in by_defense:
         return "No hybrid cell in this group: McNemar's test of hybrid vs the baselines is not applicable."
     rows = []
-    unfinished = sorted({str(r.get("status")) for r in by_defense[HYBRID] if r.get("status") != "finished"})
-    for hybrid_row in by_defense[HYBRID]:
-        if hybrid_row.get("status") != "finished":
-            continue
+    finished = [r for r in by_defense[HYBRID] if r.get("status") == "finished"]
+    unfinished = sorted({str(r.get("status")) for r in by_defense[HYBRID]} - {"finished"})
+    for hybrid_row in finished:
         try:
             mine = read_samples(results.path / hybrid_row["run_dir"], hybrid_row["eps"], hybrid_row["norm"])
         except RobustlabError as error:
