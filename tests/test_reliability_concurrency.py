@@ -130,6 +130,28 @@ def test_workers_option_runs_each_cell_once_and_reports_once(tmp_path):
     assert (results / "report.md").exists() and (results / "report.html").exists()
 
 
+def test_no_wait_leaves_a_locked_cell_to_its_owner_and_stops(tmp_path):
+    """``--no-wait``: a worker runs the cells it can lock and stops, leaving a cell held elsewhere pending."""
+    from filelock import FileLock
+
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump({**EXPERIMENT, "grid": {"defenses": ["standard"], "seeds": [0, 1]}}))
+    results = tmp_path / "results"
+    held = "digits-lenet5-standard-eps0.1-s0"
+    (results / "locks").mkdir(parents=True)
+    code = "from robustlab.cli import main; main()"
+    args = ["experiment", str(config), "--out", str(results), "--no-isolate", "--no-report", "--no-wait"]
+    with FileLock(str(results / "locks" / f"{held}.lock")):
+        done = subprocess.run([sys.executable, "-c", code, *args], env=subprocess_env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"[{held}] left to the process that holds it" in done.stdout
+    assert "1 cell(s) run, 0 already done, 0 failed, 1 left to other processes" in done.stdout
+    with (results / "results.csv").open(newline="") as handle:
+        statuses = {row["cell"]: row["status"] for row in csv.DictReader(handle)}
+    assert statuses == {held: "pending", "digits-lenet5-standard-eps0.1-s1": "finished"}
+
+
 @pytest.mark.slow
 def test_killed_experiment_resumes_without_redoing_finished_cells(tmp_path):
     """SIGKILL one of two concurrent experiment processes mid-grid; a rerun finishes only what is missing."""

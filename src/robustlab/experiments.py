@@ -220,6 +220,7 @@ class ExperimentResult:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    left: list[str] = field(default_factory=list)  # locked by another process, not waited for
     seconds: float = 0.0
 
 
@@ -751,7 +752,8 @@ def run_experiment(
     """Validate the whole grid, then train / evaluate / audit every unfinished cell and write results.
 
     Cells locked by another process are skipped on the first pass and (``wait_for_locked``) waited for
-    afterwards, so the results table written at the end covers the whole grid. A cell that fails with a
+    afterwards, so the results table written at the end covers the whole grid; without waiting they are
+    listed in ``ExperimentResult.left`` (a worker that should stop when its own share is done). A cell that fails with a
     user error is recorded (``status = failed``) and the others still run; ``ExperimentResult.failed``
     lists them. ``isolate`` trains each cell in a fresh process (honest per-cell peak memory on CPU);
     ``isolate=False`` trains in this process, reusing the loaded data (faster for tiny grids).
@@ -796,6 +798,10 @@ def run_experiment(
         finally:
             lock.release()
         collect_results(plan, result.failed)  # keep results current: a partly done grid can be reported
+    if not wait_for_locked:
+        result.left = [cell.id for cell in deferred]
+        for cell in deferred:
+            log(f"[{cell.id}] left to the process that holds it (not waiting)")
     for cell in deferred if wait_for_locked else []:
         if cell.twin is not None:
             with _lock(plan.results_dir, cell.twin.id):  # its owner has finished it (or failed)

@@ -15,6 +15,11 @@ OutOpt = Annotated[Path | None, typer.Option(help="results directory (default re
 WorkersOpt = Annotated[
     int, typer.Option(min=1, help="processes sharing the grid (each with its own GPU when several are visible)")
 ]
+WaitOpt = Annotated[
+    bool,
+    typer.Option(help="at the end, wait for cells other processes are running and take over any they leave "
+                 "(--no-wait: leave them to their owners and stop)"),
+]
 OnlyOpt = Annotated[
     list[str] | None,
     typer.Option(help="run only the cells matching AXIS=VALUE[,VALUE...] (repeatable; e.g. eps=0.3)"),
@@ -33,6 +38,7 @@ def experiment(
     isolate: Annotated[bool, typer.Option(help="train each cell in its own process")] = True,
     workers: WorkersOpt = 1,
     only: OnlyOpt = None,
+    wait: WaitOpt = True,
 ) -> None:
     """Train, evaluate and audit every cell of a grid; finished cells are skipped, unfinished ones resume."""
     from robustlab.errors import RobustlabError
@@ -48,6 +54,7 @@ def experiment(
         forwarded += [arg for value in overrides for arg in ("--set", value)]
         forwarded += [arg for value in only or [] for arg in ("--only", value)]
         forwarded += ["--progress" if progress else "--no-progress", "--isolate" if isolate else "--no-isolate"]
+        forwarded += ["--wait" if wait else "--no-wait"]
         failed = _run_workers(config, out, workers, forwarded)
         error = f"{failed} of {workers} worker(s) failed; their errors are printed above" if failed else None
     else:
@@ -60,11 +67,13 @@ def experiment(
             progress=progress,
             isolate=isolate,
             only=only,
+            wait_for_locked=wait,
             log=lambda line: console.print(line, markup=False, highlight=False),
         )
         console.print(
-            f"{len(result.ran)} cell(s) run, {len(result.skipped)} already done, {len(result.failed)} failed "
-            f"in {result.seconds:.0f}s -> {out / 'results.csv'}"
+            f"{len(result.ran)} cell(s) run, {len(result.skipped)} already done, {len(result.failed)} failed"
+            + (f", {len(result.left)} left to other processes" if result.left else "")
+            + f" in {result.seconds:.0f}s -> {out / 'results.csv'}"
         )
         first = next(iter(result.failed.items()), None)
         error = f"{len(result.failed)} cell(s) failed; first: {first[0]}: {first[1]}" if first else None
