@@ -77,6 +77,7 @@ def train(
 ) -> None:
     """Train a model with a defence; writes a run directory (resumes it if interrupted)."""
     from robustlab.config import load_config
+    from robustlab.distributed import from_environment
     from robustlab.training import train as run_training
 
     overrides = _flag_overrides(
@@ -87,6 +88,8 @@ def train(
     dataset_tag = cfg.data.dataset.replace(":", "_").replace("/", "_")
     out = out or Path("runs") / f"{dataset_tag}-{cfg.model.name}-{cfg.defense.name}-s{cfg.seed}"
     result = run_training(cfg, out, overwrite=overwrite, progress=progress)
+    if not from_environment().is_main:  # under torchrun: rank 0 speaks for the run
+        return
     console.print(
         f"finished {cfg.defense.name} on {cfg.data.dataset}: clean test accuracy "
         f"{_percent(result.metrics['clean_accuracy'])}% in {result.metrics['cost']['train_seconds']:.1f}s -> {out}"

@@ -5,7 +5,9 @@
 After each epoch it measures validation clean accuracy (and PGD accuracy at the run's eps when the
 objective or the selection rule needs it), appends a history row, saves the best weights by the
 selection metric, and checkpoints everything needed to resume. Interrupted runs resume from the last
-finished epoch; a finished run is never overwritten unless ``overwrite=True``.
+finished epoch; a finished run is never overwritten unless ``overwrite=True``. Started by ``torchrun``,
+the same loop trains data-parallel (:mod:`robustlab.distributed`): every rank trains on its share of
+each batch, rank 0 validates, writes the run directory and tests.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from robustlab import distributed
 from robustlab.attacks import pgd
 from robustlab.config import RunConfig, build_config, config_to_dict
 from robustlab.data import DatasetSplits, TensorLoader
 from robustlab.defenses import Objective, TrainState, build_objective
 from robustlab.defenses.preprocessing import auxiliary_loss
-from robustlab.errors import CheckpointError, RobustlabError
+from robustlab.errors import CheckpointError, ConfigError, RobustlabError
 from robustlab.metrics import accuracy, robust_accuracy
 from robustlab.rundir import (
     RunDir,
@@ -223,14 +226,26 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run = RunDir(run_dir)
-        self.progress = progress
         self.device = select_device(config.train.device)
+        self.dist = distributed.setup(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":  # one GPU per rank
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.progress = progress and self.dist.is_main
         seed_everything(config.seed, config.train.deterministic)
         self.data = data if data is not None else prepare_data(config)
+        if self.dist.world_size > min(config.train.batch_size, len(self.data.train)):
+            raise ConfigError(
+                f"train.batch_size: {config.train.batch_size} cannot be split across {self.dist.world_size} processes"
+            )
         self.model = prepare_model(config, self.data).to(self.device)
+        if self.dist.enabled:
+            distributed.broadcast_state(self.model)
+        if self.dist.rank:  # its own random starts and dropout masks; rank 0 draws as one process would
+            torch.manual_seed(config.seed + 7919 * self.dist.rank)
         # only now, with data and model in hand: a config that cannot load leaves no empty run directory
         # behind, and --overwrite never deletes a run for one that cannot train
-        self.resuming = _prepare_run_dir(self.run, config, overwrite)
+        self.resuming = self._prepare_run_dir(overwrite)
         if config.train.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objective: Objective = build_objective(config.defense.name, config.defense.params)
@@ -239,13 +254,29 @@ class Trainer:
             self.data.train.images, self.data.train.labels, config.train.batch_size,
             shuffle=True, augment=augment, device=self.device, seed=config.seed,
             drop_last=len(self.data.train) > config.train.batch_size,
+            shard=(self.dist.rank, self.dist.world_size),
         )
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = make_scheduler(self.optimizer, config, len(self.loader))
         self.history: list[dict[str, Any]] = []
         self.best_score = -math.inf
         self.start_epoch = 0
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.generator = torch.Generator().manual_seed(config.seed + 1 + 7919 * self.dist.rank)
+
+    def _prepare_run_dir(self, overwrite: bool) -> bool:
+        """Rank 0 creates or validates the run directory; every rank gets its answer (or its error)."""
+        if not self.dist.enabled:
+            return _prepare_run_dir(self.run, self.config, overwrite)
+        outcome: bool | RobustlabError | None = None
+        if self.dist.is_main:
+            try:
+                outcome = _prepare_run_dir(self.run, self.config, overwrite)
+            except RobustlabError as error:
+                outcome = error
+        outcome = distributed.broadcast(outcome)
+        if isinstance(outcome, RobustlabError):
+            raise outcome
+        return bool(outcome)
 
     # --- checkpointing -------------------------------------------------------------------------
     def _save_checkpoint(self, epoch: int) -> None:
@@ -295,6 +326,13 @@ class Trainer:
 
     # --- validation ----------------------------------------------------------------------------
     def _validate(self) -> dict[str, float]:
+        """Validation metrics, measured by rank 0 (with its BatchNorm statistics) and shared with all ranks."""
+        if not self.dist.enabled:
+            return self._measure_validation()
+        distributed.broadcast_state(self.model)
+        return distributed.broadcast(self._measure_validation() if self.dist.is_main else None)
+
+    def _measure_validation(self) -> dict[str, float]:
         t = self.config.train
         self.model.eval()
         metrics = {"val_clean_acc": accuracy(self.model, self.data.val)}
@@ -327,13 +365,14 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         config, run = self.config, self.run
+        main = self.dist.is_main
         if self.resuming:
             self._resume()
-        else:
+        elif main:
             run.update_metadata(
                 status="running", seed=config.seed, environment=environment(), device=str(self.device),
                 data=self.data.describe(), defense=config.defense.name,
-                parameters=sum(p.numel() for p in self.model.parameters()),
+                parameters=sum(p.numel() for p in self.model.parameters()), world_size=self.dist.world_size,
             )
         state = TrainState(
             epochs=config.train.epochs, steps_per_epoch=len(self.loader), eps=config.threat.eps,
@@ -368,12 +407,16 @@ class Trainer:
                 if transform_loss is not None:
                     loss = loss + transform_loss
                     stats["transform_loss"] = transform_loss.item()
-                if not torch.isfinite(loss):
-                    raise RobustlabError(
-                        f"training diverged at epoch {epoch + 1} (loss is {loss.item()}); lower train.lr"
-                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.dist.enabled:  # every rank stops together on a non-finite loss anywhere
+                    loss_value = distributed.average_gradients(self.model.parameters(), loss, len(x))
+                else:
+                    loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise RobustlabError(
+                        f"training diverged at epoch {epoch + 1} (loss is {loss_value}); lower train.lr"
+                    )
                 self.optimizer.step()
                 self.scheduler.step()
                 state.step += 1
@@ -382,6 +425,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("loss", "acc", "alpha", "eps_t")})
             seconds = time.perf_counter() - started
+            if self.dist.enabled:
+                sums = distributed.mean_over_ranks(sums, self.device)
             row.update({f"train_{k}": v / len(self.loader) for k, v in sums.items()})
             row["lr"] = self.optimizer.param_groups[0]["lr"]
             val = self._validate()
@@ -390,7 +435,7 @@ class Trainer:
             row["epoch_seconds"] = round(seconds, 3)
             row["peak_memory_mb"] = round(peak_memory_mb(self.device), 1)
             self.history.append(row)
-            if stalled_at_chance(self.history, self.data.num_classes) and not stalled_at_chance(
+            if main and stalled_at_chance(self.history, self.data.num_classes) and not stalled_at_chance(
                 self.history[:-1], self.data.num_classes
             ):
                 state.log.append(
@@ -403,9 +448,11 @@ class Trainer:
             score = self._score(val)
             if score >= self.best_score or epoch == 0:
                 self.best_score = max(score, self.best_score)
-                save_weights(run.weights, self.model)
+                if main:
+                    save_weights(run.weights, self.model)
                 row["selected"] = 1
-            self._save_checkpoint(epoch)
+            if main:
+                self._save_checkpoint(epoch)
             if self.progress:
                 bar.write(self._epoch_line(row))
         bar.close()
@@ -418,6 +465,15 @@ class Trainer:
         return f"epoch {row['epoch']}: " + " ".join(parts)
 
     def _finish(self) -> TrainResult:
+        """Test the selected weights and record the cost (rank 0; the other ranks get its metrics)."""
+        if self.dist.enabled:
+            metrics = distributed.broadcast(self._test_and_record() if self.dist.is_main else None)
+            load_weights(self.run.weights, self.model)  # the selected epoch, as rank 0 saved it
+            self.model.eval()
+            return TrainResult(self.run.path, self.history, metrics, self.model, self.data)
+        return TrainResult(self.run.path, self.history, self._test_and_record(), self.model, self.data)
+
+    def _test_and_record(self) -> dict[str, Any]:
         run = self.run
         load_weights(run.weights, self.model)
         self.model.eval()
@@ -431,12 +487,13 @@ class Trainer:
                 "seconds_per_epoch": round(train_seconds / epochs, 3),
                 "peak_memory_mb": max((r.get("peak_memory_mb") or 0) for r in self.history),
                 "device": str(self.device),
+                "world_size": self.dist.world_size,
             },
             "selected_epoch": max((int(r["epoch"]) for r in self.history if r.get("selected")), default=epochs),
         }
         run.update_metrics(**metrics)
         run.update_metadata(status="finished")
-        return TrainResult(run.path, self.history, metrics, self.model, self.data)
+        return metrics
 
 
 def train(

@@ -37,7 +37,9 @@ class TensorLoader:
     """Iterate ``(images, labels)`` batches from uint8 tensors; images come out float32 in [0, 1].
 
     Shuffling and augmentation draw from a generator seeded with ``seed + epoch``, so an epoch is
-    reproducible and a resumed run sees the same batches it would have seen.
+    reproducible and a resumed run sees the same batches it would have seen. ``shard=(rank, world_size)``
+    (data-parallel training, :mod:`robustlab.distributed`) yields rows ``rank::world_size`` of each batch
+    one process would yield, augmented as that process would augment them.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class TensorLoader:
         device: torch.device | str = "cpu",
         seed: int = 0,
         drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if images.dtype != torch.uint8:
             raise TypeError(f"TensorLoader expects uint8 images, got {images.dtype}")
@@ -62,6 +65,7 @@ class TensorLoader:
         self.augment = augment
         self.seed = seed
         self.drop_last = drop_last
+        self.shard = shard
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -83,4 +87,6 @@ class TensorLoader:
                 x = random_crop(x, CROP_PADDING, generator)
             if self.augment in ("flip", "crop_flip"):
                 x = random_flip(x, generator)
-            yield x, self.labels.index_select(0, index)
+            y = self.labels.index_select(0, index)
+            rank, world_size = self.shard
+            yield (x, y) if world_size == 1 else (x[rank::world_size], y[rank::world_size])

@@ -1,0 +1,111 @@
+"""Data-parallel training across processes (one per GPU), started by ``torchrun``.
+
+``torchrun --standalone --nproc-per-node 4 -m robustlab train ...`` starts four copies of the command;
+each reads its rank from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), joins one process
+group (NCCL on CUDA, Gloo on CPU) and trains on its share of every batch. The global batch stays
+``train.batch_size``: each rank takes rows ``rank::world_size`` of the batch one process would draw, so
+a multi-process run follows the single-process one (same data order, same augmentations, same
+hyper-parameters), up to floating-point summation order.
+
+Gradients are averaged by one all-reduce per step (:func:`average_gradients`) rather than by wrapping
+the model in ``DistributedDataParallel``: a training defence attacks the model inside its loss (PGD,
+TRADES, the hybrid), and those input-gradient passes must not trigger DDP's parameter-gradient
+reduction. The price is no overlap of communication with the backward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a data-parallel group (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run directory, prints, validates and tests; the others only train."""
+        return self.rank == 0
+
+
+def from_environment() -> Distributed:
+    """This process's place in the group ``torchrun`` describes in the environment (without joining it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    return Distributed(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup(device_type: str) -> Distributed:
+    """Join the process group ``torchrun`` describes in the environment (or stay a single process).
+
+    Idempotent: a second call in the same process reuses the group.
+    """
+    info = from_environment()
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return info
+
+
+def average_gradients(parameters: Iterable[nn.Parameter], loss: torch.Tensor, shard_size: int) -> float:
+    """Replace each rank's gradients by the gradient of the global batch mean; return the global loss.
+
+    Each rank's ``loss`` is a mean over its ``shard_size`` rows, so ``shard_size * grad`` is the sum of
+    its per-row gradients; summing those (and the shard sizes) over ranks and dividing by the global
+    batch size gives exactly the single-process gradient, also when the shards differ in size. One
+    all-reduce carries the gradients, the loss and the row count. A non-finite loss on any rank makes
+    the returned loss non-finite on every rank, so all of them stop together.
+    """
+    with_grad = [p for p in parameters if p.grad is not None]
+    weight = float(shard_size)
+    tail = torch.stack([loss.detach().float() * weight, torch.tensor(weight, device=loss.device)])
+    flat = torch.cat([*(p.grad.reshape(-1).float() * weight for p in with_grad), tail])
+    dist.all_reduce(flat)
+    total = flat[-1]
+    flat = flat / total
+    offset = 0
+    for p in with_grad:
+        count = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + count].view_as(p.grad))
+        offset += count
+    return float(flat[-2])
+
+
+def broadcast_state(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers (BatchNorm statistics) to every rank."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The mean of each entry over all ranks (every rank must pass the same keys)."""
+    if not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    world = dist.get_world_size()
+    return {k: float(v) / world for k, v in zip(keys, tensor.tolist(), strict=True)}

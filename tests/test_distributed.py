@@ -1,0 +1,79 @@
+"""Data-parallel training under ``torchrun`` (Gloo on CPU): one run split across two processes.
+
+The global batch is split row-wise across ranks and the gradients are averaged over the global batch,
+so two ranks must reach the weights one process reaches (standard training has no randomness beyond
+the shared data order). Adversarial objectives attack inside their loss; they must not deadlock.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from robustlab.data import TensorLoader
+from tests.reliability_support import ROOT, subprocess_env
+
+COMMON = ["--dataset", "digits", "--model", "lenet5", "--epochs", "1", "--batch-size", "64", "--lr", "0.05",
+          "--set", "data.val_size=200", "--set", "data.train_subset=512", "--set", "data.test_subset=100",
+          "--no-progress"]
+
+
+def _train(out, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    command = [sys.executable, *launcher, "-m", "robustlab", "train", *COMMON, *args, "--out", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT)
+
+
+def test_shards_of_a_batch_are_its_rows_split_across_ranks():
+    images = torch.arange(10 * 4, dtype=torch.uint8).reshape(10, 1, 2, 2)
+    labels = torch.arange(10)
+
+    def batches(shard):
+        loader = TensorLoader(images, labels, 4, shuffle=True, augment="flip", seed=3, shard=shard)
+        return list(loader)
+
+    whole = batches((0, 1))
+    ranks = [batches((rank, 3)) for rank in range(3)]
+    for step, (x, y) in enumerate(whole):
+        for rank in range(3):
+            assert torch.equal(ranks[rank][step][0], x[rank::3]) and torch.equal(ranks[rank][step][1], y[rank::3])
+
+
+def test_two_ranks_reach_the_weights_of_one_process(tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    done = _train(single)
+    assert done.returncode == 0, done.stderr
+    done = _train(double, nproc=2)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("finished standard on digits") == 1, "rank 0 alone reports the run"
+    one, two = load_file(single / "last.safetensors"), load_file(double / "last.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name
+    assert json.loads((double / "metadata.json").read_text())["world_size"] == 2
+    metrics = json.loads((double / "metrics.json").read_text())
+    assert metrics["cost"]["world_size"] == 2
+    assert metrics["clean_accuracy"] == json.loads((single / "metrics.json").read_text())["clean_accuracy"]
+
+
+@pytest.mark.parametrize("defense", ["hybrid", pytest.param("trades", marks=pytest.mark.slow)])
+def test_adversarial_objectives_train_data_parallel(tmp_path, defense):
+    out = tmp_path / defense
+    done = _train(out, "--defense", defense, "--eps", "0.1", nproc=2)
+    assert done.returncode == 0, done.stderr
+    history = (out / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "val_clean_acc" in history[0]
+
+
+def test_a_mistake_stops_every_rank_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out).returncode == 0
+    done = _train(out, nproc=2)
+    assert done.returncode != 0
+    assert "holds a finished run; pass --overwrite to replace it" in done.stderr
+    assert "robustlab/training.py" not in done.stderr, "a user error, not a traceback (torchrun adds its own)"
