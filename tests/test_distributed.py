@@ -77,3 +77,25 @@ def test_a_mistake_stops_every_rank_with_one_line(tmp_path):
     assert done.returncode != 0
     assert "holds a finished run; pass --overwrite to replace it" in done.stderr
     assert "robustlab/training.py" not in done.stderr, "a user error, not a traceback (torchrun adds its own)"
+
+
+def test_a_data_parallel_run_resumes_where_it_stopped(tmp_path):
+    """A two-rank run stopped after epoch 1 of 2 resumes on two ranks and ends where one process ends.
+
+    The stop is staged: a finished 1-epoch run is marked unfinished with 2 epochs (its resume.pt is
+    the state a 2-epoch run has after epoch 1, given a constant learning rate).
+    """
+    constant = ["--set", "train.schedule=constant"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert _train(reference, "--epochs", "2", *constant).returncode == 0
+    assert _train(resumed, "--epochs", "1", *constant, nproc=2).returncode == 0
+    config = resumed / "config.yaml"
+    config.write_text(config.read_text().replace("epochs: 1\n", "epochs: 2\n"))
+    metadata = json.loads((resumed / "metadata.json").read_text())
+    (resumed / "metadata.json").write_text(json.dumps({**metadata, "status": "running"}))
+    done = _train(resumed, "--epochs", "2", *constant, nproc=2)
+    assert done.returncode == 0, done.stderr
+    assert len((resumed / "history.csv").read_text().splitlines()) == 3
+    one, two = load_file(reference / "last.safetensors"), load_file(resumed / "last.safetensors")
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name

@@ -241,8 +241,6 @@ class Trainer:
         self.model = prepare_model(config, self.data).to(self.device)
         if self.dist.enabled:
             distributed.broadcast_state(self.model)
-        if self.dist.rank:  # its own random starts and dropout masks; rank 0 draws as one process would
-            torch.manual_seed(config.seed + 7919 * self.dist.rank)
         # only now, with data and model in hand: a config that cannot load leaves no empty run directory
         # behind, and --overwrite never deletes a run for one that cannot train
         self.resuming = self._prepare_run_dir(overwrite)
@@ -261,7 +259,15 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_score = -math.inf
         self.start_epoch = 0
-        self.generator = torch.Generator().manual_seed(config.seed + 1 + 7919 * self.dist.rank)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        if self.dist.rank:
+            self._draw_apart_from_rank_0(0)
+
+    def _draw_apart_from_rank_0(self, epoch: int) -> None:
+        """Give a rank > 0 its own random starts and dropout masks (rank 0 draws as one process would)."""
+        seed = self.config.seed + 7919 * self.dist.rank + 104_729 * epoch
+        torch.manual_seed(seed)
+        self.generator.manual_seed(seed + 1)
 
     def _prepare_run_dir(self, overwrite: bool) -> bool:
         """Rank 0 creates or validates the run directory; every rank gets its answer (or its error)."""
@@ -317,6 +323,8 @@ class Trainer:
                 f"{self.run.resume} does not fit this run ({reason}); pass --overwrite to start again"
             ) from None
         self.start_epoch = int(state["epoch"]) + 1
+        if self.dist.rank:  # the checkpoint holds rank 0's random state
+            self._draw_apart_from_rank_0(self.start_epoch)
         self.history = read_csv(self.run.history)[: self.start_epoch]
         if [row.get("epoch") for row in self.history] != list(range(1, self.start_epoch + 1)):
             raise CheckpointError(
