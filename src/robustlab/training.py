@@ -440,6 +440,8 @@ class Trainer:
             val = self._validate()
             row.update(val)
             row.update(self.objective.on_epoch_end(state, val))
+            if self.dist.enabled:  # decisions from a rank's own batches (the hybrid's guard): rank 0's hold
+                self.objective.load_state_dict(distributed.broadcast(self.objective.state_dict()))
             row["epoch_seconds"] = round(seconds, 3)
             row["peak_memory_mb"] = round(peak_memory_mb(self.device), 1)
             self.history.append(row)
