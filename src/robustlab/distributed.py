@@ -11,6 +11,10 @@ Gradients are averaged by one all-reduce per step (:func:`average_gradients`) ra
 the model in ``DistributedDataParallel``: a training defence attacks the model inside its loss (PGD,
 TRADES, the hybrid), and those input-gradient passes must not trigger DDP's parameter-gradient
 reduction. The price is no overlap of communication with the backward pass.
+
+Rank 0 validates (the hybrid's alpha comes from validation) and its objective state after each epoch
+is copied to every rank: a decision an objective draws from its own training batches (the hybrid's
+catastrophic-overfitting guard reads the epoch's train FGSM accuracy) is made on rank 0's share.
 """
 
 from __future__ import annotations
