@@ -94,7 +94,10 @@ def broadcast_state(model: nn.Module) -> None:
     """Copy rank 0's parameters and buffers (BatchNorm statistics) to every rank."""
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor, src=0)
+            dense = tensor if tensor.is_contiguous() else tensor.contiguous()  # channels_last weights
+            dist.broadcast(dense, src=0)
+            if dense is not tensor:
+                tensor.copy_(dense)
 
 
 def broadcast(value: Any) -> Any:
