@@ -753,8 +753,8 @@ def run_experiment(
 
     Cells locked by another process are skipped on the first pass and (``wait_for_locked``) waited for
     afterwards, so the results table written at the end covers the whole grid; without waiting they are
-    listed in ``ExperimentResult.left`` (a worker that should stop when its own share is done). A cell that fails with a
-    user error is recorded (``status = failed``) and the others still run; ``ExperimentResult.failed``
+    listed in ``ExperimentResult.left`` (a worker that should stop when its own share is done). A cell
+    that fails with a user error is recorded (``status = failed``) and the others still run; ``ExperimentResult.failed``
     lists them. ``isolate`` trains each cell in a fresh process (honest per-cell peak memory on CPU);
     ``isolate=False`` trains in this process, reusing the loaded data (faster for tiny grids).
     ``only`` (:func:`parse_cell_filter`) runs part of the grid; the results table still lists every cell.
@@ -798,11 +798,11 @@ def run_experiment(
         finally:
             lock.release()
         collect_results(plan, result.failed)  # keep results current: a partly done grid can be reported
-    if not wait_for_locked:
-        result.left = [cell.id for cell in deferred]
-        for cell in deferred:
+    for cell in deferred:
+        if not wait_for_locked:
             log(f"[{cell.id}] left to the process that holds it (not waiting)")
-    for cell in deferred if wait_for_locked else []:
+            result.left.append(cell.id)
+            continue
         if cell.twin is not None:
             with _lock(plan.results_dir, cell.twin.id):  # its owner has finished it (or failed)
                 pass

@@ -476,12 +476,13 @@ class Trainer:
 
     def _finish(self) -> TrainResult:
         """Test the selected weights and record the cost (rank 0; the other ranks get its metrics)."""
+        metrics = self._test_and_record() if self.dist.is_main else None
         if self.dist.enabled:
-            metrics = distributed.broadcast(self._test_and_record() if self.dist.is_main else None)
-            load_weights(self.run.weights, self.model)  # the selected epoch, as rank 0 saved it
-            self.model.eval()
-            return TrainResult(self.run.path, self.history, metrics, self.model, self.data)
-        return TrainResult(self.run.path, self.history, self._test_and_record(), self.model, self.data)
+            metrics = distributed.broadcast(metrics)
+            if not self.dist.is_main:  # the selected epoch, as rank 0 saved it
+                load_weights(self.run.weights, self.model)
+                self.model.eval()
+        return TrainResult(self.run.path, self.history, metrics, self.model, self.data)
 
     def _test_and_record(self) -> dict[str, Any]:
         run = self.run
