@@ -81,11 +81,10 @@ def test_hybrid_uses_schedule_alpha_and_guard():
     assert plan == AttackPlan("fgsm", pytest.approx(0.03), 1, pytest.approx(1.25 * 0.03))
     state.step = 10
     assert objective.attack_plan(state).eps == pytest.approx(0.03 + 0.27 / 2)
-    row = objective.on_epoch_end(state, {"val_clean_acc": 0.9, "val_robust_acc": 0.6})
+    row = objective.on_epoch_end(state, {"val_clean_acc": 0.9, "val_robust_acc": 0.6, "train_adv_acc": 0.0})
     assert objective.alpha == pytest.approx(0.6 / 1.5) and row["alpha_next"] == objective.alpha
     # robust accuracy collapses while the training FGSM accuracy is high: switch to pgd-2 and log it
-    objective._adv_correct, objective._batches = 9.0, 10
-    row = objective.on_epoch_end(state, {"val_clean_acc": 0.95, "val_robust_acc": 0.05})
+    row = objective.on_epoch_end(state, {"val_clean_acc": 0.95, "val_robust_acc": 0.05, "train_adv_acc": 0.9})
     assert row["attack"] == "pgd-2" and any("catastrophic" in line for line in state.log)
     plan = objective.attack_plan(state)
     assert (plan.method, plan.steps, plan.step_size) == ("pgd", 2, pytest.approx(2.5 * plan.eps / 2))
@@ -122,27 +121,39 @@ def test_pgd_at_warmup_is_logged_per_epoch(digits, tmp_path):
 def test_hybrid_guard_catches_fgsm_that_never_became_pgd_robust():
     objective = build_objective("hybrid", {"ramp_epochs": 1})
     state = TrainState(epoch=0, epochs=3, step=10, steps_per_epoch=10, eps=0.3)
-    objective._adv_correct, objective._batches = 7.0, 10  # train FGSM acc 0.7 at eps_t = eps
-    assert objective.on_epoch_end(state, {"val_clean_acc": 0.96, "val_robust_acc": 0.5})["attack"] == "fgsm"
-    assert objective.on_epoch_end(state, {"val_clean_acc": 0.96, "val_robust_acc": 0.07})["attack"] == "pgd-2"
+    train = {"val_clean_acc": 0.96, "train_adv_acc": 0.7}  # train FGSM acc 0.7 at eps_t = eps
+    assert objective.on_epoch_end(state, {**train, "val_robust_acc": 0.5})["attack"] == "fgsm"
+    assert objective.on_epoch_end(state, {**train, "val_robust_acc": 0.07})["attack"] == "pgd-2"
     state = TrainState(epoch=0, epochs=3, step=5, steps_per_epoch=10, eps=0.3)  # still ramping: no verdict
     ramping = build_objective("hybrid", {"ramp_epochs": 1})
-    ramping._adv_correct, ramping._batches = 7.0, 10
-    assert ramping.on_epoch_end(state, {"val_clean_acc": 0.96, "val_robust_acc": 0.07})["attack"] == "fgsm"
+    assert ramping.on_epoch_end(state, {**train, "val_robust_acc": 0.07})["attack"] == "fgsm"
+
+
+def test_hybrid_guard_reads_the_epoch_training_stats_the_history_logs(digits, tmp_path, monkeypatch):
+    """The guard's train FGSM accuracy is the Trainer's epoch mean (over every rank's batches under
+    torchrun), the same number history.csv logs, not a tally the objective keeps of its own batches."""
+    seen = []
+    original = HybridObjective.on_epoch_end
+    monkeypatch.setattr(HybridObjective, "on_epoch_end",
+                        lambda self, state, metrics: seen.append(dict(metrics)) or original(self, state, metrics))
+    result = train(_config("hybrid", epochs=1), tmp_path / "h", progress=False, data=digits)
+    (row,) = result.history
+    assert seen[0]["train_adv_acc"] == row["train_adv_acc"] and 0.0 < row["train_adv_acc"] <= 1.0
+    assert seen[0]["val_robust_acc"] == row["val_robust_acc"]
 
 
 def test_hybrid_guard_ignores_a_drop_at_the_noise_floor():
     """Early in a ramp to eps 0.3 val PGD at the target eps is ~0: 1% -> 0% is not catastrophic overfitting."""
     objective = build_objective("hybrid", {})
     state = TrainState(epoch=0, epochs=50, step=10, steps_per_epoch=10, eps=0.3)  # eps_t still ramping
-    objective._adv_correct, objective._batches = 9.5, 10  # train FGSM acc 0.95 at the small eps_t
-    assert objective.on_epoch_end(state, {"val_clean_acc": 0.97, "val_robust_acc": 0.01})["attack"] == "fgsm"
-    assert objective.on_epoch_end(state, {"val_clean_acc": 0.98, "val_robust_acc": 0.0})["attack"] == "fgsm"
+    train = {"train_adv_acc": 0.95}  # train FGSM acc 0.95 at the small eps_t
+    assert objective.on_epoch_end(state, {**train, "val_clean_acc": 0.97, "val_robust_acc": 0.01})["attack"] == "fgsm"
+    assert objective.on_epoch_end(state, {**train, "val_clean_acc": 0.98, "val_robust_acc": 0.0})["attack"] == "fgsm"
     assert not state.log
     collapsing = build_objective("hybrid", {})
-    collapsing._adv_correct, collapsing._batches = 9.5, 10
-    collapsing.on_epoch_end(state, {"val_clean_acc": 0.97, "val_robust_acc": 0.4})
-    assert collapsing.on_epoch_end(state, {"val_clean_acc": 0.98, "val_robust_acc": 0.05})["attack"] == "pgd-2"
+    collapsing.on_epoch_end(state, {**train, "val_clean_acc": 0.97, "val_robust_acc": 0.4})
+    row = collapsing.on_epoch_end(state, {**train, "val_clean_acc": 0.98, "val_robust_acc": 0.05})
+    assert row["attack"] == "pgd-2"
 
 
 def test_every_defence_registered():

@@ -13,8 +13,9 @@ TRADES, the hybrid), and those input-gradient passes must not trigger DDP's para
 reduction. The price is no overlap of communication with the backward pass.
 
 Rank 0 validates (the hybrid's alpha comes from validation) and its objective state after each epoch
-is copied to every rank: a decision an objective draws from its own training batches (the hybrid's
-catastrophic-overfitting guard reads the epoch's train FGSM accuracy) is made on rank 0's share.
+is copied to every rank. The epoch's training stats are averaged over the ranks (:func:`mean_over_ranks`)
+before an objective reads them, so the hybrid's catastrophic-overfitting guard sees the train FGSM
+accuracy of the whole epoch, not of one rank's share.
 """
 
 from __future__ import annotations

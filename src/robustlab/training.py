@@ -439,8 +439,8 @@ class Trainer:
             row["lr"] = self.optimizer.param_groups[0]["lr"]
             val = self._validate()
             row.update(val)
-            row.update(self.objective.on_epoch_end(state, val))
-            if self.dist.enabled:  # decisions from a rank's own batches (the hybrid's guard): rank 0's hold
+            row.update(self.objective.on_epoch_end(state, dict(row)))
+            if self.dist.enabled:  # alpha comes from rank 0's validation: its objective state holds
                 self.objective.load_state_dict(distributed.broadcast(self.objective.state_dict()))
             row["epoch_seconds"] = round(seconds, 3)
             row["peak_memory_mb"] = round(peak_memory_mb(self.device), 1)

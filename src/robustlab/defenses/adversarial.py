@@ -170,7 +170,7 @@ class AdversarialObjective(Objective):
         step = p.step_size if p.step_size is not None else 2.5 * eps / p.steps
         return AttackPlan("pgd", eps, p.steps, step)
 
-    def on_epoch_end(self, state: TrainState, val_metrics: dict[str, float]) -> dict[str, float]:
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> dict[str, float]:
         """Log the budget reached when a warm-up is on (the hybrid logs its own ramp)."""
         return {"eps_t": self.eps_t(state)} if self.params.eps_warmup > 0 else {}
 

@@ -94,8 +94,13 @@ class Objective:
         """Called before each epoch; returns values to log in that epoch's history row."""
         return {}
 
-    def on_epoch_end(self, state: TrainState, val_metrics: dict[str, float]) -> dict[str, float]:
-        """Called after validation with ``val_clean_acc`` (and ``val_robust_acc`` when requested)."""
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> dict[str, float]:
+        """Called after validation with the epoch's metrics, returns values to log in its history row.
+
+        ``metrics`` holds ``val_clean_acc`` (and ``val_robust_acc`` when requested) and the epoch's mean
+        of every training stat the loss returned, as ``train_<stat>``: averaged over all batches of every
+        rank in data-parallel training, so a decision drawn from it is the same on one process or many.
+        """
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -101,8 +101,6 @@ class HybridObjective(AdversarialObjective):
         self.attack = self.params.attack
         self.attack_steps = self.params.attack_steps
         self.best_val_robust = 0.0
-        self._adv_correct = 0.0
-        self._batches = 0
 
     @property
     def select(self) -> str | None:
@@ -128,20 +126,13 @@ class HybridObjective(AdversarialObjective):
         return loss, {"loss": loss.item(), "acc": batch_accuracy(clean, y), "adv_acc": adv_acc,
                       "eps_t": self.eps_t(state)}
 
-    def loss(self, model, x, y, state):
-        loss, stats = super().loss(model, x, y, state)
-        self._adv_correct += stats["adv_acc"]
-        self._batches += 1
-        return loss, stats
-
     def on_epoch_start(self, state: TrainState) -> dict[str, float]:
-        self._adv_correct, self._batches = 0.0, 0
         return {"alpha": self.alpha}
 
-    def on_epoch_end(self, state: TrainState, val_metrics: dict[str, float]) -> dict[str, Any]:
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> dict[str, Any]:
         p = self.params
-        clean, robust = val_metrics["val_clean_acc"], val_metrics["val_robust_acc"]
-        train_adv_acc = self._adv_correct / max(1, self._batches)
+        clean, robust = metrics["val_clean_acc"], metrics["val_robust_acc"]
+        train_adv_acc = metrics["train_adv_acc"]  # the epoch's mean, over every rank's batches
         best = self.best_val_robust
         collapsed = best >= p.co_min_best and robust < p.co_drop * best and train_adv_acc >= p.co_train_acc
         masked = self.eps_t(state) >= state.eps and train_adv_acc - robust >= p.co_gap
