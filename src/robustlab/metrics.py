@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from robustlab.data import Split
 from robustlab.memory import BatchSplitter
 
 
-def iterate(split: Split, batch_size: int, device: torch.device):
+def iterate(split: Split, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield float [0, 1] image batches and labels from a uint8 split."""
     for start in range(0, len(split), batch_size):
         x = split.images[start : start + batch_size].to(device).float().div_(255.0)

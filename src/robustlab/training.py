@@ -69,7 +69,9 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int):
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-iteration lr schedule: constant, piecewise (milestones as fractions), cosine, or one-cycle."""
     t = config.train
     total = t.epochs * steps_per_epoch

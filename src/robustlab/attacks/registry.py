@@ -16,7 +16,7 @@ import torch
 
 from robustlab.attacks.apgd import apgd
 from robustlab.attacks.autoattack import autoattack_x
-from robustlab.attacks.core import fgsm, pgd
+from robustlab.attacks.core import Model, fgsm, pgd
 from robustlab.attacks.cw import cw_l2
 from robustlab.attacks.fab import fab_t
 from robustlab.attacks.square import square
@@ -28,7 +28,7 @@ ATTACKS: dict[str, Attack] = {}
 _STEPS_SUFFIX = re.compile(r"^(?P<name>[a-z0-9_]+?)-(?P<steps>\d+)$")
 
 
-def register_attack(name: str, fn: Attack | None = None):
+def register_attack(name: str, fn: Attack | None = None) -> Attack | Callable[[Attack], Attack]:
     """Register ``fn`` under ``name`` (usable as a decorator)."""
     if fn is None:
         return functools.partial(register_attack, name)
@@ -37,13 +37,16 @@ def register_attack(name: str, fn: Attack | None = None):
 
 
 def cw_linf(
-    model, x, y, *, eps: float, norm: str = "linf", steps: int = 30, early_stop: bool = False, **kwargs: Any
+    model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf", steps: int = 30,
+    early_stop: bool = False, **kwargs: Any,
 ) -> torch.Tensor:
     """"CW" of robustness tables: PGD on the Carlini-Wagner margin loss under the same budget."""
     return pgd(model, x, y, eps=eps, norm=norm, loss="cw", steps=steps, early_stop=early_stop, **kwargs)
 
 
-def mifgsm(model, x, y, *, eps: float, norm: str = "linf", **kwargs: Any) -> torch.Tensor:
+def mifgsm(
+    model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf", **kwargs: Any
+) -> torch.Tensor:
     """MI-FGSM (Dong et al. 2018): momentum PGD, no random start, step eps/steps, decay 1.0."""
     steps = kwargs.pop("steps", 10)
     kwargs.setdefault("momentum", 1.0)

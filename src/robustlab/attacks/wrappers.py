@@ -18,6 +18,8 @@ AutoAttack) becomes adaptive by attacking the wrapper instead of the defended mo
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -30,11 +32,11 @@ class _StraightThrough(torch.autograd.Function):
     """``forward(x, gx) = gx`` with gradient passed to ``x`` unchanged (identity backward)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+    def forward(ctx: Any, x: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
         return transformed
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ARG004
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ARG004
         return grad, None
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from robustlab.attacks.core import ascent_direction, clip_to_ball, fgsm, frozen, input_gradient, pgd
-from robustlab.defenses.base import Objective, ObjectiveParams, TrainState
+from robustlab.defenses.base import LossAndStats, Objective, ObjectiveParams, TrainState
 from robustlab.defenses.preprocessing import Defended
 from robustlab.defenses.schedule import eps_schedule
 
@@ -176,10 +176,10 @@ class AdversarialObjective(Objective):
 
     def adversarial_loss(
         self, forward: Forward, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, state: TrainState
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> LossAndStats:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState):
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState) -> LossAndStats:
         p = self.params
         x_adv = craft_adversarial(
             model, x, y, self.attack_plan(state), norm=state.norm, random_start=p.random_start,
@@ -196,7 +196,9 @@ class PGDATObjective(AdversarialObjective):
 
     name = "pgd_at"
 
-    def adversarial_loss(self, forward, x, y, x_adv, state):
+    def adversarial_loss(
+        self, forward: Forward, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, state: TrainState
+    ) -> LossAndStats:
         logits = forward(x_adv)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.item(), "adv_acc": batch_accuracy(logits, y)}
@@ -233,7 +235,9 @@ class TradesObjective(AdversarialObjective):
     def attack_plan(self, state: TrainState) -> AttackPlan:
         return replace(super().attack_plan(state), method="kl")
 
-    def adversarial_loss(self, forward, x, y, x_adv, state):
+    def adversarial_loss(
+        self, forward: Forward, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, state: TrainState
+    ) -> LossAndStats:
         logits = forward(torch.cat([x, x_adv]))
         clean, adv = logits[: len(x)], logits[len(x) :]
         natural = F.cross_entropy(clean, y)
@@ -257,7 +261,9 @@ class MartObjective(AdversarialObjective):
     name = "mart"
     Params = MartParams
 
-    def adversarial_loss(self, forward, x, y, x_adv, state):
+    def adversarial_loss(
+        self, forward: Forward, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, state: TrainState
+    ) -> LossAndStats:
         logits = forward(torch.cat([x, x_adv]))
         clean, adv = logits[: len(x)], logits[len(x) :]
         adv_probs = F.softmax(adv, dim=1)

@@ -16,6 +16,9 @@ from torch import nn
 
 from robustlab.defenses.preprocessing import InputTransform, build_transform, validate_transform
 
+#: What an objective's loss returns: the scalar to minimise and the batch's stats for the history.
+LossAndStats = tuple[torch.Tensor, dict[str, float]]
+
 
 class ObjectiveParams(BaseModel):
     """Base for an objective's parameters: unknown names are errors.
@@ -87,7 +90,7 @@ class Objective:
 
     def loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> LossAndStats:
         raise NotImplementedError
 
     def on_epoch_start(self, state: TrainState) -> dict[str, float]:

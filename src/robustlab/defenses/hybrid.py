@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from robustlab.defenses.adversarial import AdversarialObjective, AttackPlan, CraftParams, batch_accuracy
-from robustlab.defenses.base import TrainState
+from robustlab.defenses.adversarial import AdversarialObjective, AttackPlan, CraftParams, Forward, batch_accuracy
+from robustlab.defenses.base import LossAndStats, TrainState
 from robustlab.defenses.schedule import Schedule, eps_schedule
 
 
@@ -118,7 +118,9 @@ class HybridObjective(AdversarialObjective):
             return AttackPlan("fgsm", eps_t, 1, self.params.fgsm_step * eps_t)
         return AttackPlan("pgd", eps_t, self.attack_steps, self.params.pgd_step * eps_t / self.attack_steps)
 
-    def adversarial_loss(self, forward, x, y, x_adv, state):
+    def adversarial_loss(
+        self, forward: Forward, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, state: TrainState
+    ) -> LossAndStats:
         logits = forward(torch.cat([x, x_adv]))
         clean, adv = logits[: len(x)], logits[len(x) :]
         loss = self.alpha * F.cross_entropy(clean, y) + (1.0 - self.alpha) * F.cross_entropy(adv, y)

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from robustlab.defenses.adversarial import batch_accuracy
-from robustlab.defenses.base import Objective, ObjectiveParams, TrainState
+from robustlab.defenses.base import LossAndStats, Objective, ObjectiveParams, TrainState
 
 
 class LipschitzParams(ObjectiveParams):
@@ -46,7 +46,7 @@ class LipschitzObjective(Objective):
     name = "lipschitz"
     Params = LipschitzParams
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState):
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState) -> LossAndStats:
         p = self.params
         x = x.detach().requires_grad_(True)
         logits = model(x)

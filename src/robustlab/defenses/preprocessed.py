@@ -15,11 +15,13 @@ e.g. ``defense: {name: pgd_at, preprocess: {name: feature_squeezing, bits: 1}}``
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from pydantic import model_validator
+from torch import nn
 
 from robustlab.defenses.adversarial import batch_accuracy
-from robustlab.defenses.base import ObjectiveParams
+from robustlab.defenses.base import LossAndStats, ObjectiveParams, TrainState
 from robustlab.defenses.preprocessing import (
     AutoencoderParams,
     FeatureSqueezingParams,
@@ -77,7 +79,7 @@ class AutoencoderObjective(TransformObjective):
     name = "autoencoder"
     Params = AutoencoderDefenseParams
 
-    def loss(self, model, x, y, state):
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState) -> LossAndStats:
         logits = model.model(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.item(), "acc": batch_accuracy(logits, y)}

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustlab.defenses.base import Objective, TrainState
+from robustlab.defenses.base import LossAndStats, Objective, TrainState
 
 
 class StandardObjective(Objective):
@@ -15,7 +15,7 @@ class StandardObjective(Objective):
     name = "standard"
     uses_eps = False
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState):
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState) -> LossAndStats:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
