@@ -8,14 +8,17 @@ the shared data order). Adversarial objectives attack inside their loss; they mu
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from robustlab.data import TensorLoader
+from robustlab.evaluation import read_evaluation, read_samples
 from tests.reliability_support import ROOT, subprocess_env
 
 COMMON = ["--dataset", "digits", "--model", "lenet5", "--epochs", "1", "--batch-size", "64", "--lr", "0.05",
@@ -23,10 +26,14 @@ COMMON = ["--dataset", "digits", "--model", "lenet5", "--epochs", "1", "--batch-
           "--no-progress"]
 
 
-def _train(out, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def _robustlab(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    command = [sys.executable, *launcher, "-m", "robustlab", "train", *COMMON, *args, "--out", str(out)]
+    command = [sys.executable, *launcher, "-m", "robustlab", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT)
+
+
+def _train(out, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    return _robustlab("train", *COMMON, *args, "--out", str(out), nproc=nproc)
 
 
 def test_shards_of_a_batch_are_its_rows_split_across_ranks():
@@ -99,3 +106,24 @@ def test_a_data_parallel_run_resumes_where_it_stopped(tmp_path):
     one, two = load_file(reference / "last.safetensors"), load_file(resumed / "last.safetensors")
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-5), name
+
+
+def test_two_ranks_evaluate_exactly_what_one_process_evaluates(tmp_path):
+    """Each rank attacks every other batch (random starts seeded per batch); rank 0 gathers and writes."""
+    single = tmp_path / "single"
+    assert _train(single).returncode == 0
+    double = tmp_path / "double"
+    shutil.copytree(single, double)
+    options = ["--attacks", "fgsm,pgd-3", "--samples", "100", "--batch-size", "16", "--no-progress"]  # 7 batches
+    one = _robustlab("evaluate", str(single), *options)
+    assert one.returncode == 0, one.stderr
+    two = _robustlab("evaluate", str(double), *options, nproc=2)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("wrote ") == 1, "rank 0 alone reports and writes"
+    a, b = read_samples(single), read_samples(double)
+    assert a.keys() == b.keys() and "correct:pgd-3" in a
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert not a["correct:pgd-3"].all(), "the attack must fool the model on some images for this to test seeding"
+    accuracy = {k: v["accuracy"] for k, v in read_evaluation(single)["attacks"].items()}
+    assert accuracy == {k: v["accuracy"] for k, v in read_evaluation(double)["attacks"].items()}

@@ -103,7 +103,8 @@ def evaluate(
     suite: Annotated[str | None, typer.Option(help="standard: add AutoAttack; rand: its EOT version")] = None,
     eps: Annotated[str | None, typer.Option(help="pixel budget(s): 0.3 or 8/255,16/255 (default: run's)")] = None,
     norm: Annotated[str | None, typer.Option(help="linf or l2 (default: the run's)")] = None,
-    n: Annotated[int | None, typer.Option(help="evaluate N test samples (a fixed-seed random subset)")] = None,
+    n: Annotated[int | None, typer.Option("--n", "--samples", help="evaluate N test samples (a fixed-seed random "
+                                          "subset); under torchrun write --samples: torchrun takes --n")] = None,
     batch_size: Annotated[int, typer.Option(help="attack batch size")] = 256,
     seed: Annotated[int, typer.Option(help="seed of the attacks' random starts and of the bootstrap")] = 0,
     eot_samples: Annotated[int, typer.Option(help="EOT gradient samples per step for random defences")] = 20,
@@ -122,15 +123,9 @@ def evaluate(
     Preprocessing defences are attacked adaptively (BPDA/EOT) automatically.
     """
     from robustlab.config import parse_number
+    from robustlab.distributed import from_environment
     from robustlab.errors import ConfigError
-    from robustlab.evaluation import (
-        DEFAULT_ATTACKS,
-        evaluate_checkpoint,
-        evaluate_run,
-        format_table,
-        save_evaluation,
-        summary_lines,
-    )
+    from robustlab.evaluation import DEFAULT_ATTACKS, evaluate_checkpoint, evaluate_run, format_table, summary_lines
     from robustlab.validation import check_eps
 
     specs = list(DEFAULT_ATTACKS) if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
@@ -149,15 +144,17 @@ def evaluate(
         out = out or Path("runs") / f"eval-{checkpoint.stem}"
     elif run_dir is None:
         raise ConfigError("give a RUN_DIR, or --checkpoint FILE --model NAME --dataset D --eps E")
+    main = from_environment().is_main  # under torchrun each rank attacks its share; rank 0 writes
     for budget in budgets:  # several budgets give the points of an accuracy-vs-eps curve
         if checkpoint is not None:
             result = evaluate_checkpoint(
                 model, checkpoint, dataset, eps=budget, norm=norm or "linf", data_dir=data_dir, device=device,
-                **options,
+                out_dir=out, **options,
             )
-            save_evaluation(result, out)
         else:
             result = evaluate_run(run_dir, eps=budget, norm=norm, device=device, **options)
+        if not main:
+            continue
         console.print(format_table(result))
         for line in summary_lines(result):
             console.print(line, markup=False, highlight=False)

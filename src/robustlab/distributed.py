@@ -12,6 +12,10 @@ the model in ``DistributedDataParallel``: a training defence attacks the model i
 TRADES, the hybrid), and those input-gradient passes must not trigger DDP's parameter-gradient
 reduction. The price is no overlap of communication with the backward pass.
 
+``robustlab evaluate`` under ``torchrun`` splits the test batches the same way (rank ``r`` attacks
+batches ``r, r + N, ...``; :func:`gather` brings them back to every rank and rank 0 writes), see
+:func:`robustlab.evaluation.evaluate_model`.
+
 Rank 0 validates (the hybrid's alpha comes from validation) and its objective state after each epoch
 is copied to every rank. The epoch's training stats are averaged over the ranks (:func:`mean_over_ranks`)
 before an objective reads them, so the hybrid's catastrophic-overfitting guard sees the train FGSM
@@ -63,6 +67,8 @@ def setup(device_type: str) -> Distributed:
     """
     info = from_environment()
     if info.enabled and not dist.is_initialized():
+        if device_type == "cuda":  # NCCL's object collectives use the current device: one GPU per rank
+            torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return info
 
@@ -106,6 +112,13 @@ def broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

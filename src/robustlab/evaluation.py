@@ -17,6 +17,10 @@ non-adaptive number. A *random* model is classified ``random_passes`` times per 
 each pass, as deployed): its accuracy is the mean over passes (the expected accuracy of one deployed
 prediction) and ``accuracy_per_draw`` lists each pass; worst case is taken per pass.
 
+Every attack's random draws on a batch are seeded from ``(seed, attack, batch)``, so results do not
+depend on which process attacks which batch: under ``torchrun`` each of N ranks attacks every N-th
+batch and the ranks' per-batch results are gathered into exactly the single-process arrays.
+
 :func:`evaluate_run` evaluates a run directory and merges the result into ``RUN_DIR/metrics.json``
 (atomically; keys written by training or by evaluations at another budget are kept; a new evaluation at
 the same threat replaces that threat's entry and per-sample file as a whole). Schema::
@@ -65,6 +69,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from robustlab import distributed
 from robustlab.attacks.registry import ATTACKS, make_attack, parse_attack_spec
 from robustlab.attacks.wrappers import EOT_SAMPLES, adaptive_model
 from robustlab.data import Split, load_dataset
@@ -370,6 +375,9 @@ def evaluate_model(
             is left untouched.
         eot_samples: gradient samples per step for random defences (EOT).
         random_passes: forward passes per input for a random model (deterministic models use one).
+
+    Under ``torchrun`` every rank calls this with the same arguments; each attacks its share of the
+    batches (on its own GPU) and every rank returns the whole, gathered result.
     """
     eps = check_eps(eps, norm)
     if norm not in ("linf", "l2"):
@@ -384,6 +392,9 @@ def evaluate_model(
     if len(split) == 0:
         raise InputError("the evaluation split is empty")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    group = distributed.setup(device.type)
+    if group.enabled and device.type == "cuda":  # one GPU per rank
+        device = torch.device("cuda", group.local_rank)
     model.to(device)
     was_training = model.training
     model.eval()
@@ -398,31 +409,34 @@ def evaluate_model(
         built = [
             (label, *_attack_record(label, spec, eps, norm, info["adaptive"], info["random"])) for label, spec in plan
         ]
-        n_batches = math.ceil(len(split) / batch_size)
-        bar = tqdm(total=n_batches * (1 + len(built)), desc="evaluate", unit="batch", disable=not progress,
-                   leave=False)
+        mine = list(range(group.rank, math.ceil(len(split) / batch_size), group.world_size))
+        bar = tqdm(total=len(mine) * (1 + len(built)), desc="evaluate", unit="batch",
+                   disable=not (progress and group.is_main), leave=False)
         rng_devices = [device] if device.type == "cuda" else []
-        columns: dict[str, list[tuple[np.ndarray, ...]]] = {}
+        columns: dict[str, dict[int, tuple[np.ndarray, ...]]] = {}
         seconds: dict[str, float] = {}
         for index, (label, attack, _) in enumerate([("clean", None, None), *built]):
             bar.set_postfix_str(label)
             tic = time.perf_counter()
             with torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(seed * 1000 + index)
-                for x, y in iterate(split, batch_size, device):
+                for batch, (x, y) in zip(mine, iterate(split, batch_size, device, mine), strict=True):
+                    torch.manual_seed(_batch_seed(seed, index, batch))
                     if attack is not None:
                         x_adv = attack(grad_model, x, y)
                         _check_budget(x_adv, x, eps, norm, label)
                         x = x_adv
-                    columns.setdefault(label, []).append(_classify(model, x, y, passes))
+                    columns.setdefault(label, {})[batch] = _classify(model, x, y, passes)
                     bar.update(1)
             seconds[label] = time.perf_counter() - tic
         bar.close()
     finally:
         model.train(was_training)
+    if group.enabled:  # each rank attacked every world_size-th batch: put the batches back in order
+        columns, seconds = _merge_ranks(distributed.gather((columns, seconds)))
 
     def measurement(label: str, record: dict | None) -> tuple[Measurement, np.ndarray]:
-        correct, confidence, p_true = (np.concatenate(c, axis=1) for c in zip(*columns[label], strict=True))
+        batches = [columns[label][batch] for batch in sorted(columns[label])]
+        correct, confidence, p_true = (np.concatenate(c, axis=1) for c in zip(*batches, strict=True))
         m = Measurement(label, record, correct, confidence.astype(np.float32), seconds[label])
         m.ci95 = bootstrap_ci(m.per_sample, n_boot, seed)
         return m, p_true
@@ -447,6 +461,20 @@ def evaluate_model(
         seconds=time.perf_counter() - started,
         extra={"versions": _versions()},
     )
+
+
+def _batch_seed(seed: int, attack_index: int, batch: int) -> int:
+    """The seed of one attack's random draws on one batch: independent of which process attacks it."""
+    return int(np.random.SeedSequence([seed, attack_index, batch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _merge_ranks(
+    parts: list[tuple[dict[str, dict[int, tuple[np.ndarray, ...]]], dict[str, float]]],
+) -> tuple[dict[str, dict[int, tuple[np.ndarray, ...]]], dict[str, float]]:
+    """Every rank's per-batch results in one mapping; an attack's time is its slowest rank's."""
+    columns = {label: {b: r for part, _ in parts for b, r in part[label].items()} for label in parts[0][0]}
+    seconds = {label: max(times[label] for _, times in parts) for label in parts[0][1]}
+    return columns, seconds
 
 
 def _worst_case(
@@ -537,7 +565,7 @@ def evaluate_run(
     result.extra.update(run_config={"dataset": loaded.config.data.dataset, "model": loaded.config.model.name,
                                     "defense": loaded.config.defense.name, "seed": loaded.config.seed,
                                     "finished": run.is_finished()})
-    if write:
+    if write and distributed.from_environment().is_main:
         save_evaluation(result, run.path)
     return result
 
@@ -570,7 +598,7 @@ def evaluate_checkpoint(
     result = evaluate_model(model, data.test, eps=eps, device=select_device(device), **options)
     result.model_info["weights_sha256"] = _sha256(path)
     result.extra.update(run_config={"dataset": dataset, "model": model_name, "checkpoint": str(path)})
-    if out_dir is not None:
+    if out_dir is not None and distributed.from_environment().is_main:
         save_evaluation(result, out_dir)
     return result
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -11,9 +11,12 @@ from robustlab.data import Split
 from robustlab.memory import BatchSplitter
 
 
-def iterate(split: Split, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield float [0, 1] image batches and labels from a uint8 split."""
-    for start in range(0, len(split), batch_size):
+def iterate(
+    split: Split, batch_size: int, device: torch.device, batches: Iterable[int] | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield float [0, 1] image batches and labels from a uint8 split (only the numbered ``batches``)."""
+    starts = range(0, len(split), batch_size) if batches is None else (b * batch_size for b in batches)
+    for start in starts:
         x = split.images[start : start + batch_size].to(device).float().div_(255.0)
         yield x, split.labels[start : start + batch_size].to(device)
 
