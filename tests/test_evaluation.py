@@ -238,3 +238,11 @@ def test_random_defence_uses_eot_and_reports_per_draw(trained_digits):
     assert res.attacks["pgd-5"].attack["params"]["early_stop"] is False, "stopped on a fooled EOT average"
     per_draw = res.to_dict()["worst_case"]["accuracy_per_draw"]
     assert len(per_draw) == 3 and np.mean(per_draw) == pytest.approx(res.robust_accuracy)
+
+
+def test_merging_ranks_keeps_batch_order_and_tolerates_a_rank_without_batches():
+    from robustlab.evaluation import _merge_ranks
+
+    parts = [({"clean": {0: "a", 2: "c"}}, {"clean": 1.0}), ({"clean": {1: "b"}}, {"clean": 3.0}), ({}, {"clean": 0.5})]
+    columns, seconds = _merge_ranks(parts)
+    assert [columns["clean"][b] for b in sorted(columns["clean"])] == ["a", "b", "c"] and seconds == {"clean": 3.0}

@@ -472,7 +472,8 @@ def _merge_ranks(
     parts: list[tuple[dict[str, dict[int, tuple[np.ndarray, ...]]], dict[str, float]]],
 ) -> tuple[dict[str, dict[int, tuple[np.ndarray, ...]]], dict[str, float]]:
     """Every rank's per-batch results in one mapping; an attack's time is its slowest rank's."""
-    columns = {label: {b: r for part, _ in parts for b, r in part[label].items()} for label in parts[0][0]}
+    columns = {label: {b: r for part, _ in parts for b, r in part.get(label, {}).items()}  # a rank may have none
+               for label in parts[0][0]}
     seconds = {label: max(times[label] for _, times in parts) for label in parts[0][1]}
     return columns, seconds
 
