@@ -73,6 +73,18 @@ def setup(device_type: str) -> Distributed:
     return info
 
 
+def leave() -> None:
+    """Wait for every rank, then close the process group (a no-op when none was joined).
+
+    Called once a command has succeeded on this rank. Without it, a rank that finishes first tears Gloo
+    down at interpreter exit while its peers still talk to it, and the C++ runtime can abort that
+    process ("terminate called without an active exception"), failing a run that succeeded.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def average_gradients(parameters: Iterable[nn.Parameter], loss: torch.Tensor, shard_size: int) -> float:
     """Replace each rank's gradients by the gradient of the global batch mean; return the global loss.
 
