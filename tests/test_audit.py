@@ -269,19 +269,16 @@ class _Accuracies:
         self.accuracy_of = {"fgsm": fgsm_accuracy, "square": blackbox, "transfer": blackbox}
         self.model = None
 
-    def generator(self, offset: int) -> torch.Generator:
-        return torch.Generator().manual_seed(offset)
-
     def _mask(self, accuracy: float) -> torch.Tensor:
         return torch.arange(self.n) < round(accuracy * self.n)
 
     def correct(self) -> torch.Tensor:
         return self._mask(self.clean)
 
-    def pgd_correct(self, eps, steps, restarts=1, offset=0, *, model=None, key=None) -> torch.Tensor:
+    def pgd_correct(self, eps, steps, restarts=1, stream=0, *, model=None, key=None) -> torch.Tensor:
         return self._mask(self.pgd_accuracy(eps, steps, restarts))
 
-    def run(self, key, attack) -> torch.Tensor:
+    def run(self, key, attack, stream=0) -> torch.Tensor:
         return self._mask(self.accuracy_of[key])
 
 

@@ -127,3 +127,34 @@ def test_two_ranks_evaluate_exactly_what_one_process_evaluates(tmp_path):
     assert not a["correct:pgd-3"].all(), "the attack must fool the model on some images for this to test seeding"
     accuracy = {k: v["accuracy"] for k, v in read_evaluation(single)["attacks"].items()}
     assert accuracy == {k: v["accuracy"] for k, v in read_evaluation(double)["attacks"].items()}
+
+
+def test_two_ranks_audit_exactly_what_one_process_audits(tmp_path):
+    """Each rank runs every check on every other batch (draws seeded per batch); rank 0 prints and writes."""
+    single = tmp_path / "single"
+    assert _train(single).returncode == 0
+    double = tmp_path / "double"
+    shutil.copytree(single, double)
+    options = ["--samples", "60", "--batch-size", "16", "--steps", "3", "--queries", "20", "--no-surrogate",
+               "--device", "cpu"]  # 4 batches
+    one = _robustlab("audit", str(single), *options)
+    assert one.returncode == 0, one.stderr
+    two = _robustlab("audit", str(double), *options, nproc=2)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("verdict:") == 1, "rank 0 alone reports"
+    a, b = (json.loads((run / "audit.json").read_text()) for run in (single, double))
+    assert a["checks"] == b["checks"]
+    assert a["checks"][0]["evidence"]["accuracy"][-1] < a["checks"][0]["evidence"]["accuracy"][0], (
+        "PGD must fool the model on some images for this to test seeding"
+    )
+
+
+def test_two_ranks_train_the_audits_surrogate_in_their_own_scratch_directories(tmp_path):
+    """Only rank 0 writes a run directory; the other ranks get the trained weights sent, not read from it."""
+    run = tmp_path / "run"
+    assert _train(run).returncode == 0
+    options = ["--samples", "32", "--batch-size", "16", "--steps", "2", "--queries", "10", "--device", "cpu"]
+    done = _robustlab("audit", str(run), *options, nproc=2)
+    assert done.returncode == 0, done.stderr
+    transfer = json.loads((run / "audit.json").read_text())["checks"][3]["evidence"]
+    assert "transfer pgd-2" in transfer and transfer["not_run"] == []

@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from robustlab import distributed
 from robustlab.attacks import fgsm, frozen, input_gradient, make_attack, pgd
 from robustlab.attacks.losses import ce_loss, cw_margin
 from robustlab.attacks.transfer import transfer_attack
@@ -145,7 +146,12 @@ def _adapted(model: nn.Module, bpda: bool, eot: int) -> nn.Module:
 
 
 class _Auditor:
-    """Holds the images, the model as attacked, and the accuracies shared between checks."""
+    """Holds the images, the model as attacked, and the accuracies shared between checks.
+
+    Every measurement goes batch by batch through :meth:`per_batch`, whose random draws are seeded per
+    (stream, batch): under ``torchrun`` each rank measures every N-th batch and the ranks' results are
+    gathered, giving exactly the single-process audit.
+    """
 
     def __init__(
         self,
@@ -160,78 +166,92 @@ class _Auditor:
         bpda: bool,
         eot: int,
         batch_size: int,
+        group: distributed.Distributed,
     ) -> None:
         self.model, self.x, self.y = model, x, y
         self.n = int(y.shape[0])
         self.eps, self.norm, self.seed, self.steps = eps, norm, seed, steps
-        self.bpda, self.eot, self.batch_size = bpda, eot, batch_size
+        self.bpda, self.eot, self.batch_size, self.group = bpda, eot, batch_size, group
         self.attacked = _adapted(model, bpda, eot)
         self._cache: dict[str, torch.Tensor] = {}
 
-    def generator(self, offset: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1000 + offset)
+    def per_batch(
+        self, measure: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, ...]], stream: int
+    ) -> tuple[torch.Tensor, ...]:
+        """``measure(x, y, generator)`` of every batch (per-image tensors), concatenated in image order.
 
-    def correct(self, x_adv: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-image correctness of the *deployed* model (one stochastic pass for a random model)."""
-        x_adv = self.x if x_adv is None else x_adv
-        with torch.no_grad():
-            preds = [self.model(b).argmax(1) for b in x_adv.split(self.batch_size)]
-        return torch.cat(preds) == self.y
+        ``stream`` names the random draws: batch ``b`` gets a generator (and a global torch seed, for a
+        random model's own draws) seeded from ``(seed, stream, b)``.
+        """
+        count = math.ceil(self.n / self.batch_size)
+        mine: dict[int, tuple[torch.Tensor, ...]] = {}
+        for batch in distributed.my_batches(count, self.group):
+            rows = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
+            seed = distributed.batch_seed(self.seed, stream, batch)
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            mine[batch] = tuple(t.detach().cpu() for t in measure(self.x[rows], self.y[rows], generator))
+        if self.group.enabled:
+            mine = {batch: part for rank in distributed.gather(mine) for batch, part in rank.items()}
+        columns = zip(*(mine[batch] for batch in range(count)), strict=True)
+        return tuple(torch.cat(column).to(self.x.device) for column in columns)
 
-    def run(self, key: str, attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Per-image correctness under ``attack(x, y)`` applied batch by batch (cached by ``key``)."""
+    def run(
+        self, key: str, attack: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor], stream: int = 0
+    ) -> torch.Tensor:
+        """Per-image correctness of the *deployed* model (one stochastic pass for a random model) under
+        ``attack(x, y, generator)`` (cached by ``key``)."""
         if key not in self._cache:
-            pieces = [
-                attack(xb, yb)
-                for xb, yb in zip(self.x.split(self.batch_size), self.y.split(self.batch_size), strict=True)
-            ]
-            self._cache[key] = self.correct(torch.cat(pieces))
+
+            def correct(xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor]:
+                x_adv = attack(xb, yb, generator)
+                with torch.no_grad():
+                    return (self.model(x_adv).argmax(1) == yb,)
+
+            self._cache[key] = self.per_batch(correct, stream)[0]
         return self._cache[key]
+
+    def correct(self) -> torch.Tensor:
+        """Per-image correctness on the clean images."""
+        return self.run("clean", lambda xb, yb, generator: xb)
 
     def pgd_correct(
         self,
         eps: float,
         steps: int,
         restarts: int = 1,
-        offset: int = 0,
+        stream: int = 0,
         *,
         model: nn.Module | None = None,
         key: str | None = None,
     ) -> torch.Tensor:
         """Correctness under PGD crafted on ``model`` (default: the model as the evaluation attacks it)."""
         target = self.attacked if model is None else model
-        generator = self.generator(offset)
 
-        def attack(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            return pgd(
-                target,
-                xb,
-                yb,
-                eps=eps,
-                steps=steps,
-                norm=self.norm,
-                restarts=restarts,
-                generator=generator,
-                validate=False,
-            )
+        def attack(xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            return pgd(target, xb, yb, eps=eps, steps=steps, norm=self.norm, restarts=restarts, generator=generator,
+                       validate=False)
 
-        return self.run(key or f"pgd-{steps}x{restarts}@{eps:g}", attack)
+        return self.run(key or f"pgd-{steps}x{restarts}@{eps:g}", attack, stream)
 
     @property
     def huge_eps(self) -> float:
         """A budget that reaches every image: 1 in Linf, the box diagonal sqrt(C*H*W) in L2."""
         return 1.0 if self.norm == "linf" else math.sqrt(self.x[0].numel())
 
-    def gradients(
+    def gradient_sizes(
         self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-image gradient of ``loss_fn`` at the clean images as attacked, per-image loss), batch by batch."""
-        grads, losses = [], []
-        for xb, yb in zip(self.x.split(self.batch_size), self.y.split(self.batch_size), strict=True):
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image at the clean images as attacked: (gradient of ``loss_fn`` all finite, its dual norm
+        with NaNs read as 0, the loss)."""
+
+        def sizes(xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
             grad, loss, _ = input_gradient(self.attacked, xb, yb, loss_fn)
-            grads.append(grad)
-            losses.append(loss)
-        return torch.cat(grads), torch.cat(losses)
+            size = _dual_norm(torch.nan_to_num(grad, 0.0, 0.0, 0.0), self.norm)
+            return torch.isfinite(grad.flatten(1)).all(1), size, loss
+
+        finite, size, loss = self.per_batch(sizes, stream=0)
+        return finite, size, loss
 
 
 def _acc(correct: torch.Tensor) -> float:
@@ -286,7 +306,7 @@ def _check_accuracy_vs_eps(a: _Auditor) -> AuditCheck:
 def _check_more_steps(a: _Auditor) -> AuditCheck:
     base = _acc(a.pgd_correct(a.eps, a.steps))
     strong_steps, restarts = 5 * a.steps, 3
-    strong = _acc(a.pgd_correct(a.eps, strong_steps, restarts, offset=1))
+    strong = _acc(a.pgd_correct(a.eps, strong_steps, restarts, stream=1))
     tol = noise_tolerance(base, strong, a.n)
     evidence = {
         "attack": f"pgd-{a.steps}",
@@ -316,7 +336,7 @@ def _check_more_steps(a: _Auditor) -> AuditCheck:
 
 def _check_fgsm(a: _Auditor) -> AuditCheck:
     single = _acc(
-        a.run("fgsm", lambda xb, yb: fgsm(a.attacked, xb, yb, eps=a.eps, norm=a.norm, validate=False))
+        a.run("fgsm", lambda xb, yb, _: fgsm(a.attacked, xb, yb, eps=a.eps, norm=a.norm, validate=False))
     )
     multi = _acc(a.pgd_correct(a.eps, a.steps))
     tol = noise_tolerance(single, multi, a.n)
@@ -334,7 +354,7 @@ def _check_fgsm(a: _Auditor) -> AuditCheck:
 
 
 def _check_blackbox(a: _Auditor, surrogate: nn.Module | None, queries: int) -> AuditCheck:
-    white = torch.logical_and(a.pgd_correct(a.eps, a.steps), a.pgd_correct(a.eps, 5 * a.steps, 3, offset=1))
+    white = torch.logical_and(a.pgd_correct(a.eps, a.steps), a.pgd_correct(a.eps, 5 * a.steps, 3, stream=1))
     white_acc = _acc(white)
     evidence: dict[str, Any] = {
         "whitebox_attack": f"min(pgd-{a.steps}, pgd-{5 * a.steps} x3)",
@@ -342,16 +362,19 @@ def _check_blackbox(a: _Auditor, surrogate: nn.Module | None, queries: int) -> A
         "noise": f"{Z:g} Agresti-Coull binomial SE, n={a.n}",
     }
     # black-box: Square sees only the deployed model's outputs, never its gradients
-    square = make_attack("square", eps=a.eps, norm=a.norm, queries=queries, generator=a.generator(4))
-    candidates = {f"square-{queries}": lambda: a.run("square", lambda xb, yb: square(a.model, xb, yb))}
+    def square(xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        attack = make_attack("square", eps=a.eps, norm=a.norm, queries=queries, generator=generator)
+        return attack(a.model, xb, yb)
+
+    candidates = {f"square-{queries}": lambda: a.run("square", square, stream=4)}
     missing = []
     if surrogate is not None:
-        craft = {"name": "pgd", "steps": a.steps, "generator": a.generator(5)}
 
-        def transfer(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        def transfer(xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            craft = {"name": "pgd", "steps": a.steps, "generator": generator}
             return transfer_attack(surrogate, a.model, xb, yb, attack=craft, eps=a.eps, norm=a.norm).x_adv
 
-        candidates[f"transfer pgd-{a.steps}"] = lambda: a.run("transfer", transfer)
+        candidates[f"transfer pgd-{a.steps}"] = lambda: a.run("transfer", transfer, stream=5)
     else:
         missing.append("transfer (no surrogate model given)")
     beaten, close, ran = [], [], []
@@ -389,9 +412,8 @@ def _dual_norm(grad: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def _check_gradients(a: _Auditor) -> AuditCheck:
-    grad, loss = a.gradients(ce_loss)
-    finite = torch.isfinite(grad.flatten(1)).all(1) & torch.isfinite(loss)
-    size = _dual_norm(torch.nan_to_num(grad, 0.0, 0.0, 0.0), a.norm)
+    grad_finite, size, loss = a.gradient_sizes(ce_loss)
+    finite = grad_finite & torch.isfinite(loss)
     nan = float((~finite).float().mean())
     vanishing = float((finite & (size <= VANISHING_NORM)).float().mean())
     exploding = float((finite & (size * a.eps > EXPLODING_CHANGE)).float().mean())
@@ -423,12 +445,17 @@ def _check_gradients(a: _Auditor) -> AuditCheck:
 
 
 def _check_randomness(a: _Auditor) -> AuditCheck:
-    with torch.no_grad():
-        passes = torch.stack([torch.cat([a.model(b) for b in a.x.split(a.batch_size)]) for _ in range(3)])
-    spread = float((passes - passes[0]).abs().max())
-    scale = 1.0 + float(passes[0].abs().max())
-    random = spread > 1e-4 * scale
-    flips = float((passes.argmax(2) != passes[0].argmax(1)).any(0).float().mean())
+    def three_passes(xb: torch.Tensor, yb: torch.Tensor, _: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Per image: the largest logit change between passes, the largest logit, whether a prediction flips."""
+        with torch.no_grad():
+            passes = torch.stack([a.model(xb) for _ in range(3)])
+        return ((passes - passes[0]).abs().amax(dim=(0, 2)), passes[0].abs().amax(1),
+                (passes.argmax(2) != passes[0].argmax(1)).any(0))
+
+    change, largest, flipped = a.per_batch(three_passes, stream=6)
+    spread = float(change.max())
+    random = spread > 1e-4 * (1.0 + float(largest.max()))
+    flips = float(flipped.float().mean())
     declared = _declares(a.model)[1]
     evidence = {
         "max_logit_change": spread,
@@ -445,7 +472,7 @@ def _check_randomness(a: _Auditor) -> AuditCheck:
         return AuditCheck("randomness", "pass", evidence, f"{text}; attacked with EOT over {a.eot} samples")
     plain = _acc(a.pgd_correct(a.eps, a.steps))
     with_eot = _acc(
-        a.pgd_correct(a.eps, a.steps, offset=2, model=_adapted(a.model, a.bpda, EOT_SAMPLES), key="eot")
+        a.pgd_correct(a.eps, a.steps, stream=2, model=_adapted(a.model, a.bpda, EOT_SAMPLES), key="eot")
     )
     evidence.update({"pgd_accuracy_without_eot": plain, f"pgd_accuracy_with_eot{EOT_SAMPLES}": with_eot})
     hint = "" if declared else "; declare the transform random=True so evaluation uses EOT"
@@ -462,22 +489,18 @@ def _check_bpda(a: _Auditor) -> AuditCheck:
     declared = _declares(a.model)[0]
     # the CW margin is used (not CE) so that softmax saturation, which check 5 reports, is not mistaken for a
     # non-differentiable layer: the margin's gradient is zero only where the network itself is flat.
-    grad, margin = a.gradients(cw_margin)
-    step = a.eps * torch.randn(a.x.shape, generator=a.generator(3)).sign().to(a.x.device)
-    if a.norm == "l2":
-        step = step / step.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * a.eps
-    moved = (a.x + step).clamp(0, 1)
-    with torch.no_grad():
-        margin_moved = torch.cat(
-            [
-                cw_margin(a.attacked(xb), yb)
-                for xb, yb in zip(moved.split(a.batch_size), a.y.split(a.batch_size), strict=True)
-            ]
-        )
+    grad_finite, size, margin = a.gradient_sizes(cw_margin)
+
+    def margin_after_random_step(xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor]:
+        step = a.eps * torch.randn(xb.shape, generator=generator).sign().to(xb.device)
+        if a.norm == "l2":
+            step = step / step.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * a.eps
+        with torch.no_grad():
+            return (cw_margin(a.attacked((xb + step).clamp(0, 1)), yb),)
+
+    (margin_moved,) = a.per_batch(margin_after_random_step, stream=3)
     changes = (margin_moved - margin).abs() > 1e-4 * (1 + margin.abs())
-    no_signal = ~torch.isfinite(grad.flatten(1)).all(1) | (
-        _dual_norm(torch.nan_to_num(grad), a.norm) <= VANISHING_NORM
-    )
+    no_signal = ~grad_finite | (size <= VANISHING_NORM)
     fraction = float((changes & no_signal).float().mean())
     detected = fraction > WARN_FRACTION
     evidence = {
@@ -548,6 +571,9 @@ def audit_model(
             passes iff it declares ``random=True``. ``eot=1`` means no EOT.
     Returns:
         An :class:`AuditReport`; the model's mode and ``requires_grad`` flags are left as found.
+
+    Under ``torchrun`` every rank calls this with the same arguments; each measures every N-th batch
+    (on its own GPU) and every rank returns the whole report, equal to the single-process one.
     """
     x, y = (data.float_images(), data.labels) if isinstance(data, Split) else data
     if n is not None:
@@ -563,6 +589,12 @@ def audit_model(
     use_bpda = declared_bpda if bpda is None else bpda
     eot_samples = (EOT_SAMPLES if declared_random else 1) if eot is None else max(1, int(eot))
     device = next(model.parameters()).device
+    group = distributed.setup(device.type)
+    if group.enabled and device.type == "cuda":  # one GPU per rank, as in evaluation
+        device = torch.device("cuda", group.local_rank)
+        model.to(device)
+    if surrogate is not None:
+        surrogate.to(device)
     settings = {
         "eps": float(eps),
         "norm": norm,
@@ -578,8 +610,7 @@ def audit_model(
     modes = [m.training for m in model.modules()]
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with frozen(model), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with frozen(model), torch.random.fork_rng(devices=devices):  # draws are seeded per batch
             model.eval()
             if surrogate is not None:
                 surrogate.eval()
@@ -594,6 +625,7 @@ def audit_model(
                 bpda=use_bpda,
                 eot=eot_samples,
                 batch_size=batch_size,
+                group=group,
             )
             checks = [
                 _check_accuracy_vs_eps(auditor),
@@ -656,7 +688,7 @@ def train_surrogate(
             return surrogate.eval()
     with tempfile.TemporaryDirectory(prefix="robustlab-surrogate-") as tmp:
         surrogate = train(config, Path(tmp) / "surrogate", progress=False, data=data).model.eval()
-    if cached is not None:
+    if cached is not None and distributed.from_environment().is_main:
         save_weights(cached, surrogate)
     return surrogate
 
@@ -678,12 +710,13 @@ def audit_run(
     ``eps`` and the norm default to the run's threat model. With ``surrogate=True`` a standard model of
     the run's architecture is trained for ``surrogate_epochs`` on the run's training split as the
     transfer-attack source (reused from ``surrogate_cache`` when one was trained there already). Other
-    keyword options go to :func:`audit_model`.
+    keyword options go to :func:`audit_model`. Under ``torchrun`` the ranks share the work (the surrogate's
+    training too) and rank 0 writes.
     """
     from robustlab.rundir import RunDir, write_json
     from robustlab.runs import load_run, select_device
 
-    loaded = load_run(run_dir, select_device(device))
+    loaded = load_run(run_dir, select_device(device))  # under torchrun, audit_model moves it to the rank's GPU
     budget = loaded.config.threat.eps if eps is None else eps
     source = None
     if surrogate:
@@ -707,5 +740,6 @@ def audit_run(
         split="test",
         surrogate=f"standard {loaded.config.model.name}, {surrogate_epochs} epochs" if surrogate else None,
     )
-    write_json(RunDir(run_dir).path / "audit.json", report.to_dict())
+    if distributed.from_environment().is_main:
+        write_json(RunDir(run_dir).path / "audit.json", report.to_dict())
     return report

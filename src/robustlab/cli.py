@@ -195,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     load_commands()
     try:
         app(args=argv, prog_name="robustlab")
+    except SystemExit as done:
+        joined = sys.modules.get("robustlab.distributed")  # loaded only by a command that may have joined a group
+        if joined is not None and done.code in (0, None):
+            joined.leave()
+        raise
     except RobustlabError as error:
         err_console.print(f"error: {error}", markup=False, highlight=False)
         sys.exit(2)

@@ -12,9 +12,11 @@ the model in ``DistributedDataParallel``: a training defence attacks the model i
 TRADES, the hybrid), and those input-gradient passes must not trigger DDP's parameter-gradient
 reduction. The price is no overlap of communication with the backward pass.
 
-``robustlab evaluate`` under ``torchrun`` splits the test batches the same way (rank ``r`` attacks
-batches ``r, r + N, ...``; :func:`gather` brings them back to every rank and rank 0 writes), see
-:func:`robustlab.evaluation.evaluate_model`.
+``robustlab evaluate`` and ``robustlab audit`` under ``torchrun`` split the test batches across ranks
+(rank ``r`` attacks batches ``r, r + N, ...``, :func:`my_batches`; :func:`gather` brings them back to every
+rank and rank 0 writes). The random draws on a batch are seeded from the batch's number
+(:func:`batch_seed`), never from a stream shared across batches, so N ranks give exactly the single-process
+result; see :func:`robustlab.evaluation.evaluate_model` and :func:`robustlab.audit.audit_model`.
 
 Rank 0 validates (the hybrid's alpha comes from validation) and its objective state after each epoch
 is copied to every rank. The epoch's training stats are averaged over the ranks (:func:`mean_over_ranks`)
@@ -29,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -71,6 +74,18 @@ def setup(device_type: str) -> Distributed:
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return info
+
+
+def leave() -> None:
+    """Wait for every rank, then close the process group (a no-op when none was joined).
+
+    Called once a command has succeeded on this rank. Without it, a rank that finishes first tears Gloo
+    down at interpreter exit while its peers still talk to it, and the C++ runtime can abort that
+    process ("terminate called without an active exception"), failing a run that succeeded.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def average_gradients(parameters: Iterable[nn.Parameter], loss: torch.Tensor, shard_size: int) -> float:
@@ -130,3 +145,17 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(tensor)
     world = dist.get_world_size()
     return {k: float(v) / world for k, v in zip(keys, tensor.tolist(), strict=True)}
+
+
+def my_batches(count: int, info: Distributed) -> list[int]:
+    """The numbers of the batches (of ``count``) this rank works on: ``rank, rank + N, ...``."""
+    return list(range(info.rank, count, info.world_size))
+
+
+def batch_seed(*keys: int) -> int:
+    """A seed for the random draws on one batch, from e.g. ``(seed, stream, batch number)``.
+
+    Independent of which process handles the batch and of how many batches came before it, which is
+    what makes a data-parallel evaluation or audit equal the single-process one.
+    """
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)

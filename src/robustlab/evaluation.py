@@ -409,7 +409,7 @@ def evaluate_model(
         built = [
             (label, *_attack_record(label, spec, eps, norm, info["adaptive"], info["random"])) for label, spec in plan
         ]
-        mine = list(range(group.rank, math.ceil(len(split) / batch_size), group.world_size))
+        mine = distributed.my_batches(math.ceil(len(split) / batch_size), group)
         bar = tqdm(total=len(mine) * (1 + len(built)), desc="evaluate", unit="batch",
                    disable=not (progress and group.is_main), leave=False)
         rng_devices = [device] if device.type == "cuda" else []
@@ -420,7 +420,7 @@ def evaluate_model(
             tic = time.perf_counter()
             with torch.random.fork_rng(devices=rng_devices):
                 for batch, (x, y) in zip(mine, iterate(split, batch_size, device, mine), strict=True):
-                    torch.manual_seed(_batch_seed(seed, index, batch))
+                    torch.manual_seed(distributed.batch_seed(seed, index, batch))
                     if attack is not None:
                         x_adv = attack(grad_model, x, y)
                         _check_budget(x_adv, x, eps, norm, label)
@@ -461,11 +461,6 @@ def evaluate_model(
         seconds=time.perf_counter() - started,
         extra={"versions": _versions()},
     )
-
-
-def _batch_seed(seed: int, attack_index: int, batch: int) -> int:
-    """The seed of one attack's random draws on one batch: independent of which process attacks it."""
-    return int(np.random.SeedSequence([seed, attack_index, batch]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _merge_ranks(

@@ -481,9 +481,10 @@ class Trainer:
         metrics = self._test_and_record() if self.dist.is_main else None
         if self.dist.enabled:
             metrics = distributed.broadcast(metrics)
-            if not self.dist.is_main:  # the selected epoch, as rank 0 saved it
-                load_weights(self.run.weights, self.model)
-                self.model.eval()
+            # the selected epoch, as rank 0 loaded it: sent, not read from rank 0's run directory, which
+            # another node (or a rank's throw-away directory, as for the audit's surrogate) does not see
+            distributed.broadcast_state(self.model)
+            self.model.eval()
         return TrainResult(self.run.path, self.history, metrics, self.model, self.data)
 
     def _test_and_record(self) -> dict[str, Any]:
