@@ -66,6 +66,27 @@ def test_report_figures_and_mcnemar(results_dir):
         assert (results_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if "hybrid" in DEFENCES:
         assert "| hybrid vs standard | 0 | clean |" in text and "| hybrid vs standard | 1 | worst case |" in text
+        assert "| standard vs hybrid | 0 | clean |" in text, "each defence is also tested against standard training"
+
+
+@pytest.mark.skipif("hybrid" not in DEFENCES, reason="hybrid is not registered")
+def test_mcnemar_holm_adjusts_within_one_seed_and_correctness(results_dir):
+    """Two copies of the hybrid against standard: each (seed, correctness) family holds two equal tests,
+    so Holm doubles their p-value (capped at 1); a family spanning seeds or correctness would not."""
+    from robustlab.report.build import mcnemar_table
+    from robustlab.report.data import load_results
+
+    results = load_results(results_dir)
+    by_defense: dict[str, list] = {}
+    for row in results.rows:
+        by_defense.setdefault(row["defense"], []).append(row)
+    by_defense["hybrid copy"] = by_defense["hybrid"]
+    table = mcnemar_table(results, by_defense, reference="standard")
+    p_raw, p_holm = table.header.index("p-value"), table.header.index("p (Holm)")
+    assert len(table.rows) == 2 * 2 * 2, "2 others x 2 seeds x clean/worst case"
+    assert any(float(row[p_raw]) < 0.5 for row in table.rows), "every p-value is too large to show the doubling"
+    for row in table.rows:
+        assert float(row[p_holm]) == pytest.approx(min(1.0, 2 * float(row[p_raw])), rel=1e-2)
 
 
 @pytest.mark.skipif("hybrid" not in DEFENCES, reason="hybrid is not registered")

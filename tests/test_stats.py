@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
 from robustlab.errors import InputError
-from robustlab.stats import bootstrap_ci, calibration_error, expected_calibration_error, mcnemar
+from robustlab.stats import bootstrap_ci, calibration_error, expected_calibration_error, holm, mcnemar
 
 
 def _paired(b: int, c: int, both: int = 7, neither: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +41,26 @@ def test_mcnemar_no_discordant_pairs_and_bad_input():
         mcnemar([1, 0], [1, 0, 1])
     with pytest.raises(InputError, match="boolean"):
         mcnemar([0.5, 1.0], [1.0, 1.0])
+
+
+def test_holm_matches_a_hand_computed_family():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> running max 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([]) == [] and holm([0.2]) == [0.2]
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        holm([0.1, 1.5])
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=12))
+def test_holm_lies_between_the_raw_p_values_and_bonferroni_and_keeps_their_order(p_values):
+    adjusted = holm(p_values)
+    m = len(p_values)
+    for raw, adj in zip(p_values, adjusted, strict=True):
+        assert raw <= adj <= min(1.0, m * raw) + 1e-12
+    for i in range(m):
+        for j in range(m):
+            if p_values[i] < p_values[j]:
+                assert adjusted[i] <= adjusted[j]
 
 
 def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():

@@ -1,4 +1,5 @@
-"""Statistics for honest comparisons: bootstrap intervals, McNemar's paired test, calibration error.
+"""Statistics for honest comparisons: bootstrap intervals, McNemar's paired test, Holm's correction for
+testing several defences at once, calibration error.
 
 The design notes (DESIGN.md, "Evaluation protocol") ask for bootstrap 95% confidence intervals over
 test samples, a paired test between two defences on the *same* test samples (McNemar 1947), and the
@@ -10,6 +11,7 @@ two defences interpretable.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +103,26 @@ def mcnemar(a_correct: object, b_correct: object, exact: bool | None = None) -> 
     statistic = (abs(b - c) - 1) ** 2 / n
     # chi-square survival with one degree of freedom: P(Z^2 > s) = erfc(sqrt(s / 2))
     return McNemarResult(b, c, float(statistic), float(math.erfc(math.sqrt(statistic / 2))), "chi2-cc")
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's (1979) step-down adjusted p-values, in the order given.
+
+    Comparing one defence with nine others is nine tests: at p < 0.05 each, one "significant" difference
+    is expected by chance alone about a third of the time. Holm's adjustment bounds the chance of *any*
+    false rejection in the family by the level, whatever the dependence between the tests: the i-th
+    smallest of m p-values is multiplied by (m - i + 1), then made non-decreasing and capped at 1.
+    """
+    values = [float(p) for p in p_values]
+    if any(not 0 <= p <= 1 for p in values):
+        raise InputError(f"p-values must lie in [0, 1], got {values}")
+    m = len(values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=values.__getitem__)):
+        running = max(running, min(1.0, (m - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def calibration_error(confidence: object, correct: object, bins: int = 15) -> float:

@@ -12,8 +12,9 @@ Contents, per (dataset, model, eps) group of the grid:
   labelled ``claimed (paper)``; measured rows are labelled ``measured (robustlab, attack=...)``.
 * Table 2: training time, seconds per epoch, peak memory and their ratios to standard training, with
   the paper's Table 2 (hours, GB) and its hybrid / baseline ratios beside them.
-* McNemar's test (:func:`robustlab.stats.mcnemar`) of the hybrid defence against every other defence on
-  the same test samples, for clean and worst-case correctness.
+* McNemar's test (:func:`robustlab.stats.mcnemar`) of the hybrid defence against every other defence, and
+  of standard training against every defence, on the same test samples, for clean and worst-case
+  correctness, with Holm-adjusted p-values (:func:`robustlab.stats.holm`).
 * Figure 1 (confidence under PGD), Figure 2 (defences under PGD), accuracy vs eps, training curves.
 """
 
@@ -266,25 +267,32 @@ def table2(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
     return Table(header, rows)
 
 
-def mcnemar_table(results: Results, by_defense: dict[str, list[dict[str, Any]]]) -> Table | str:
-    """McNemar's test of hybrid vs each other defence on the same test samples (clean and worst case)."""
+def mcnemar_table(
+    results: Results, by_defense: dict[str, list[dict[str, Any]]], reference: str = HYBRID
+) -> Table | str:
+    """McNemar's test of ``reference`` vs each other defence on the same test samples (clean and worst
+    case), with Holm-adjusted p-values over the comparisons of one seed and correctness.
+
+    ``reference`` is the hybrid (the paper's claim: better than each baseline) or standard training (does a
+    defence change anything at all?).
+    """
     from robustlab.errors import RobustlabError
     from robustlab.evaluation import read_samples
-    from robustlab.stats import mcnemar
+    from robustlab.stats import holm, mcnemar
 
-    if HYBRID not in by_defense:
-        return "No hybrid cell in this group: McNemar's test of hybrid vs the baselines is not applicable."
-    rows = []
-    finished = [r for r in by_defense[HYBRID] if r.get("status") == "finished"]
-    unfinished = sorted({str(r.get("status")) for r in by_defense[HYBRID]} - {"finished"})
-    for hybrid_row in finished:
+    if reference not in by_defense:
+        return f"No {reference} cell in this group: McNemar's test of {reference} vs the others is not applicable."
+    tests: list[tuple[str, str, str, Any]] = []  # (other defence, seed, correctness, McNemarResult)
+    finished = [r for r in by_defense[reference] if r.get("status") == "finished"]
+    unfinished = sorted({str(r.get("status")) for r in by_defense[reference]} - {"finished"})
+    for reference_row in finished:
         try:
-            mine = read_samples(results.path / hybrid_row["run_dir"], hybrid_row["eps"], hybrid_row["norm"])
+            mine = read_samples(results.path / reference_row["run_dir"], reference_row["eps"], reference_row["norm"])
         except RobustlabError as error:
             return f"McNemar's test not available: {error}"
         for defense, others in by_defense.items():
-            other = next((r for r in others if r["seed"] == hybrid_row["seed"]), None)
-            if defense == HYBRID or other is None:
+            other = next((r for r in others if r["seed"] == reference_row["seed"]), None)
+            if defense == reference or other is None:
                 continue
             try:
                 theirs = read_samples(results.path / other["run_dir"], other["eps"], other["norm"])
@@ -296,38 +304,48 @@ def mcnemar_table(results: Results, by_defense: dict[str, list[dict[str, Any]]])
                 continue
             for what in ("clean", "worst_case"):
                 key = f"correct:{what}"
-                if key not in mine or key not in theirs:
-                    continue
-                test = mcnemar(mine[key][0], theirs[key][0])
-                rows.append(
-                    [
-                        f"hybrid vs {defense}",
-                        str(hybrid_row["seed"]),
-                        what.replace("_", " "),
-                        str(test.b),
-                        str(test.c),
-                        f"{test.statistic:.2f}",
-                        f"{test.p_value:.3g}",
-                        test.method,
-                    ]
-                )
-    if not rows and unfinished:
-        return f"McNemar's test not available yet: the hybrid cell is {'/'.join(unfinished)}."
-    if not rows:
-        return "McNemar's test not available: no baseline evaluated on the same test samples as hybrid."
+                if key in mine and key in theirs:
+                    tests.append((defense, str(reference_row["seed"]), what, mcnemar(mine[key][0], theirs[key][0])))
+    if not tests and unfinished:
+        return f"McNemar's test not available yet: the {reference} cell is {'/'.join(unfinished)}."
+    if not tests:
+        return f"McNemar's test not available: no other defence evaluated on the same test samples as {reference}."
+    families: dict[tuple[str, str], list[int]] = {}
+    for index, (_, seed, what, _) in enumerate(tests):
+        families.setdefault((seed, what), []).append(index)
+    adjusted: dict[int, float] = {}
+    for members in families.values():
+        adjusted.update(zip(members, holm([tests[i][3].p_value for i in members]), strict=True))
+    rows = [
+        [
+            f"{reference} vs {defense}",
+            seed,
+            what.replace("_", " "),
+            str(test.b),
+            str(test.c),
+            f"{test.statistic:.2f}",
+            f"{test.p_value:.3g}",
+            f"{adjusted[index]:.3g}",
+            test.method,
+        ]
+        for index, (defense, seed, what, test) in enumerate(tests)
+    ]
     return Table(
         [
             "comparison",
             "seed",
             "correctness",
-            "only hybrid right (b)",
-            "only baseline right (c)",
+            f"only {reference} right (b)",
+            "only the other right (c)",
             "statistic",
             "p-value",
+            "p (Holm)",
             "method",
         ],
         rows,
-        caption="McNemar (1947) on paired per-sample correctness (first pass of a random defence).",
+        caption="McNemar (1947) on paired per-sample correctness (first pass of a random defence). "
+        "p (Holm): adjusted for the comparisons of one seed and correctness (Holm 1979); a difference is "
+        "significant at 5% across the family only where it is below 0.05.",
     )
 
 
@@ -377,9 +395,10 @@ def group_section(
         "the training process's peak resident set size (cells train in separate processes)."
     )
     doc.add(cost)
-    doc.add(Heading("McNemar's test: hybrid vs each baseline", 3))
-    test = mcnemar_table(results, by_defense)
-    doc.add(test if isinstance(test, Table) else Paragraph(test))
+    for reference, title in ((HYBRID, "hybrid vs each baseline"), (STANDARD, "each defence vs standard training")):
+        doc.add(Heading(f"McNemar's test: {title}", 3))
+        test = mcnemar_table(results, by_defense, reference)
+        doc.add(test if isinstance(test, Table) else Paragraph(test))
 
     pgd = _pgd_label(by_defense)
     if pgd:
