@@ -135,6 +135,19 @@ def test_paper_configs_cover_the_papers_matrix(tmp_path, name, dataset, model, s
     assert paper.cells[0].config.train.epochs == 50
 
 
+def test_seed_config_trains_the_paper_grids_cells_with_other_seeds(tmp_path):
+    """configs/paper/mnist_seeds.yaml must differ from the MNIST paper grid's cells by the seed alone, or its
+    seeds would not pair with the grid's seed 0."""
+    grid = plan_experiment(load_experiment(CONFIGS / "mnist.yaml"), tmp_path, profile="paper")
+    seeds = plan_experiment(load_experiment(CONFIGS / "mnist_seeds.yaml"), tmp_path, profile="paper")
+    assert seeds.evaluation == grid.evaluation
+    by_id = {c.id: c.config.model_dump() for c in grid.cells}
+    assert sorted(c.config.seed for c in seeds.cells) == [1, 1, 2, 2]
+    for cell in seeds.cells:
+        twin = by_id[cell.id.rsplit("-s", 1)[0] + "-s0"]
+        assert {**cell.config.model_dump(), "seed": 0} == twin, cell.id
+
+
 # --- where rules: settings for some cells only -----------------------------------------------------
 WARMUP_AT_LARGE_EPS = {"match": {"eps": 0.1, "defense": ["fast_at"]}, "set": {"defense": {"eps_warmup": 1}}}
 
