@@ -25,7 +25,7 @@ import datetime as _dt
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robustlab.report import figures
 from robustlab.report.data import (
@@ -43,6 +43,9 @@ from robustlab.report.data import (
     seed_stats,
 )
 from robustlab.rundir import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from robustlab.stats import McNemarResult
 
 # --- document model -----------------------------------------------------------------------------
 
@@ -282,7 +285,7 @@ def mcnemar_table(
 
     if reference not in by_defense:
         return f"No {reference} cell in this group: McNemar's test of {reference} vs the others is not applicable."
-    tests: list[tuple[str, str, str, Any]] = []  # (other defence, seed, correctness, McNemarResult)
+    tests: list[tuple[str, str, str, McNemarResult]] = []  # (other defence, seed, correctness, test)
     finished = [r for r in by_defense[reference] if r.get("status") == "finished"]
     unfinished = sorted({str(r.get("status")) for r in by_defense[reference]} - {"finished"})
     for reference_row in finished:
