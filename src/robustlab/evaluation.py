@@ -58,6 +58,7 @@ import hashlib
 import inspect
 import io
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from robustlab import distributed
 from robustlab.attacks.registry import ATTACKS, make_attack, parse_attack_spec
@@ -76,6 +76,7 @@ from robustlab.data import Split, load_dataset
 from robustlab.errors import CheckpointError, ConfigError, InputError, RobustlabError
 from robustlab.memory import split_on_oom
 from robustlab.metrics import iterate
+from robustlab.progress import progress_bar, progress_line
 from robustlab.rundir import RunDir, atomic_write_bytes, load_foreign_checkpoint, read_json
 from robustlab.runs import load_run, select_device
 from robustlab.stats import bootstrap_ci, calibration_error
@@ -410,8 +411,8 @@ def evaluate_model(
             (label, *_attack_record(label, spec, eps, norm, info["adaptive"], info["random"])) for label, spec in plan
         ]
         mine = distributed.my_batches(math.ceil(len(split) / batch_size), group)
-        bar = tqdm(total=len(mine) * (1 + len(built)), desc="evaluate", unit="batch",
-                   disable=not (progress and group.is_main), leave=False)
+        speak = progress and group.is_main
+        bar = progress_bar(total=len(mine) * (1 + len(built)), desc="evaluate", enabled=speak)
         rng_devices = [device] if device.type == "cuda" else []
         columns: dict[str, dict[int, tuple[np.ndarray, ...]]] = {}
         seconds: dict[str, float] = {}
@@ -428,6 +429,8 @@ def evaluate_model(
                     columns.setdefault(label, {})[batch] = _classify(model, x, y, passes)
                     bar.update(1)
             seconds[label] = time.perf_counter() - tic
+            if bar.disable:  # no live bar (a log, not a terminal): one line per attack instead
+                progress_line(f"evaluate: {label} done in {seconds[label]:.1f}s", speak, sys.stderr)
         bar.close()
     finally:
         model.train(was_training)

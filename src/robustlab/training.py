@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from robustlab import distributed
 from robustlab.attacks import pgd
@@ -39,6 +38,7 @@ from robustlab.defenses import Objective, TrainState, build_objective
 from robustlab.defenses.preprocessing import auxiliary_loss
 from robustlab.errors import CheckpointError, ConfigError, RobustlabError
 from robustlab.metrics import accuracy, robust_accuracy
+from robustlab.progress import progress_bar, progress_line
 from robustlab.rundir import (
     RunDir,
     first_line,
@@ -394,9 +394,9 @@ class Trainer:
             if config.train.amp and self.device.type == "cuda"
             else nullcontext
         )
-        bar = tqdm(
-            total=config.train.epochs * len(self.loader), initial=state.step, disable=not self.progress,
-            desc=f"{config.defense.name} {config.model.name}/{config.data.dataset}", unit="batch", leave=False,
+        bar = progress_bar(
+            total=config.train.epochs * len(self.loader), initial=state.step, enabled=self.progress,
+            desc=f"{config.defense.name} {config.model.name}/{config.data.dataset}",
         )
         for epoch in range(self.start_epoch, config.train.epochs):
             state.epoch = epoch
@@ -454,7 +454,7 @@ class Trainer:
                     f"stalled: val clean accuracy at chance for {STALL_EPOCHS} epochs; lower train.lr, or "
                     "warm the budget up (defense.eps_warmup) for adversarial training at a large eps"
                 )
-                tqdm.write(f"warning: {self.run.path}: {state.log[-1]}", file=sys.stderr)
+                progress_line(f"warning: {self.run.path}: {state.log[-1]}", file=sys.stderr)
             if state.log:
                 row["events"] = " | ".join(state.log)
             score = self._score(val)
@@ -465,8 +465,7 @@ class Trainer:
                 row["selected"] = 1
             if main:
                 self._save_checkpoint(epoch)
-            if self.progress:
-                bar.write(self._epoch_line(row))
+            progress_line(self._epoch_line(row), enabled=self.progress)
         bar.close()
         return self._finish()
 

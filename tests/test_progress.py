@@ -1,0 +1,54 @@
+"""Progress output: a live bar on a terminal, one plain line per epoch / attack in a log."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from robustlab.evaluation import evaluate_run
+from robustlab.progress import is_terminal, progress_bar
+from robustlab.training import train
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_bar_is_drawn_on_a_terminal_and_not_in_a_log(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert is_terminal()
+    bar = progress_bar(total=3, desc="work")
+    assert not bar.disable
+    bar.update(2)
+    bar.close()
+    assert "\r" in terminal.getvalue()
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    assert not is_terminal()
+    bar = progress_bar(total=3, desc="work")
+    assert bar.disable
+    bar.update(2)
+    bar.close()
+    assert log.getvalue() == ""
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert progress_bar(total=3, desc="work", enabled=False).disable  # --no-progress on a terminal
+
+
+def test_training_and_evaluation_write_one_line_per_step_to_a_log(digits, tmp_path, capsys):
+    config = {"data": {"dataset": "digits", "val_size": 200, "train_subset": 256}, "model": {"name": "lenet5"},
+              "train": {"epochs": 3, "batch_size": 64, "optimizer": "adam", "lr": 0.003}, "threat": {"eps": 0.1}}
+    train(config, tmp_path / "run", progress=True, data=digits)
+    out, err = capsys.readouterr()  # captured: not a terminal
+    assert "\r" not in out + err
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1", "epoch 2", "epoch 3"
+    ]
+    evaluate_run(tmp_path / "run", attacks=["fgsm", "pgd-2"], n=40, n_boot=20, progress=True)
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err
+    assert [line.split(" done")[0] for line in err.splitlines()] == [
+        "evaluate: clean", "evaluate: fgsm", "evaluate: pgd-2"
+    ]
