@@ -57,6 +57,15 @@ def test_report_tables_name_their_attacks_and_average_seeds(results_dir):
     assert f"{100 * sum(clean) / 2:.1f} ± " in text
 
 
+def test_report_names_no_path_of_the_machine_that_wrote_it(results_dir):
+    """A committed report must read the same on every machine: no absolute path, not even the paper file's."""
+    for name in ("report.md", "report.html"):
+        text = (results_dir / name).read_text()
+        assert str(results_dir) not in text and str(Path.home()) not in text
+        assert not re.search(r"(?<![\w.])/(work|home|tmp|root|Users)/", text), name
+    assert not re.search(r"/[a-z]+/", load_claims()["source"])
+
+
 def test_report_figures_and_mcnemar(results_dir):
     text = (results_dir / "report.md").read_text()
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)

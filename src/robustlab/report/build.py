@@ -494,7 +494,7 @@ def build_document(results_dir: str | Path) -> Document:
     doc.add(
         Paragraph(
             f"{len(results.rows)} cell(s), {len(finished)} finished; generated "
-            f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} from {results.path}/results.json. "
+            f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} from results.json beside this report. "
             "Numbers labelled 'claimed (paper)' are transcribed from the preprint's Tables 1 and 2 "
             f"({claims['source']}); everything else was measured by robustlab, and every robust accuracy "
             "names "
