@@ -565,10 +565,11 @@ def audit_model(
             only Square runs there (see :func:`train_surrogate`).
         steps: PGD steps of the reference white-box attack; check 2 compares it with 5x the steps
             and 3 restarts.
-        bpda / eot: how the audited evaluation attacks the model. ``None`` follows robustlab's
+        bpda: whether the audited evaluation attacks through BPDA. ``None`` follows robustlab's
             evaluation protocol (``attacks.wrappers.adaptive_model``): BPDA iff the model is a
-            ``Defended`` whose transform declares ``differentiable=False``, EOT over ``EOT_SAMPLES``
-            passes iff it declares ``random=True``. ``eot=1`` means no EOT.
+            ``Defended`` whose transform declares ``differentiable=False``.
+        eot: EOT passes per gradient. ``None`` follows the same protocol: ``EOT_SAMPLES`` passes iff
+            the model declares ``random=True``. ``eot=1`` means no EOT.
     Returns:
         An :class:`AuditReport`; the model's mode and ``requires_grad`` flags are left as found.
 
