@@ -16,10 +16,24 @@ from rich.table import Table
 
 from robustlab.errors import RobustlabError
 
+
+def example(*commands: str) -> str:
+    """The epilog of a command's ``--help``: its example, printed verbatim (click's ``\\b`` stops rewrapping)."""
+    return "\b\nExample:\n" + "\n".join(f"  {command}" for command in commands)
+
+
 app = typer.Typer(
     name="robustlab",
     help="Train, attack and evaluate adversarially robust image classifiers.\n\n"
-    "Images are always [0, 1] pixels and eps is in pixel units (0.3, or 8/255).",
+    "Images are always [0, 1] pixels and eps is in pixel units (0.3, or 8/255). Every command reads "
+    "and writes run directories (config.yaml, model.safetensors, metrics.json, ...); a mistake is one "
+    "'error:' line with exit status 2. Run 'robustlab COMMAND --help' for each command's options and "
+    "an example; the documentation site (docs/, 'mkdocs serve') has the full guide.",
+    epilog="\b\nGetting started (no download: digits is embedded):\n"
+    "  robustlab demo\n"
+    "  robustlab train --dataset digits --defense hybrid --eps 0.1 --out runs/hybrid\n"
+    "  robustlab evaluate runs/hybrid\n"
+    "  robustlab audit runs/hybrid",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -57,7 +71,11 @@ DataDirOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(
+    short_help="Train a model with a defence into a run directory (resumes if interrupted).",
+    epilog=example("robustlab train --dataset digits --model lenet5 --defense hybrid --eps 0.1 --epochs 10 "
+                   "--out runs/digits-hybrid"),
+)
 def train(
     config: ConfigArg = None,
     dataset: DatasetOpt = None,
@@ -75,7 +93,12 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="replace a finished run in --out")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
-    """Train a model with a defence; writes a run directory (resumes it if interrupted)."""
+    """Train a model with a defence; writes a run directory (resumes it if interrupted).
+
+    Settings come from an optional YAML CONFIG, then the flags, then --set section.key=value
+    overrides. A finished run in --out is never overwritten without --overwrite; an unfinished one
+    resumes from its last finished epoch. Under torchrun it trains data-parallel.
+    """
     from robustlab.config import load_config
     from robustlab.distributed import from_environment
     from robustlab.training import train as run_training
@@ -96,7 +119,10 @@ def train(
     )
 
 
-@app.command()
+@app.command(
+    short_help="Clean, per-attack and worst-case robust accuracy of a run (or a checkpoint).",
+    epilog=example("robustlab evaluate runs/digits-hybrid --attacks fgsm,pgd-40,cw_linf --suite standard --n 1000"),
+)
 def evaluate(
     run_dir: Annotated[Path | None, typer.Argument(help="a run directory written by robustlab train")] = None,
     attacks: Annotated[str | None, typer.Option(help="attack specs, default fgsm,pgd-20,cw_linf")] = None,
@@ -120,7 +146,9 @@ def evaluate(
 ) -> None:
     """Clean, per-attack and worst-case robust accuracy with 95% CIs; writes metrics.json.
 
-    Preprocessing defences are attacked adaptively (BPDA/EOT) automatically.
+    A sample counts as robust only if every attack failed on it. Preprocessing defences are attacked
+    adaptively (BPDA/EOT) automatically; --suite standard adds AutoAttack. Results merge into
+    RUN_DIR/metrics.json, per-sample correctness into RUN_DIR/evaluation/.
     """
     from robustlab.config import parse_number
     from robustlab.distributed import from_environment
@@ -162,7 +190,10 @@ def evaluate(
         console.print(f"wrote {where / 'metrics.json'} (evaluations.{result.key})", markup=False, highlight=False)
 
 
-@app.command()
+@app.command(
+    short_help="Standard, PGD-AT and hybrid training on embedded digits, compared (no download).",
+    epilog=example("robustlab demo --epochs 5 --out runs/demo"),
+)
 def demo(
     out: Annotated[Path, typer.Option(help="where the demo's runs go")] = Path("runs/demo"),
     epochs: Annotated[int, typer.Option(min=1, max=200, help="epochs per defence")] = 15,

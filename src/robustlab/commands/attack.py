@@ -18,7 +18,7 @@ import typer
 import yaml
 
 from robustlab.attacks.wrappers import EOT_SAMPLES, adaptive_model
-from robustlab.cli import app, console
+from robustlab.cli import app, console, example
 from robustlab.errors import InputError
 
 ParamOpt = Annotated[
@@ -70,7 +70,10 @@ def _figure(x: np.ndarray, x_adv: np.ndarray, clean: np.ndarray, adv: np.ndarray
     return buffer.getvalue()
 
 
-@app.command()
+@app.command(
+    short_help="Attack a run's test images and save the adversarial examples (.npz, optional PNG).",
+    epilog=example("robustlab attack runs/digits-hybrid --attack pgd-40 --eps 0.1 --out adv.npz --figure adv.png"),
+)
 def attack(
     run_dir: Annotated[Path, typer.Argument(help="a finished training run directory")],
     attack: Annotated[

@@ -9,12 +9,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from robustlab.cli import app, console
+from robustlab.cli import app, console, example
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
 
 
-@app.command()
+@app.command(
+    short_help="Gradient-masking checklist of a run: pass / warn / fail with the evidence.",
+    epilog=example("robustlab audit runs/digits-hybrid --n 200 --strict"),
+)
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by robustlab train")],
     strict: Annotated[bool, typer.Option(help="exit with status 1 when any check fails")] = False,

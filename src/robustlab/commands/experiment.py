@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from robustlab.cli import SetOpt, app, console
+from robustlab.cli import SetOpt, app, console, example
 
 ConfigPath = Annotated[Path, typer.Argument(help="experiment YAML: base config, grid axes, evaluation")]
 ProfileOpt = Annotated[str | None, typer.Option(help="paper (the paper's settings) or quick (2 CPU cores)")]
@@ -26,7 +26,10 @@ OnlyOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(
+    short_help="Run a grid of runs (train, evaluate, audit; resumable), then write its report.",
+    epilog=example("robustlab experiment configs/paper/mnist.yaml --profile quick --data-dir ../shared/data"),
+)
 def experiment(
     config: ConfigPath,
     profile: ProfileOpt = None,
@@ -40,7 +43,12 @@ def experiment(
     only: OnlyOpt = None,
     wait: WaitOpt = True,
 ) -> None:
-    """Train, evaluate and audit every cell of a grid; finished cells are skipped, unfinished ones resume."""
+    """Train, evaluate and audit every cell of a grid; finished cells are skipped, unfinished ones resume.
+
+    CONFIG holds a base run config, grid axes (datasets, models, defenses, eps, seeds), evaluation
+    settings and optional profiles. Each cell is a run directory under OUT/runs/; the table goes to
+    OUT/results.csv and the report to OUT/report.md and OUT/report.html.
+    """
     from robustlab.errors import RobustlabError
     from robustlab.experiments import load_experiment, plan_experiment, run_experiment, select_cells
 

@@ -7,10 +7,13 @@ from typing import Annotated
 
 import typer
 
-from robustlab.cli import app, console
+from robustlab.cli import app, console, example
 
 
-@app.command()
+@app.command(
+    short_help="Write report.md and report.html of a results directory (claimed beside measured).",
+    epilog=example("robustlab report results/paper-mnist-quick"),
+)
 def report(
     results_dir: Annotated[Path, typer.Argument(help="a results directory written by robustlab experiment")],
 ) -> None:
