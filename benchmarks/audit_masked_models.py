@@ -1,4 +1,4 @@
-"""Audit verdicts of deliberately masked models and honest ones (issue 6), as a markdown table.
+"""Audit verdicts of deliberately masked models and honest ones as a markdown table.
 
 Honest: a standard LeNet-5 and a PGD-trained LeNet-5 (robustlab's ``pgd_at`` defence). Masked
 (Athalye et al. 2018): a quantising input layer (``FeatureSqueezing(bits=2, median=1)``, round(3x)/3)

@@ -1,4 +1,4 @@
-"""MNIST / LeNet-5 defences: train one defence and measure clean and PGD-40 test accuracy (issue 4).
+"""MNIST / LeNet-5 defences: train one defence and measure clean and PGD-40 test accuracy.
 
 Usage (one run per call, so several can run side by side with OMP_NUM_THREADS=1)::
 

@@ -1,7 +1,7 @@
 """Our attacks against peer libraries (torchattacks, ART) on the same model and inputs.
 
 Fast checks run on the embedded digits data; the ``slow`` ones use a LeNet-5 trained on MNIST for two
-epochs (cached in the temp dir for one session) and the full AutoAttack ensemble.
+epochs (cached in the temp dir for one test run) and the full AutoAttack ensemble.
 """
 
 from __future__ import annotations

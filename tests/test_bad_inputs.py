@@ -1,4 +1,4 @@
-"""Bad inputs (issue 7): every one is answered with one clear error, never a traceback or a silent result.
+"""Bad inputs: every one is answered with one clear error, never a traceback or a silent result.
 
 API checks assert the error type and the words that tell the user what to fix; CLI checks run the real
 entry point (``robustlab.cli.main``) in-process and assert a non-zero exit and exactly one ``error:``

@@ -1,4 +1,4 @@
-"""Fuzzing the config loader (issue 7): for ANY text, dict or override the only possible error is a ConfigError.
+"""Fuzzing the config loader: for ANY text, dict or override the only possible error is a ConfigError.
 
 ``read_yaml`` gets arbitrary text (and YAML-shaped text), ``build_config`` arbitrary nested dicts whose
 keys are mostly the real field names (so the fuzzing reaches the value validators), ``load_config``

@@ -1,4 +1,4 @@
-"""Concurrency (issue 7): two ``robustlab experiment`` processes on one results directory.
+"""Concurrency: two ``robustlab experiment`` processes on one results directory.
 
 Both are real processes started together on the same grid. The per-cell file lock must make every cell
 train once and be evaluated once in total (each process logs ``[cell] training`` / ``[cell] evaluating``

@@ -1,4 +1,4 @@
-"""Untrusted and damaged files, and a full disk (issue 7).
+"""Untrusted and damaged files, and a full disk.
 
 - Nothing in the library unpickles a user's file: a static scan of the source, and malicious pickles
   (which would create a marker file when unpickled) handed to every loader.

@@ -1,4 +1,4 @@
-"""Interruption (issue 7): a real ``robustlab train`` process killed with SIGKILL resumes on rerun.
+"""Interruption: a real ``robustlab train`` process killed with SIGKILL resumes on rerun.
 
 The kill points are the dangerous ones: between the writes of one epoch's checkpoint (weights written,
 optimiser state not yet), and at random moments of an epoch. After the rerun the run must have every

@@ -1,4 +1,4 @@
-"""Out-of-memory split-and-retry (issue 7, "Memory"): a fake attack that 'runs out of memory' above a size."""
+"""Out-of-memory split-and-retry: a fake attack that 'runs out of memory' above a size."""
 
 from __future__ import annotations
 

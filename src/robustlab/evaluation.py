@@ -1,4 +1,4 @@
-"""Honest, complete metrics of one model (DESIGN.md "Evaluation protocol"; issue 5).
+"""Honest, complete metrics of one model (DESIGN.md "Evaluation protocol").
 
 :func:`evaluate_model` measures, on the same test samples: clean accuracy; robust accuracy under each
 attack (by registry spec, e.g. ``fgsm``, ``pgd-20``, ``cw_linf``, ``autoattack``); the per-sample worst

@@ -321,7 +321,7 @@ def parse_cell_filter(filters: list[str]) -> CellRule:
     """``--only`` filters (``defense=lipschitz,noise_injection``, ``eps=0.3``) as one match rule.
 
     Each filter is ``AXIS=VALUE[,VALUE...]`` over :data:`MATCH_AXES`; a cell is selected when it matches
-    every filter. Lets one session (or machine) run part of a grid into the shared results directory.
+    every filter. Lets one process (or machine) run part of a grid into the shared results directory.
     """
     match: dict[str, Any] = {}
     for text in filters:
