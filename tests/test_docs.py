@@ -1,4 +1,5 @@
-"""The documentation cannot rot: every example on the site and in the README is run or checked here.
+"""The documentation cannot rot: every example on the site and in the README is run or checked here
+(and every robustlab command recorded in benchmarks/RESULTS.md is checked against the command line).
 
 - Every ```python block runs, in page order with one namespace per page (a later block may use what an
   earlier one made), in a fresh working directory.
@@ -24,7 +25,7 @@ from robustlab.cli import app
 from robustlab.commands import load_commands
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "RESULTS.md"]
 OPTIONAL_DEPENDENCIES = re.compile(r"^\[project\.optional-dependencies\]\n(.*?)(?=^\[)", re.S | re.M)
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.S | re.M)
 
