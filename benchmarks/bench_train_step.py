@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,12 +85,9 @@ class Robustlab:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.trainer.train_step(x, y, self.state, self.running)
         if self.running.steps % STATS_EVERY == 0:
-            self.finish()
-
-    def finish(self) -> None:
-        loss, _ = self.running.read()
-        if not math.isfinite(loss):
-            raise RuntimeError("diverged")
+            loss, _ = self.running.read()
+            if not math.isfinite(loss):
+                raise RuntimeError("diverged")
 
 
 class PerStepReads(Robustlab):
@@ -112,9 +110,6 @@ class PerStepReads(Robustlab):
         t.optimizer.step()
         t.scheduler.step()
         self.state.step += 1
-
-    def finish(self) -> None:
-        pass
 
 
 class Minimal:
@@ -153,9 +148,6 @@ class Minimal:
             delta = (x + delta).clamp(0, 1) - x
         return (x + delta).detach()
 
-    def finish(self) -> None:
-        pass
-
 
 def variants(defense: dict, precision: str, args: argparse.Namespace, data: DatasetSplits, root: Path) -> list:
     amp, channels_last, compiled = PRECISIONS[precision]
@@ -183,22 +175,28 @@ def variants(defense: dict, precision: str, args: argparse.Namespace, data: Data
     return made
 
 
-def measure(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace, on_row: Callable[[dict], None] = lambda result: None) -> dict:
+    """Every (defence, precision) row; ``on_row(result so far)`` after each, so a killed run keeps its rows."""
     device = torch.device(args.device)
+    result = {"device": str(device), "torch": torch.__version__, "model": args.model, "batch_size": args.batch_size,
+              "steps": args.steps, "rounds": args.rounds, "stats_every": STATS_EVERY,
+              "threads": torch.get_num_threads(), "command": " ".join(sys.argv), "rows": []}
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
     data = synthetic_cifar(args.batch_size * 4)
     batches = [(x.to(device).float().div_(255), y.to(device))
                for x, y in zip(data.train.images.split(args.batch_size), data.train.labels.split(args.batch_size),
                                strict=True)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows = []
+    rows = result["rows"]
+    defenses = {"standard": {"name": "standard"}, "pgd_at": {"name": "pgd_at", "steps": args.pgd_steps}}
     with tempfile.TemporaryDirectory() as tmp:
-        for defense in ({"name": "standard"}, {"name": "pgd_at", "steps": args.pgd_steps}):
+        for defense in (defenses[name] for name in args.defenses.split(",")):
             for precision in args.precision.split(","):
                 runners = variants(defense, precision, args, data, Path(tmp))
                 for runner in runners:  # warm-up: allocator, cuDNN autotuning, compilation
                     for i in range(args.warmup):
                         runner.step(*batches[i % len(batches)])
-                    runner.finish()
                 sync()
                 times: dict[str, list[float]] = {r.name: [] for r in runners}
                 for _ in range(args.rounds):
@@ -207,7 +205,6 @@ def measure(args: argparse.Namespace) -> dict:
                         start = time.perf_counter()
                         for i in range(args.steps):
                             runner.step(*batches[i % len(batches)])
-                        runner.finish()
                         sync()
                         times[runner.name].append((time.perf_counter() - start) / args.steps)
                 ours = times["robustlab"]
@@ -220,9 +217,8 @@ def measure(args: argparse.Namespace) -> dict:
                     "speed_vs_minimal": _ratios(times["minimal"], ours),
                 })
                 print(_line(rows[-1]), flush=True)
-    return {"device": str(device), "torch": torch.__version__, "model": args.model, "batch_size": args.batch_size,
-            "steps": args.steps, "rounds": args.rounds, "stats_every": STATS_EVERY, "threads": torch.get_num_threads(),
-            "command": " ".join(sys.argv), "rows": rows}
+                on_row(result)
+    return result
 
 
 def _ratios(theirs: list[float], ours: list[float]) -> dict[str, float]:
@@ -238,7 +234,7 @@ def _line(row: dict) -> str:
             f"| **{b['median']:.3f}** [{b['min']:.3f}, {b['max']:.3f}] |")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="small_cnn")
@@ -248,13 +244,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--precision", default="fp32", help=f"comma-separated: {', '.join(PRECISIONS)}")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--defenses", default="standard,pgd_at", help="comma-separated: standard, pgd_at")
+    parser.add_argument("--json", type=Path, help="also write the results here (after every row)")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     print("| defence | precision | robustlab ms/step | per-step reads ms/step | minimal ms/step "
           "| speed vs per-step reads | speed vs minimal |\n|---|---|---|---|---|---|---|", flush=True)
-    result = measure(args)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    measure(args, lambda result: args.json.write_text(json.dumps(result, indent=2)) if args.json else None)
 
 
 if __name__ == "__main__":
