@@ -7,6 +7,8 @@ Three ways to take the same optimiser steps, on the same model (same initial wei
   ``STATS_EVERY`` steps and once at the end (the training loop's path).
 - ``per-step reads``: the previous path: the same objective, but the loss and every statistic read on
   the host in every step (``loss.item()``, one ``float()`` per statistic) and the loss checked there.
+- ``robustlab, second copy``: the control: the robustlab variant again, on its own copy of the model;
+  the ratio of the two copies shows how far two runs of the *same* step differ here.
 - ``minimal``: a hand-written loop: cross-entropy, ``zero_grad``/``backward``/``step``; for PGD-AT a
   hand-written PGD (uniform start drawn on the device, sign steps, eval-mode BatchNorm like robustlab's
   default) before it. No statistics, no schedule, no checks: the floor robustlab's step is held to.
@@ -163,12 +165,13 @@ def variants(defense: dict, precision: str, args: argparse.Namespace, data: Data
     })
     made = []
     initial = None
-    for cls in (Robustlab, PerStepReads):
-        trainer = Trainer(config, root / f"{defense['name']}-{precision}-{cls.__name__}", progress=False, data=data)
+    for index, cls in enumerate((Robustlab, PerStepReads, Robustlab)):
+        trainer = Trainer(config, root / f"{defense['name']}-{precision}-{index}", progress=False, data=data)
         if initial is None:
             initial = copy.deepcopy(trainer.model.state_dict())
         trainer.model.load_state_dict(initial)
         made.append(cls(trainer))
+    made[2].name = "robustlab, second copy"  # the control: two copies of the same step differ by this much
     model = copy.deepcopy(made[0].trainer.model)
     if compiled:  # the deep copy of a compiled module keeps its compiled call; compile afresh all the same
         model.compile()
@@ -221,6 +224,7 @@ def measure(args: argparse.Namespace, on_row: Callable[[dict], None] = lambda re
                     "images_per_second": {k: args.batch_size / statistics.median(v) for k, v in times.items()},
                     "speed_vs_per_step_reads": _ratios(times["per-step reads"], ours),
                     "speed_vs_minimal": _ratios(times["minimal"], ours),
+                    "control_second_copy": _ratios(times["robustlab, second copy"], ours),
                 })
                 print(_line(rows[-1]), flush=True)
                 on_row(result)
@@ -234,10 +238,11 @@ def _ratios(theirs: list[float], ours: list[float]) -> dict[str, float]:
 
 
 def _line(row: dict) -> str:
-    s, a, b = row["seconds_per_step"], row["speed_vs_per_step_reads"], row["speed_vs_minimal"]
+    s, a, b, c = (row[k] for k in ("seconds_per_step", "speed_vs_per_step_reads", "speed_vs_minimal",
+                                   "control_second_copy"))
     return (f"| {row['defense']} | {row['precision']} | {1000 * s['robustlab']:.1f} | {1000 * s['per-step reads']:.1f} "
             f"| {1000 * s['minimal']:.1f} | **{a['median']:.3f}** [{a['min']:.3f}, {a['max']:.3f}] "
-            f"| **{b['median']:.3f}** [{b['min']:.3f}, {b['max']:.3f}] |")
+            f"| **{b['median']:.3f}** [{b['min']:.3f}, {b['max']:.3f}] | {c['median']:.3f} [{c['min']:.3f}, {c['max']:.3f}] |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -261,7 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     print("| defence | precision | robustlab ms/step | per-step reads ms/step | minimal ms/step "
-          "| speed vs per-step reads | speed vs minimal |\n|---|---|---|---|---|---|---|", flush=True)
+          "| speed vs per-step reads | speed vs minimal | control: second copy |\n|---|---|---|---|---|---|---|---|",
+          flush=True)
     measure(args, lambda result: args.json.write_text(json.dumps(result, indent=2)) if args.json else None)
 
 

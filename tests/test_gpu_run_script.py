@@ -34,7 +34,7 @@ def test_gpu_run_script_smoke(tmp_path):
     throughput = json.loads((tmp_path / "b_throughput.json").read_text())
     assert {row["defense"] for row in throughput["train_step"]} == {"standard", "pgd_at (PGD-2)"}
     for row in throughput["train_step"]:
-        assert set(row["seconds_per_step"]) == {"robustlab", "per-step reads", "minimal"}
+        assert set(row["seconds_per_step"]) == {"robustlab", "per-step reads", "minimal", "robustlab, second copy"}
     assert "images_per_second" in throughput["pgd"] or "skipped" in throughput["pgd"]
     for name, runs in (("c_cifar10.json", {"fast_at", "hybrid"}), ("d_imagenet.json", {"standard", "hybrid"})):
         payload = json.loads((tmp_path / name).read_text())
