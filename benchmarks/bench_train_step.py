@@ -242,7 +242,8 @@ def _line(row: dict) -> str:
                                    "control_second_copy"))
     return (f"| {row['defense']} | {row['precision']} | {1000 * s['robustlab']:.1f} | {1000 * s['per-step reads']:.1f} "
             f"| {1000 * s['minimal']:.1f} | **{a['median']:.3f}** [{a['min']:.3f}, {a['max']:.3f}] "
-            f"| **{b['median']:.3f}** [{b['min']:.3f}, {b['max']:.3f}] | {c['median']:.3f} [{c['min']:.3f}, {c['max']:.3f}] |")
+            f"| **{b['median']:.3f}** [{b['min']:.3f}, {b['max']:.3f}] "
+            f"| {c['median']:.3f} [{c['min']:.3f}, {c['max']:.3f}] |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
