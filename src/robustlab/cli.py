@@ -142,6 +142,8 @@ def evaluate(
     data_dir: Annotated[str | None, typer.Option(help="dataset root for --dataset")] = None,
     out: Annotated[Path | None, typer.Option(help="with --checkpoint: where metrics.json goes")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+    attack_precision: Annotated[str, typer.Option(help="fp32, or bf16: craft under bfloat16 autocast "
+                                                  "(verdicts stay fp32)")] = "fp32",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Clean, per-attack and worst-case robust accuracy with 95% CIs; writes metrics.json.
@@ -160,6 +162,7 @@ def evaluate(
     options = {
         "attacks": specs, "suite": suite, "n": n, "batch_size": batch_size, "seed": seed, "n_boot": n_boot,
         "eot_samples": eot_samples, "random_passes": random_passes, "progress": progress,
+        "attack_precision": attack_precision,
     }
     budgets = [None] if eps is None else [check_eps(parse_number(e), norm or "l2", "--eps") for e in eps.split(",")]
     if checkpoint is not None:

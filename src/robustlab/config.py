@@ -92,8 +92,9 @@ class TrainConfig(Section):
     select: Literal["last", "val_clean", "val_robust"] = "val_clean"
     val_attack_steps: int = Field(default=10, ge=1, le=1000)
     val_robust_size: int = Field(default=500, ge=1)
-    amp: bool = False
-    channels_last: bool = False
+    amp: bool = Field(default=False, description="bfloat16 autocast for the training step, crafting attack included")
+    channels_last: bool = Field(default=False, description="channels-last memory layout for model and batches")
+    compile: bool = Field(default=False, description="torch.compile the model before training")
     device: str = "auto"
     deterministic: bool = False
 

@@ -88,14 +88,14 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def average_gradients(parameters: Iterable[nn.Parameter], loss: torch.Tensor, shard_size: int) -> float:
+def average_gradients(parameters: Iterable[nn.Parameter], loss: torch.Tensor, shard_size: int) -> torch.Tensor:
     """Replace each rank's gradients by the gradient of the global batch mean; return the global loss.
 
     Each rank's ``loss`` is a mean over its ``shard_size`` rows, so ``shard_size * grad`` is the sum of
     its per-row gradients; summing those (and the shard sizes) over ranks and dividing by the global
     batch size gives exactly the single-process gradient, also when the shards differ in size. One
     all-reduce carries the gradients, the loss and the row count. A non-finite loss on any rank makes
-    the returned loss non-finite on every rank, so all of them stop together.
+    the returned loss (a 0-d device tensor) non-finite on every rank, so all of them stop together.
     """
     with_grad = [p for p in parameters if p.grad is not None]
     weight = float(shard_size)
@@ -109,7 +109,7 @@ def average_gradients(parameters: Iterable[nn.Parameter], loss: torch.Tensor, sh
         count = p.grad.numel()
         p.grad.copy_(flat[offset : offset + count].view_as(p.grad))
         offset += count
-    return float(flat[-2])
+    return flat[-2]  # a device tensor: the training loop reads it with the step's other stats
 
 
 def broadcast_state(model: nn.Module) -> None:

@@ -73,6 +73,7 @@ from robustlab import distributed
 from robustlab.attacks.registry import ATTACKS, make_attack, parse_attack_spec
 from robustlab.attacks.wrappers import EOT_SAMPLES, adaptive_model
 from robustlab.data import Split, load_dataset
+from robustlab.devices import bf16_autocast
 from robustlab.errors import CheckpointError, ConfigError, InputError, RobustlabError
 from robustlab.memory import split_on_oom
 from robustlab.metrics import iterate
@@ -327,23 +328,37 @@ def _adaptive(model: nn.Module, eot_samples: int) -> tuple[nn.Module, dict[str, 
 
 
 @torch.no_grad()
-def _classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: int) -> tuple[np.ndarray, ...]:
-    """(correct, max-softmax confidence, true-class probability), each (passes, batch)."""
+def _classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: int) -> tuple[torch.Tensor, ...]:
+    """(correct, max-softmax confidence, true-class probability), each (passes, batch), on x's device."""
     rows = []
     for _ in range(passes):
         probs = torch.softmax(model(x).float(), dim=1)
         confidence, predicted = probs.max(1)
         rows.append((predicted == y, confidence, probs.gather(1, y[:, None]).squeeze(1)))
-    return tuple(torch.stack(column).cpu().numpy() for column in zip(*rows, strict=True))
+    return tuple(torch.stack(column) for column in zip(*rows, strict=True))
 
 
-def _check_budget(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, label: str) -> None:
-    """Refuse a number produced by an attack that left the threat model (a bug, never a user error)."""
+def _to_host(results: dict[int, tuple[torch.Tensor, ...]]) -> dict[int, tuple[np.ndarray, ...]]:
+    """Per-batch device results as numpy arrays, with one device-to-host copy per column."""
+    order = sorted(results)
+    if not order:
+        return {}
+    sizes = np.cumsum([results[b][0].shape[1] for b in order])[:-1]
+    columns = [torch.cat([results[b][i] for b in order], dim=1).cpu().numpy() for i in range(len(results[order[0]]))]
+    parts = [np.split(column, sizes, axis=1) for column in columns]
+    return {b: tuple(part[k] for part in parts) for k, b in enumerate(order)}
+
+
+def _outside_budget(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, label: str) -> torch.Tensor:
+    """Whether an attack left the threat model (a bug, never a user error): a 0-d bool on the device.
+
+    Read once per attack after its last batch, so checking a batch never waits for the accelerator.
+    """
+    if x_adv.shape != x.shape:
+        raise RuntimeError(f"attack '{label}' returned images of shape {tuple(x_adv.shape)}, not {tuple(x.shape)}")
     delta = (x_adv - x).flatten(1)
     size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
-    outside = bool((size > eps * (1 + 1e-4) + 1e-6).any()) or x_adv.min() < 0 or x_adv.max() > 1
-    if x_adv.shape != x.shape or outside:
-        raise RuntimeError(f"attack '{label}' left the {norm} ball of radius {eps} or the [0, 1] box")
+    return (size > eps * (1 + 1e-4) + 1e-6).any() | (x_adv.min() < 0) | (x_adv.max() > 1)
 
 
 def evaluate_model(
@@ -362,6 +377,7 @@ def evaluate_model(
     random_passes: int = 5,
     n_boot: int = 1000,
     progress: bool = False,
+    attack_precision: str = "fp32",
 ) -> EvaluationResult:
     """Clean, per-attack and worst-case accuracy of ``model`` on the first ``n`` samples of ``split``.
 
@@ -376,6 +392,9 @@ def evaluate_model(
             is left untouched.
         eot_samples: gradient samples per step for random defences (EOT).
         random_passes: forward passes per input for a random model (deterministic models use one).
+        attack_precision: ``"fp32"`` (default) or ``"bf16"``: the attacks craft their examples under
+            bfloat16 autocast (faster on a GPU); every verdict is still the float32 model's prediction
+            on the crafted images. Recorded as ``model_info["attack_precision"]``.
 
     Under ``torchrun`` every rank calls this with the same arguments; each attacks its share of the
     batches (on its own GPU) and every rank returns the whole, gathered result.
@@ -387,6 +406,8 @@ def evaluate_model(
                         ("random_passes", random_passes), ("n_boot", n_boot)):
         if value is not None and int(value) < 1:
             raise InputError(f"{name} must be >= 1, got {value}")
+    if attack_precision not in ("fp32", "bf16"):
+        raise InputError(f"attack_precision must be 'fp32' or 'bf16', got {attack_precision!r}")
     plan = resolve_attacks(attacks, suite)
     total = len(split)
     split, indices = subset(split, n)
@@ -406,7 +427,8 @@ def evaluate_model(
             plan = resolve_attacks(attacks, "rand")
             info["suite"] = "rand (standard asked for; the model is random)"
         passes = random_passes if info["random"] else 1
-        info.update(random_passes=passes, eot_samples=eot_samples if info["random"] else None)
+        info.update(random_passes=passes, eot_samples=eot_samples if info["random"] else None,
+                    attack_precision=attack_precision)
         built = [
             (label, *_attack_record(label, spec, eps, norm, info["adaptive"], info["random"])) for label, spec in plan
         ]
@@ -419,15 +441,21 @@ def evaluate_model(
         for index, (label, attack, _) in enumerate([("clean", None, None), *built]):
             bar.set_postfix_str(label)
             tic = time.perf_counter()
+            results: dict[int, tuple[torch.Tensor, ...]] = {}  # on the device until the attack is done
+            outside = torch.zeros((), dtype=torch.bool, device=device)
             with torch.random.fork_rng(devices=rng_devices):
                 for batch, (x, y) in zip(mine, iterate(split, batch_size, device, mine), strict=True):
                     torch.manual_seed(distributed.batch_seed(seed, index, batch))
                     if attack is not None:
-                        x_adv = attack(grad_model, x, y)
-                        _check_budget(x_adv, x, eps, norm, label)
+                        with bf16_autocast(device, attack_precision == "bf16"):
+                            x_adv = attack(grad_model, x, y)
+                        outside = outside | _outside_budget(x_adv, x, eps, norm, label)
                         x = x_adv
-                    columns.setdefault(label, {})[batch] = _classify(model, x, y, passes)
+                    results[batch] = _classify(model, x, y, passes)
                     bar.update(1)
+            if bool(outside):
+                raise RuntimeError(f"attack '{label}' left the {norm} ball of radius {eps} or the [0, 1] box")
+            columns[label] = _to_host(results)
             seconds[label] = time.perf_counter() - tic
             if bar.disable:  # no live bar (a log, not a terminal): one line per attack instead
                 progress_line(f"evaluate: {label} done in {seconds[label]:.1f}s", speak, sys.stderr)
@@ -543,6 +571,7 @@ def evaluate_run(
     n_boot: int = 1000,
     progress: bool = False,
     write: bool = True,
+    attack_precision: str = "fp32",
 ) -> EvaluationResult:
     """Evaluate a run's selected weights on its test split at the run's threat (or ``eps``/``norm``).
 
@@ -555,7 +584,7 @@ def evaluate_run(
     result = evaluate_model(
         loaded.model, loaded.data.test, eps=eps, norm=norm, attacks=attacks, suite=suite,
         batch_size=batch_size, seed=seed, n=n, eot_samples=eot_samples, random_passes=random_passes,
-        n_boot=n_boot, progress=progress,
+        n_boot=n_boot, progress=progress, attack_precision=attack_precision,
     )
     run = RunDir(run_dir)
     previous = read_json(run.metrics) if run.metrics.exists() else {}

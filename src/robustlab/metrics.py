@@ -27,7 +27,8 @@ def predict(
 ) -> torch.Tensor:
     """Predicted classes for every image of ``split`` (CPU int64)."""
     device = device or next(model.parameters()).device
-    return torch.cat([model(x).argmax(1).cpu() for x, _ in iterate(split, batch_size, device)])
+    # one host copy at the end, not one per batch: the batches queue on the device back to back
+    return torch.cat([model(x).argmax(1) for x, _ in iterate(split, batch_size, device)]).cpu()
 
 
 def accuracy(model: nn.Module, split: Split, batch_size: int = 512) -> float:
@@ -47,9 +48,9 @@ def robust_accuracy(
     """
     device = next(model.parameters()).device
     splitter = BatchSplitter()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)  # counted on the device, read once
     for x, y in iterate(split, batch_size, device):
         x_adv = splitter(lambda xs, ys: attack(model, xs, ys), x, y)
         with torch.no_grad():
-            correct += int((model(x_adv).argmax(1) == y).sum())
-    return correct / max(1, len(split))
+            correct += (model(x_adv).argmax(1) == y).sum()
+    return int(correct) / max(1, len(split))

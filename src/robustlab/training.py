@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,6 +35,7 @@ from robustlab.config import RunConfig, build_config, config_to_dict
 from robustlab.data import DatasetSplits, TensorLoader
 from robustlab.defenses import Objective, TrainState, build_objective
 from robustlab.defenses.preprocessing import auxiliary_loss
+from robustlab.devices import bf16_autocast
 from robustlab.errors import CheckpointError, ConfigError, RobustlabError
 from robustlab.metrics import accuracy, robust_accuracy
 from robustlab.progress import progress_bar, progress_line
@@ -179,6 +179,49 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
     return False
 
 
+#: Steps between two host reads of the running training statistics (progress bar, non-finite check).
+#: Between reads a step queues its work and moves on: nothing in it waits for the accelerator.
+STATS_EVERY = 25
+#: Keyword arguments of ``nn.Module.compile`` under ``train.compile``.
+COMPILE_OPTIONS: dict[str, Any] = {}
+
+
+class RunningStats:
+    """An epoch's sums of the loss and of each step's statistics, kept on the device.
+
+    :meth:`add` costs two small device kernels and no host read; :meth:`read` is the one
+    device-to-host copy, made every :data:`STATS_EVERY` steps and at the end of the epoch. The summed
+    loss is what the non-finite check reads: a nan or inf loss in any step keeps the sum non-finite.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self._sums: dict[tuple[str, ...], torch.Tensor] = {}  # key: the tensor stats' names, loss first
+        self._floats: dict[str, float] = {}
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor | float]) -> None:
+        """Add one step's loss and stats (0-d tensors, summed on their device; floats, on the host)."""
+        names = ("_loss", *(k for k, v in stats.items() if isinstance(v, torch.Tensor)))
+        values = torch.stack([loss.detach().float(), *(stats[k].detach().float() for k in names[1:])])
+        previous = self._sums.get(names)
+        self._sums[names] = values if previous is None else previous + values
+        for key, value in stats.items():
+            if not isinstance(value, torch.Tensor):
+                self._floats[key] = self._floats.get(key, 0.0) + float(value)
+        self.steps += 1
+
+    def read(self) -> tuple[float, dict[str, float]]:
+        """(the summed loss, the summed stats): one host read of everything accumulated so far."""
+        loss, sums = 0.0, {}
+        for names, values in self._sums.items():
+            for name, value in zip(names, values.tolist(), strict=True):
+                if name == "_loss":
+                    loss += value
+                else:
+                    sums[name] = sums.get(name, 0.0) + value
+        return loss, {**sums, **self._floats}
+
+
 #: Epochs in a row at chance-level validation accuracy after which the Trainer says training stalled.
 STALL_EPOCHS = 3
 
@@ -246,8 +289,10 @@ class Trainer:
         # only now, with data and model in hand: a config that cannot load leaves no empty run directory
         # behind, and --overwrite never deletes a run for one that cannot train
         self.resuming = self._prepare_run_dir(overwrite)
-        if config.train.channels_last and self.device.type == "cuda":
+        if config.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if config.train.compile:  # in place: the state dict keeps its keys, isinstance checks still hold
+            self.model.compile(**COMPILE_OPTIONS)
         self.objective: Objective = build_objective(config.defense.name, config.defense.params)
         augment = self.data.default_augment if config.data.augment == "auto" else config.data.augment
         self.loader = TensorLoader(
@@ -389,11 +434,6 @@ class Trainer:
             norm=config.threat.norm, generator=self.generator,
         )
         state.step = self.start_epoch * state.steps_per_epoch
-        autocast = (
-            partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
-            if config.train.amp and self.device.type == "cuda"
-            else nullcontext
-        )
         bar = progress_bar(
             total=config.train.epochs * len(self.loader), initial=state.step, enabled=self.progress,
             desc=f"{config.defense.name} {config.model.name}/{config.data.dataset}",
@@ -403,37 +443,16 @@ class Trainer:
             state.log.clear()
             self.loader.set_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch + 1, **self.objective.on_epoch_start(state)}
-            sums: dict[str, float] = {}
             started = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+            running = RunningStats()
             for x, y in self.loader:
-                if config.train.channels_last and self.device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                self.model.train()
-                with autocast():
-                    loss, stats = self.objective.loss(self.model, x, y, state)
-                    transform_loss = auxiliary_loss(self.model, x)
-                if transform_loss is not None:
-                    loss = loss + transform_loss
-                    stats["transform_loss"] = transform_loss.item()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.dist.enabled:  # every rank stops together on a non-finite loss anywhere
-                    loss_value = distributed.average_gradients(self.model.parameters(), loss, len(x))
-                else:
-                    loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise RobustlabError(
-                        f"training diverged at epoch {epoch + 1} (loss is {loss_value}); lower train.lr"
-                    )
-                self.optimizer.step()
-                self.scheduler.step()
-                state.step += 1
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                self.train_step(x, y, state, running)
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if k in ("loss", "acc", "alpha", "eps_t")})
+                if running.steps % STATS_EVERY == 0:
+                    self._read_stats(running, epoch, bar)
+            sums = self._read_stats(running, epoch, bar)  # before anything of this epoch is saved
             seconds = time.perf_counter() - started
             if self.dist.enabled:
                 sums = distributed.mean_over_ranks(sums, self.device)
@@ -468,6 +487,45 @@ class Trainer:
             progress_line(self._epoch_line(row), enabled=self.progress)
         bar.close()
         return self._finish()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, state: TrainState, running: RunningStats) -> None:
+        """One optimiser step on the batch ``(x, y)``; its loss and stats go into ``running``.
+
+        Nothing here reads a device tensor on the host, so on a GPU the step only queues work: under
+        ``train.amp`` the objective (its crafting attack included) runs in bfloat16 autocast, under
+        ``train.channels_last`` the batch is laid out channels-last like the model's weights.
+        """
+        train = self.config.train
+        if train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.model.train()
+        with bf16_autocast(self.device, train.amp):
+            loss, stats = self.objective.loss(self.model, x, y, state)
+            transform_loss = auxiliary_loss(self.model, x)
+        if transform_loss is not None:
+            loss = loss + transform_loss
+            stats["transform_loss"] = transform_loss.detach()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.dist.enabled:  # the global batch's loss: every rank sees a non-finite loss anywhere
+            loss = distributed.average_gradients(self.model.parameters(), loss, len(x))
+        self.optimizer.step()
+        self.scheduler.step()
+        state.step += 1
+        running.add(loss, stats)
+
+    def _read_stats(self, running: RunningStats, epoch: int, bar: Any) -> dict[str, float]:
+        """Read ``running`` on the host: stop a diverged run, show the epoch's means so far, return the sums.
+
+        Read every :data:`STATS_EVERY` steps and at the end of each epoch, so a non-finite loss stops
+        the run within that many steps, and always before the epoch's weights are saved.
+        """
+        loss, sums = running.read()
+        if not math.isfinite(loss):
+            raise RobustlabError(f"training diverged at epoch {epoch + 1} (loss is {loss}); lower train.lr")
+        steps = max(1, running.steps)
+        bar.set_postfix({k: f"{v / steps:.3f}" for k, v in sums.items() if k in ("loss", "acc", "adv_acc", "eps_t")})
+        return sums
 
     @staticmethod
     def _epoch_line(row: dict[str, Any]) -> str:

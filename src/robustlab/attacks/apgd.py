@@ -148,13 +148,14 @@ def _apgd_run(
     x_orig, y_orig, labels_all = x, y, labels
 
     def record(hit: torch.Tensor) -> None:
-        result[idx[hit]] = x_adv[hit]
-        fooled[idx[hit]] = True
+        # writes through the index tensor idx, never a boolean mask: no host synchronisation
+        result[idx] = torch.where(per_sample(hit, x_adv), x_adv, result[idx])
+        fooled[idx] = fooled[idx] | hit
 
     hit = logits.argmax(1) != y_orig[idx]
     record(hit)
     for k in range(1, steps + 1):
-        if early_stop and bool(hit.any()):
+        if early_stop:  # the batch shrinks to the samples still robust (its size is read once per step)
             keep = ~hit
             idx = idx[keep]
             if idx.numel() == 0:
@@ -174,17 +175,19 @@ def _apgd_run(
         increases += (loss > loss_prev).float()
         loss_prev = loss
         better = loss > loss_best
-        x_best[better], loss_best[better], grad_best[better] = x_adv[better], loss[better], grad[better]
+        x_best = torch.where(per_sample(better, x_adv), x_adv, x_best)
+        grad_best = torch.where(per_sample(better, grad), grad, grad_best)
+        loss_best = torch.where(better, loss, loss_best)
         if k in marks:
             oscillating = increases <= rho * (k - last_mark)
             stuck = ~halved_at_checkpoint & (best_at_checkpoint >= loss_best)
             halve = oscillating | stuck
             step = torch.where(halve, step / 2, step)
-            x_adv[halve], grad[halve] = x_best[halve], grad_best[halve]
+            x_adv = torch.where(per_sample(halve, x_adv), x_best, x_adv)
+            grad = torch.where(per_sample(halve, grad), grad_best, grad)
             halved_at_checkpoint, best_at_checkpoint = halve, loss_best.clone()
             increases.zero_()
             last_mark = k
     if idx.numel():
-        still = ~fooled[idx]
-        result[idx[still]] = x_best[still]
+        result[idx] = torch.where(per_sample(fooled[idx], x_best), result[idx], x_best)
     return result, fooled

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from robustlab.attacks.losses import objective
+from robustlab.devices import to_device
 from robustlab.errors import InputError
 from robustlab.validation import check_batch, check_eps
 
@@ -137,11 +138,11 @@ def random_init(
     if isinstance(eps, torch.Tensor):
         eps = eps.view(-1, *([1] * (x.dim() - 1)))
     if norm == "linf":
-        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device) * 2 - 1
+        noise = to_device(torch.rand(x.shape, generator=generator), x.device) * 2 - 1
         return noise * eps
-    direction = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+    direction = to_device(torch.randn(x.shape, generator=generator), x.device)
     direction = direction / _flat_norm(direction, 2).clamp_min(1e-12)
-    radius = torch.rand(x.shape[0], generator=generator, device="cpu").to(x.device)
+    radius = to_device(torch.rand(x.shape[0], generator=generator), x.device)
     radius = radius.pow(1.0 / x[0].numel()).view(-1, *([1] * (x.dim() - 1)))
     return direction * radius * eps
 
@@ -264,7 +265,7 @@ def _pgd_run(
         )
         if isinstance(active, torch.Tensor):
             hit = is_fooled(logits, y[active], labels[active], targeted)
-            fooled[active[hit]] = True
+            fooled[active] = hit  # every active sample was unfooled: an index write, no host read
             keep = ~hit
             active, grad = active[keep], grad[keep]
             if active.numel() == 0:

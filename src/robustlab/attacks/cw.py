@@ -158,9 +158,9 @@ def _optimise(
             hit = _succeeds(logits, labels[active], kappa, targeted)
             l2 = dist.sqrt()
             better = hit & (l2 < best_l2[active])
-            best_l2[active[better]] = l2[better]
-            best_adv[active[better]] = x_adv[better].detach()
-            found[active[hit]] = True
+            best_l2[active] = torch.where(better, l2, best_l2[active])
+            best_adv[active] = torch.where(per_sample(better, x_adv), x_adv.detach(), best_adv[active])
+            found[active] = found[active] | hit
             m[active] = betas[0] * m[active] + (1 - betas[0]) * grad
             v[active] = betas[1] * v[active] + (1 - betas[1]) * grad * grad
             m_hat = m[active] / (1 - betas[0] ** step)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from robustlab.attacks.core import Model, check_attack_inputs, clip_to_ball, frozen, lp_norm, per_sample
+from robustlab.devices import to_device
 from robustlab.errors import InputError
 
 
@@ -151,9 +152,9 @@ def _fab_run(
     if random_start:
         radius = best_dist[where].clamp(max=eps) * 0.5
         if norm == "l2":
-            noise = torch.randn(shape, generator=generator, device="cpu").to(x.device)
+            noise = to_device(torch.randn(shape, generator=generator), x.device)
         else:
-            noise = torch.rand(shape, generator=generator, device="cpu").to(x.device) * 2 - 1
+            noise = to_device(torch.rand(shape, generator=generator), x.device) * 2 - 1
         noise = noise / per_sample(lp_norm(noise, norm).clamp_min(1e-12), noise)
         start = (
             x + noise * per_sample(torch.where(radius.isfinite(), radius, torch.zeros_like(radius)), x)
@@ -182,9 +183,10 @@ def _fab_run(
         with torch.no_grad():
             adversarial = model(z.view(-1, *shape[1:])).argmax(1) != y[idx]
         dist = lp_norm(z - flat_x[idx], norm)
-        closer = adversarial & (dist < best_dist[where[idx]])
-        best[where[idx[closer]]] = z[closer].view(-1, *shape[1:])
-        best_dist[where[idx[closer]]] = dist[closer]
+        rows = where[idx]
+        closer = adversarial & (dist < best_dist[rows])
+        best[rows] = torch.where(per_sample(closer, best[rows]), z.view(-1, *shape[1:]), best[rows])
+        best_dist[rows] = torch.where(closer, dist, best_dist[rows])
         z = torch.where(adversarial[:, None], (1 - beta) * flat_x[idx] + beta * z, z)
         if early_stop:
             keep = best_dist[where[idx]] > eps

@@ -25,6 +25,7 @@ import torch
 
 from robustlab.attacks.core import Model, check_attack_inputs, clip_to_ball, frozen, per_sample
 from robustlab.attacks.losses import cw_margin
+from robustlab.devices import to_device
 from robustlab.errors import InputError
 
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -43,7 +44,7 @@ def _margin(model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device="cpu").to(device)
+    return to_device(torch.rand(shape, generator=generator), device)
 
 
 def _signs(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -81,9 +82,8 @@ def pseudo_gaussian_tile(
 
     tile = torch.cat([bump(s // 2, s), -bump(s - s // 2, s)], dim=0) if s > 1 else torch.ones(1, 1)
     tile = tile / tile.norm()
-    if float(torch.rand((), generator=generator)) > 0.5:
-        tile = tile.t()
-    return tile.to(device)
+    transpose = torch.rand((), generator=generator) > 0.5  # the tile is square: a where, not a host branch
+    return to_device(torch.where(transpose, tile.t(), tile), device)
 
 
 def square(
@@ -144,8 +144,8 @@ def _random_search(
         candidate = propose(i, x[todo], best[todo])
         new_margin = _margin(model, candidate, y[todo])
         improved = new_margin < margin[todo]
-        best[todo[improved]] = candidate[improved]
-        margin[todo[improved]] = new_margin[improved]
+        best[todo] = torch.where(per_sample(improved, candidate), candidate, best[todo])
+        margin[todo] = torch.where(improved, new_margin, margin[todo])
     return best, margin < 0
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from robustlab.devices import to_device
+
 CROP_PADDING = 4
 
 
@@ -20,7 +22,7 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
     """Pad each image by ``padding`` (reflect) and cut a random crop of the original size, per sample."""
     n, _, h, w = x.shape
     padded = F.pad(x, (padding,) * 4, mode="reflect")
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device="cpu").to(x.device)
+    offsets = to_device(torch.randint(0, 2 * padding + 1, (2, n), generator=generator), x.device)
     rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, :, None]
     cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, :]
     batch = torch.arange(n, device=x.device)[:, None, None]
@@ -29,7 +31,7 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
 
 def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each image horizontally with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=generator, device="cpu").lt(0.5).to(x.device)
+    flip = to_device(torch.rand(x.shape[0], generator=generator).lt(0.5), x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
@@ -79,7 +81,7 @@ class TensorLoader:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = self.images.shape[0]
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
+        order = to_device(order, self.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
             x = self.images.index_select(0, index).float().div_(255.0)

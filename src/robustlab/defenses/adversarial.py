@@ -32,9 +32,10 @@ from torch import nn
 from torch.func import functional_call
 
 from robustlab.attacks.core import ascent_direction, clip_to_ball, fgsm, frozen, input_gradient, pgd
-from robustlab.defenses.base import LossAndStats, Objective, ObjectiveParams, TrainState
+from robustlab.defenses.base import LossAndStats, Objective, ObjectiveParams, TrainState, batch_accuracy
 from robustlab.defenses.preprocessing import Defended
 from robustlab.defenses.schedule import eps_schedule
+from robustlab.devices import to_device
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -117,7 +118,7 @@ def craft_adversarial(
                         generator=generator, validate=False)
         with torch.no_grad():
             clean_probs = F.softmax(target(x), dim=1)
-        noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+        noise = to_device(torch.randn(x.shape, generator=generator), x.device)
         x_adv = clip_to_ball(x + 0.001 * noise, x, plan.eps, norm)
         for _ in range(plan.steps):
             grad, _, _ = input_gradient(target, x_adv, clean_probs, _kl_to_clean)
@@ -142,11 +143,6 @@ def awp_forward(model: nn.Module, loss_of: Callable[[Forward], torch.Tensor], ga
         step = gamma * weight.detach().norm() * grad / grad.norm().clamp_min(1e-12)
         perturbed[name] = weight + step.detach()
     return lambda inputs: functional_call(model, perturbed, (inputs,), strict=False)
-
-
-def batch_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy of a batch of logits, for training statistics."""
-    return (logits.argmax(1) == y).float().mean().item()
 
 
 class AdversarialObjective(Objective):
@@ -201,7 +197,7 @@ class PGDATObjective(AdversarialObjective):
     ) -> LossAndStats:
         logits = forward(x_adv)
         loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.item(), "adv_acc": batch_accuracy(logits, y)}
+        return loss, {"loss": loss.detach(), "adv_acc": batch_accuracy(logits, y)}
 
 
 class FastATParams(WarmupParams):
@@ -243,8 +239,8 @@ class TradesObjective(AdversarialObjective):
         natural = F.cross_entropy(clean, y)
         robust = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
         loss = natural + self.params.beta * robust
-        return loss, {"loss": loss.item(), "acc": batch_accuracy(clean, y), "adv_acc": batch_accuracy(adv, y),
-                      "kl": robust.item()}
+        return loss, {"loss": loss.detach(), "acc": batch_accuracy(clean, y), "adv_acc": batch_accuracy(adv, y),
+                      "kl": robust.detach()}
 
 
 class MartParams(PGDParams):
@@ -274,4 +270,4 @@ class MartObjective(AdversarialObjective):
         kl = (clean_probs * (torch.log(clean_probs + 1e-12) - torch.log(adv_probs + 1e-12))).sum(1)
         robust = (kl * (1.0000001 - true_clean)).mean()
         loss = boosted_ce + self.params.beta * robust
-        return loss, {"loss": loss.item(), "acc": batch_accuracy(clean, y), "adv_acc": batch_accuracy(adv, y)}
+        return loss, {"loss": loss.detach(), "acc": batch_accuracy(clean, y), "adv_acc": batch_accuracy(adv, y)}

@@ -17,7 +17,15 @@ from torch import nn
 from robustlab.defenses.preprocessing import InputTransform, build_transform, validate_transform
 
 #: What an objective's loss returns: the scalar to minimise and the batch's stats for the history.
-LossAndStats = tuple[torch.Tensor, dict[str, float]]
+#: Stats are detached 0-d tensors on the batch's device (or plain floats such as a schedule's value):
+#: the training loop sums them on the device and reads them on the host only every few steps, so a
+#: step never waits for the GPU to finish (``robustlab.training.STATS_EVERY``).
+LossAndStats = tuple[torch.Tensor, dict[str, torch.Tensor | float]]
+
+
+def batch_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy of a batch of logits, for training statistics: a 0-d tensor, not read on the host."""
+    return (logits.detach().argmax(1) == y).float().mean()
 
 
 class ObjectiveParams(BaseModel):

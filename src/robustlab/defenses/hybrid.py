@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from robustlab.defenses.adversarial import AdversarialObjective, AttackPlan, CraftParams, Forward, batch_accuracy
-from robustlab.defenses.base import LossAndStats, TrainState
+from robustlab.defenses.adversarial import AdversarialObjective, AttackPlan, CraftParams, Forward
+from robustlab.defenses.base import LossAndStats, TrainState, batch_accuracy
 from robustlab.defenses.schedule import Schedule, eps_schedule
 
 
@@ -124,8 +124,7 @@ class HybridObjective(AdversarialObjective):
         logits = forward(torch.cat([x, x_adv]))
         clean, adv = logits[: len(x)], logits[len(x) :]
         loss = self.alpha * F.cross_entropy(clean, y) + (1.0 - self.alpha) * F.cross_entropy(adv, y)
-        adv_acc = batch_accuracy(adv, y)
-        return loss, {"loss": loss.item(), "acc": batch_accuracy(clean, y), "adv_acc": adv_acc,
+        return loss, {"loss": loss.detach(), "acc": batch_accuracy(clean, y), "adv_acc": batch_accuracy(adv, y),
                       "eps_t": self.eps_t(state)}
 
     def on_epoch_start(self, state: TrainState) -> dict[str, float]:

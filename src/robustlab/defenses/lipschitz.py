@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from robustlab.defenses.adversarial import batch_accuracy
-from robustlab.defenses.base import LossAndStats, Objective, ObjectiveParams, TrainState
+from robustlab.defenses.base import LossAndStats, Objective, ObjectiveParams, TrainState, batch_accuracy
 
 
 class LipschitzParams(ObjectiveParams):
@@ -30,13 +29,13 @@ class LipschitzParams(ObjectiveParams):
 
 def parseval_penalty(model: nn.Module) -> torch.Tensor:
     """``sum_l ||W W^T - I||_F^2`` over weight tensors of dimension > 1 (the smaller Gram matrix)."""
-    total = torch.zeros(())
+    total = torch.zeros((), device=next(model.parameters()).device)  # made on the device: no host copy
     for p in model.parameters():
         if p.dim() < 2 or not p.requires_grad:
             continue
         w = p.flatten(1)
         gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-        total = total.to(p.device) + (gram - torch.eye(gram.shape[0], device=p.device)).pow(2).sum()
+        total = total + (gram - torch.eye(gram.shape[0], device=p.device)).pow(2).sum()
     return total
 
 
@@ -55,9 +54,9 @@ class LipschitzObjective(Objective):
         dual = 1.0 if state.norm == "linf" else 2.0
         penalty = grad.flatten(1).norm(p=dual, dim=1).mean()
         loss = per_sample.mean() + p.grad_penalty * state.eps * penalty
-        stats = {"acc": batch_accuracy(logits, y), "grad_norm": penalty.item()}
+        stats = {"acc": batch_accuracy(logits, y), "grad_norm": penalty.detach()}
         if p.parseval > 0:
             orthogonality = parseval_penalty(model)
             loss = loss + p.parseval * orthogonality
-            stats["parseval"] = orthogonality.item()
-        return loss, {"loss": loss.item(), **stats}
+            stats["parseval"] = orthogonality.detach()
+        return loss, {"loss": loss.detach(), **stats}

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from robustlab.defenses.adversarial import batch_accuracy
-from robustlab.defenses.base import LossAndStats, ObjectiveParams, TrainState
+from robustlab.defenses.base import LossAndStats, ObjectiveParams, TrainState, batch_accuracy
 from robustlab.defenses.preprocessing import (
     AutoencoderParams,
     FeatureSqueezingParams,
@@ -82,4 +81,4 @@ class AutoencoderObjective(TransformObjective):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState) -> LossAndStats:
         logits = model.model(x)
         loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.item(), "acc": batch_accuracy(logits, y)}
+        return loss, {"loss": loss.detach(), "acc": batch_accuracy(logits, y)}

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustlab.defenses.base import LossAndStats, Objective, TrainState
+from robustlab.defenses.base import LossAndStats, Objective, TrainState, batch_accuracy
 
 
 class StandardObjective(Objective):
@@ -18,4 +18,4 @@ class StandardObjective(Objective):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: TrainState) -> LossAndStats:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+        return loss, {"loss": loss.detach(), "acc": batch_accuracy(logits, y)}

@@ -1,0 +1,45 @@
+"""``benchmarks/gpu/run.sh --smoke``: the accelerator script's every step, at toy size, on this machine.
+
+The script is the one command of a short accelerator window, so a broken step must show here, not
+there. The smoke run (CPU, under 2 minutes on an idle 2-core machine) must finish every step within
+its limit and leave each step's results under $OUT. The budget is raised here so that a loaded
+machine slows the test down instead of failing it; the script's own default is 115 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_run_script_smoke(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_RUN_BUDGET_S": "360", "OMP_NUM_THREADS": "1",
+           "PYTHON": os.environ.get("PYTHON", shutil.which("python") or "python3")}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--smoke"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    steps = [line for line in summary.splitlines() if line.startswith("- (")]
+    assert len(steps) == 4 and all(": ok," in line for line in steps), summary + (tmp_path / "run.log").read_text()
+    log = (tmp_path / "run.log").read_text().lower()
+    assert "passed" in log or "skipped" in log  # step (a) ran pytest (its tests skip without CUDA)
+    throughput = json.loads((tmp_path / "b_throughput.json").read_text())
+    assert {row["defense"] for row in throughput["train_step"]} == {"standard", "pgd_at (PGD-2)"}
+    for row in throughput["train_step"]:
+        assert set(row["seconds_per_step"]) == {"robustlab", "per-step reads", "minimal", "robustlab, second copy"}
+    assert "images_per_second" in throughput["pgd"] or "skipped" in throughput["pgd"]
+    for name, runs in (("c_cifar10.json", {"fast_at", "hybrid"}), ("d_imagenet.json", {"standard", "hybrid"})):
+        payload = json.loads((tmp_path / name).read_text())
+        assert {run["run"] for run in payload["runs"]} == runs, payload["skipped"]
+        for run in payload["runs"]:
+            assert 0.0 <= run["worst_case"] <= run["clean_accuracy_evaluated"] <= 1.0
+            assert run["attacks"] and run["test_size"] > 0
+    assert (tmp_path / "env.txt").read_text().strip()
