@@ -109,7 +109,9 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
 
 # --- profiles and the paper configs ---------------------------------------------------------------
 def test_paper_profile_is_the_papers_hyperparameters(tmp_path):
-    plan = plan_experiment(load_experiment(tiny_experiment(eps=[])), tmp_path, profile="paper")
+    spec = tiny_experiment()
+    del spec["grid"]["eps"]  # the profile's eps applies
+    plan = plan_experiment(load_experiment(spec), tmp_path, profile="paper")
     train = plan.cells[0].config.train
     assert (train.optimizer, train.lr, train.batch_size, train.epochs) == ("sgd", 0.01, 128, 50)
     assert (train.momentum, train.weight_decay) == (0.9, 5e-4)
