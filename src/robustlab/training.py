@@ -12,7 +12,9 @@ each batch, rank 0 validates, writes the run directory and tests.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import platform
 import random
 import resource
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -153,6 +156,28 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_lock(run: RunDir) -> FileLock:
+    """Take the lock of a run directory (``.NAME.lock`` beside it), or fail at once if another process holds it.
+
+    Two ``robustlab train`` commands on one ``--out`` would otherwise both train and overwrite each other's
+    checkpoints. The lock lives beside the directory, not in it: ``--overwrite`` deletes the directory.
+    It is an ``fcntl`` lock, so the kernel frees it when its holder dies.
+    """
+    parent = run.path.parent
+    if parent.exists() and not parent.is_dir():  # --out under a regular file
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(run.path))
+    parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run.path.parent / f".{run.path.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RobustlabError(
+            f"{run.path} is being trained by another process (it holds {lock.lock_file}); "
+            "wait for it to finish, or choose another --out"
+        ) from None
+    return lock
+
+
 def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
     """Create or validate the run directory; returns True when an unfinished run should resume."""
     if run.path.exists() and any(run.path.iterdir()) and not run.exists():
@@ -236,6 +261,8 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         seed_everything(config.seed, config.train.deterministic)
         self.data = data if data is not None else prepare_data(config)
+        if len(self.data.val) == 0:  # validation selects the checkpoint (and sets the hybrid's alpha)
+            raise ConfigError("data.val_size: training needs at least 1 validation image")
         if self.dist.world_size > min(config.train.batch_size, len(self.data.train)):
             raise ConfigError(
                 f"train.batch_size: {config.train.batch_size} cannot be split across {self.dist.world_size} processes"
@@ -243,9 +270,16 @@ class Trainer:
         self.model = prepare_model(config, self.data).to(self.device)
         if self.dist.enabled:
             distributed.broadcast_state(self.model)
+        # one process trains a run directory at a time (as the cells of an experiment); under torchrun rank 0
+        # owns it. Held until fit() returns.
+        self.lock = run_lock(self.run) if self.dist.is_main else None
         # only now, with data and model in hand: a config that cannot load leaves no empty run directory
         # behind, and --overwrite never deletes a run for one that cannot train
-        self.resuming = self._prepare_run_dir(overwrite)
+        try:
+            self.resuming = self._prepare_run_dir(overwrite)
+        except BaseException:
+            self._unlock()
+            raise
         if config.train.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objective: Objective = build_objective(config.defense.name, config.defense.params)
@@ -372,6 +406,13 @@ class Trainer:
             print(f"\ninterrupted: {self.run.path} keeps every finished epoch; rerun the same command to resume",
                   file=sys.stderr)
             raise
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _fit(self) -> TrainResult:
         config, run = self.config, self.run

@@ -42,10 +42,10 @@ def experiment(
 ) -> None:
     """Train, evaluate and audit every cell of a grid; finished cells are skipped, unfinished ones resume."""
     from robustlab.errors import RobustlabError
-    from robustlab.experiments import load_experiment, plan_experiment, run_experiment, select_cells
+    from robustlab.experiments import load_experiment, plan_experiment, run_experiment, select_cells, slug
 
     spec = load_experiment(config)
-    out = out or Path("results") / (spec.name + (f"-{profile}" if profile else ""))
+    out = out or Path("results") / slug(spec.name + (f"-{profile}" if profile else ""), keep="-")
     overrides = list(set_ or [])
     if workers > 1:
         plan = plan_experiment(spec, out, profile=profile, data_dir=data_dir, overrides=overrides)
