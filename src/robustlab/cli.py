@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     joined = sys.modules.get("robustlab.distributed")  # loaded only by a command that may have joined a group
     if joined is not None and status == 0:
         joined.leave()
-    if status:
-        sys.exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

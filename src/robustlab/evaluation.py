@@ -546,7 +546,8 @@ def evaluate_run(
     merged into ``metrics.json`` under ``evaluations[threat_key]`` and per-sample arrays are saved.
     """
     run = RunDir(run_dir)
-    previous = run.read_metrics()  # a damaged metrics.json is reported now, not after every attack has run
+    # damaged metrics.json / metadata.json are reported now, not after every attack has run
+    previous, finished = run.read_metrics(), run.is_finished()
     loaded = load_run(run_dir, select_device(device))
     norm = norm or loaded.config.threat.norm
     eps = loaded.config.threat.eps if eps is None else eps
@@ -559,7 +560,7 @@ def evaluate_run(
     result.model_info["weights_sha256"] = _sha256(run.weights)
     result.extra.update(run_config={"dataset": loaded.config.data.dataset, "model": loaded.config.model.name,
                                     "defense": loaded.config.defense.name, "seed": loaded.config.seed,
-                                    "finished": run.is_finished()})
+                                    "finished": finished})
     if write and distributed.from_environment().is_main:
         save_evaluation(result, run.path)
     return result

@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -37,6 +38,11 @@ from torch import nn
 from robustlab import schemas
 from robustlab.errors import CheckpointError, RobustlabError
 from robustlab.schemas import problem
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 
 def first_line(error: BaseException) -> str:
@@ -272,6 +278,29 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"corrupt resume state {path}: {_torch_load_problem(error)}") from None
 
 
+class RunLock:
+    """An exclusive, non-blocking ``fcntl.flock`` on a directory; released by :meth:`close` or at exit."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(path, os.O_RDONLY)
+        if fcntl is None:  # no fcntl (Windows): nothing to lock with
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise RobustlabError(
+                f"{path} is being trained by another process (it holds the directory's lock); "
+                "wait for it to finish, or choose another --out"
+            ) from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+
 class RunDir:
     """Paths and status of one run directory."""
 
@@ -288,6 +317,24 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.config.exists()
+
+    def lock(self) -> RunLock:
+        """Take this run directory's lock (creating the directory), or fail at once if another process holds it.
+
+        Two ``robustlab train`` commands on one ``--out`` would otherwise both train and overwrite each
+        other's checkpoints (an experiment's cells have their own locks for the same reason). The lock is
+        an ``fcntl`` lock on the directory itself: no lock file appears in the run or beside it, and the
+        kernel frees the lock when its holder dies.
+        """
+        return RunLock(self.path)
+
+    def clear(self) -> None:
+        """Delete everything in the directory (``--overwrite``) but the directory itself, which holds the lock."""
+        for child in self.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
     def read_metadata(self) -> dict[str, Any]:
         """``metadata.json`` checked against :class:`robustlab.schemas.Metadata` ({} when absent)."""

@@ -12,9 +12,7 @@ each batch, rank 0 validates, writes the run directory and tests.
 
 from __future__ import annotations
 
-import errno
 import math
-import os
 import platform
 import random
 import resource
@@ -30,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -156,35 +153,13 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_lock(run: RunDir) -> FileLock:
-    """Take the lock of a run directory (``.NAME.lock`` beside it), or fail at once if another process holds it.
-
-    Two ``robustlab train`` commands on one ``--out`` would otherwise both train and overwrite each other's
-    checkpoints. The lock lives beside the directory, not in it: ``--overwrite`` deletes the directory.
-    It is an ``fcntl`` lock, so the kernel frees it when its holder dies.
-    """
-    parent = run.path.parent
-    if parent.exists() and not parent.is_dir():  # --out under a regular file
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(run.path))
-    parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run.path.parent / f".{run.path.name}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RobustlabError(
-            f"{run.path} is being trained by another process (it holds {lock.lock_file}); "
-            "wait for it to finish, or choose another --out"
-        ) from None
-    return lock
-
-
 def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
     """Create or validate the run directory; returns True when an unfinished run should resume."""
     if run.path.exists() and any(run.path.iterdir()) and not run.exists():
         raise RobustlabError(f"{run.path} exists and is not a robustlab run; choose another --out")
     if run.exists():
-        if overwrite:
-            shutil.rmtree(run.path)
+        if overwrite:  # empty it, keep the directory: its lock (held by this process) stays valid
+            run.clear()
         elif run.is_finished():
             raise RobustlabError(f"{run.path} holds a finished run; pass --overwrite to replace it")
         else:
@@ -272,7 +247,7 @@ class Trainer:
             distributed.broadcast_state(self.model)
         # one process trains a run directory at a time (as the cells of an experiment); under torchrun rank 0
         # owns it. Held until fit() returns.
-        self.lock = run_lock(self.run) if self.dist.is_main else None
+        self.lock = self.run.lock() if self.dist.is_main else None
         # only now, with data and model in hand: a config that cannot load leaves no empty run directory
         # behind, and --overwrite never deletes a run for one that cannot train
         try:
@@ -411,7 +386,7 @@ class Trainer:
 
     def _unlock(self) -> None:
         if self.lock is not None:
-            self.lock.release()
+            self.lock.close()
             self.lock = None
 
     def _fit(self) -> TrainResult:
