@@ -23,8 +23,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from robustlab import schemas
-from robustlab.rundir import read_json
 from tests.reliability_support import run_main
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
@@ -114,9 +112,9 @@ def test_any_npz_dataset_is_one_error_line_or_a_correct_run(arrays):
                 "--set", "data.val_size=2", "--set", "train.val_robust_size=2", "--out", str(out)]
         code, err = cli(argv)
         if assert_error_or_success(code, err):
-            metrics = read_json(out / "metrics.json", schemas.Metrics)
+            metrics = json.loads((out / "metrics.json").read_text())
             assert metrics["test_size"] == len(arrays["y_test"]) and 0 <= metrics["clean_accuracy"] <= 1
-            assert read_json(out / "metadata.json", schemas.Metadata)["status"] == "finished"
+            assert json.loads((out / "metadata.json").read_text())["status"] == "finished"
             labels = np.concatenate([arrays["y_train"], arrays["y_test"]])
             assert labels.dtype.kind in "iu" and labels.min() >= 0
         else:
@@ -155,6 +153,9 @@ def test_any_run_json_is_one_error_line_or_a_correct_evaluation(finished_run, na
         (run / name).write_text(text)
         code, err = cli(["evaluate", str(run), "--attacks", "fgsm", "--n", "10", "--n-boot", "20", "--no-progress"])
         if assert_error_or_success(code, err):
+            from robustlab import schemas  # the file as written must validate against its own schema
+            from robustlab.rundir import read_json
+
             metrics = read_json(run / "metrics.json", schemas.Metrics)
             assert metrics["evaluations"]["linf-0.3"]["samples"]["n"] == 10
         else:
