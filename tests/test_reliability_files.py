@@ -309,13 +309,19 @@ def test_nan_weights_are_named(run, capsys):
     assert err.strip() == line, err  # no warning before it
 
 
-def test_refused_unpickling_prints_no_torch_warnings(tmp_path, capsys):
-    """A plain pickle (protocol 4) as a checkpoint: torch's two UserWarning lines came before the error line."""
+def test_refused_unpickling_prints_no_torch_warnings(tmp_path):
+    """A plain pickle (protocol 4) as a checkpoint: torch's two UserWarning lines came before the error line.
+
+    A real process: pytest would record the warnings instead of letting them reach stderr.
+    """
+    from tests.reliability_support import run_cli
+
     marker = tmp_path / "pwned"
     plain = tmp_path / "plain.pt"
     plain.write_bytes(pickle.dumps(Payload(marker), protocol=4))
     args = ["evaluate", "--model", "lenet5", "--dataset", "digits", "--eps", "0.1", *EVALUATE]
-    code, _, err = main_in_process([*args, "--checkpoint", str(plain), "--out", str(tmp_path / "o")], capsys)
+    done = run_cli([*args, "--checkpoint", str(plain), "--out", str(tmp_path / "o")], timeout=300)
+    code, err = done.returncode, done.stderr
     line = assert_one_error_line(code, err, "plain.pt", "refused")
     assert err.strip() == line, err
     assert not marker.exists()
