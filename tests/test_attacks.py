@@ -89,6 +89,56 @@ def test_every_attack_stays_in_ball_and_box_and_leaves_model_untouched(batch, na
     assert all(a is b is None or torch.equal(a, b) for a, b in zip(before[3], after[3], strict=True))
 
 
+@pytest.fixture(scope="module")
+def bn_model() -> nn.Module:
+    """A ResNet-18 (BatchNorm throughout) on 8x8 RGB images whose running statistics are already non-trivial."""
+    from robustlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 3, 8).train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 8, 8))
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attacks_leave_batchnorm_statistics_of_a_train_mode_model_exactly_as_found(bn_model, name):
+    """Every buffer (running_mean, running_var, num_batches_tracked) is bitwise the same after the attack.
+
+    Before, ``pgd(resnet18.train(), x, y, steps=3)`` moved ``num_batches_tracked`` 0 -> 3 and the running means.
+    """
+    model = bn_model.train()
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = dict(SMALL.get(name, {}))
+    if name in SEEDED:
+        kwargs["generator"] = torch.Generator().manual_seed(0)
+    make_attack(name, eps=0.03, **kwargs)(model, x, y)
+    after = model.state_dict()
+    assert all(m.training for m in model.modules())
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed
+    assert any("running_mean" in k for k in before)
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+@pytest.mark.parametrize("method", ["pgd", "fgsm", "kl"])
+def test_crafting_inside_training_leaves_batchnorm_statistics_alone(bn_model, bn_mode, method):
+    """``defense.attack_bn``: crafting sees running (eval) or batch (train) statistics, and updates neither."""
+    from robustlab.defenses.adversarial import AttackPlan, craft_adversarial
+
+    model = bn_model.train()
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = AttackPlan(method, 0.03, 3, 0.01)
+    craft_adversarial(model, x, y, plan, bn_mode=bn_mode, generator=torch.Generator().manual_seed(0))
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model(x)  # the loss's own forward pass in train mode still updates them, as training needs
+    key = "net.stem_bn.num_batches_tracked"
+    assert not torch.equal(before[key], model.state_dict()[key])
+
+
 @pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd_ce", "cw_l2", "fab_t", "square", "autoattack"])
 def test_bad_inputs_give_one_clear_error(batch, name):
     model, x, y = batch

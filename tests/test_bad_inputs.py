@@ -285,3 +285,132 @@ def test_decompression_bomb_and_truncated_images_in_a_folder_dataset(tmp_path, c
     png.write_bytes(png.read_bytes()[:40])
     code, _, err = main_in_process(["train", "--dataset", f"folder:{tmp_path}", "--out", str(tmp_path / "r")], capsys)
     assert_one_error_line(code, err, "cannot read image", "a.png")
+
+
+# --- hostile but fair inputs: data, config and usage ------------------------------------------
+def test_empty_validation_is_refused_before_anything_is_written(tmp_path, capsys):
+    """``data.val_size=0`` ended in ``torch.cat(): expected a non-empty list`` after config.yaml was written."""
+    out = tmp_path / "r"
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--set", "data.val_size=0", "--out", str(out)]
+    assert_one_error_line(*main_in_process(argv, capsys)[::2], "data.val_size")
+    assert not out.exists()
+
+
+def _npz(path: Path, **arrays) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = {
+        "x_train": rng.integers(0, 256, (24, 8, 8), dtype=np.uint8), "y_train": np.arange(24) % 3,
+        "x_test": rng.integers(0, 256, (6, 8, 8), dtype=np.uint8), "y_test": np.arange(6) % 3,
+    }
+    np.savez(path, **{**base, **arrays})
+    return path
+
+
+def _npz_cases():
+    import numpy as np
+
+    labels = np.arange(24) % 3
+    return {
+        "negative-label": ({"y_train": np.where(labels == 2, -1, labels)}, "label -1"),
+        "nan-labels": ({"y_train": np.where(labels == 2, np.nan, labels)}, "integer class labels"),
+        "float-labels": ({"y_train": labels + 0.7}, "integer class labels"),  # would be truncated to integers
+        "string-labels": ({"y_train": labels.astype(str)}, "integer class labels"),
+        "2d-labels": ({"y_train": labels[:, None]}, "vector of labels"),
+        "huge-label": ({"y_train": np.where(labels == 2, 2**40, labels)}, "labels must lie in [0, 100000)"),
+        "empty-test": ({"x_test": np.zeros((0, 8, 8), np.uint8), "y_test": np.zeros(0, np.int64)},
+                       "test split is empty"),
+        "test-size-differs": ({"x_test": np.zeros((6, 10, 10), np.uint8)}, "must match"),
+        "test-channels-differ": ({"x_train": np.zeros((24, 8, 8, 3), np.uint8)}, "must match"),
+        "tiny-images": ({"x_train": np.zeros((24, 1, 1), np.uint8), "x_test": np.zeros((6, 1, 1), np.uint8)},
+                        "cannot take the 1x1 images"),
+        "unseen-test-class": ({"y_test": np.arange(6) % 4}, "never occur in the training split"),
+        "count-mismatch": ({"y_test": np.arange(5) % 3}, "6 test images but 5 labels"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_npz_cases()))
+def test_npz_data_is_validated_before_training(tmp_path, capsys, case):
+    """Each of these was a traceback (or a silently wrong run) before any check; now one line, no run directory."""
+    arrays, message = _npz_cases()[case]
+    path = _npz(tmp_path / "d.npz", **arrays)
+    argv = ["train", "--dataset", f"npz:{path}", "--epochs", "1", "--no-progress", "--set", "data.val_size=4",
+            "--out", str(tmp_path / "r")]
+    started = time.perf_counter()
+    assert_one_error_line(*main_in_process(argv, capsys)[::2], message)
+    assert time.perf_counter() - started < 60  # the 2**40 label built (or hung on) a 2**40-output layer
+    assert not (tmp_path / "r").exists()
+
+
+def test_folder_dataset_classes_are_checked(tmp_path, capsys):
+    """A train class without images, or a val class that train lacks, was accepted (the latter dropped silently)."""
+    from PIL import Image
+
+    for split, cls in (("train", "cat"), ("val", "cat"), ("train", "dog"), ("val", "dog")):
+        (tmp_path / split / cls).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "a.png")
+    (tmp_path / "train" / "dog" / "a.png").unlink()
+    argv = ["train", "--dataset", f"folder:{tmp_path}", "--out", str(tmp_path / "r")]
+    assert_one_error_line(*main_in_process(argv, capsys)[::2], "class(es) ['dog'] hold no images")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "dog" / "a.png")
+    (tmp_path / "val" / "bird").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "bird" / "a.png")
+    assert_one_error_line(*main_in_process(argv, capsys)[::2], "val/ has class(es) ['bird'] that train/ lacks")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.epochs=true", "train.epochs: expected a number, got true"),
+     ("train.milestones=[2, -1]", "train.milestones.0"),
+     ("defense.name=pgd_at", "defense.steps: expected a number, got true")],
+    ids=["epochs-true", "milestones-out-of-range", "objective-param-true"],
+)
+def test_booleans_and_out_of_range_milestones_are_refused(override, message):
+    extra = ["defense.steps=true"] if override.startswith("defense") else []
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override, *extra])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["train", "--epochs", "abc"], ["experiment", "x.yaml", "--workers", "0"],
+     ["experiment", "x.yaml", "--workers", "-3"], ["train", "--epoch", "3"]],
+    ids=["epochs-abc", "workers-0", "workers-negative", "unknown-option"],
+)
+def test_usage_errors_are_one_line(argv, capsys):
+    """click printed ``Usage: ...`` / ``Try ...`` / ``Error: ...``; now one ``error:`` line with exit status 2."""
+    code, _, err = main_in_process(argv, capsys)
+    assert code == 2
+    assert_one_error_line(code, err, f"robustlab {argv[0]} --help")
+    assert "Usage:" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_config_path_that_is_not_a_regular_file_fails_at_once(tmp_path):
+    """``robustlab train /dev/zero`` read forever; a FIFO would block forever."""
+    import os
+
+    from tests.reliability_support import run_cli
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo)):
+        done = run_cli(["train", path], timeout=60)
+        assert done.returncode == 2
+        assert_one_error_line(done.returncode, done.stderr, "is not a regular file")
+
+
+def test_nan_logits_are_warned_about(lenet):
+    """A model with NaN weights returned "adversarial" images with no word of warning."""
+    broken = build_model("lenet5", 10, 1, 8).eval()
+    with torch.no_grad():
+        next(broken.parameters()).fill_(math.nan)
+    x, y = _batch()
+    for attack in (pgd, fgsm):
+        with pytest.warns(RuntimeWarning, match="NaN or infinite logits"):
+            attack(broken, x, y, eps=0.1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pgd(lenet, x, y, eps=0.1, steps=2)  # a finite model: no warning

@@ -109,7 +109,9 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
 
 # --- profiles and the paper configs ---------------------------------------------------------------
 def test_paper_profile_is_the_papers_hyperparameters(tmp_path):
-    plan = plan_experiment(load_experiment(tiny_experiment(eps=[])), tmp_path, profile="paper")
+    spec = tiny_experiment()
+    del spec["grid"]["eps"]  # the profile's eps applies
+    plan = plan_experiment(load_experiment(spec), tmp_path, profile="paper")
     train = plan.cells[0].config.train
     assert (train.optimizer, train.lr, train.batch_size, train.epochs) == ("sgd", 0.01, 128, 50)
     assert (train.momentum, train.weight_decay) == (0.9, 5e-4)
@@ -452,3 +454,44 @@ def test_worker_environments_split_threads_and_pin_one_gpu_per_worker(monkeypatc
     assert worker_environments(3, gpus=2, cpus=2)[0]["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_environments(2, gpus=2, cpus=4)] == ["4", "6"]
+
+
+# --- hostile experiment files and results directories ---------------------------------------------
+def test_an_explicitly_empty_axis_is_refused():
+    """``grid.defenses: []`` quietly ran ``standard`` (base's defence)."""
+    with pytest.raises(ConfigError, match=re.escape("grid.defenses: empty list")):
+        load_experiment(tiny_experiment(defenses=[]))
+
+
+@pytest.mark.parametrize("name", ["../../escaped_exp", "ABSOLUTE"], ids=["dotdot", "absolute"])
+def test_experiment_name_cannot_write_outside_results(tmp_path, capsys, monkeypatch, name):
+    """The name was joined unclean: ``../../escaped_exp`` wrote the whole tree two levels above ``results/``,
+    an absolute name wrote to that path. Now it is cleaned into one path component, like cell ids."""
+    from tests.reliability_support import main_in_process
+
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    name = str(tmp_path / "abs_escape") if name == "ABSOLUTE" else name
+    path = work / "exp.yaml"
+    path.write_text(yaml.safe_dump({**tiny_experiment(), "name": name}))
+    code, _, err = main_in_process(["experiment", str(path), "--no-report", "--no-isolate"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    (results,) = (work / "results").iterdir()
+    assert (results / "results.csv").exists()
+
+
+def test_damaged_cell_state_stops_the_grid_before_any_work(tmp_path, capsys):
+    """A cell's ``experiment.json`` holding ``[]`` was an AttributeError traceback."""
+    from tests.reliability_support import assert_one_error_line, main_in_process
+
+    out = tmp_path / "out"
+    run(tiny_experiment(), out)
+    (state,) = (out / "runs").glob("*/experiment.json")
+    state.write_text("[]")
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_experiment()))
+    code, _, err = main_in_process(["experiment", str(path), "--out", str(out), "--no-report"], capsys)
+    assert_one_error_line(code, err, str(state), "(top level)")
+    assert state.read_text() == "[]"

@@ -21,7 +21,14 @@ import pytest
 import yaml
 
 from robustlab.rundir import read_csv
-from tests.reliability_support import ROOT, assert_run_files_parse, subprocess_env
+from tests.reliability_support import (
+    ROOT,
+    TINY_TRAIN,
+    assert_one_error_line,
+    assert_run_files_parse,
+    main_in_process,
+    subprocess_env,
+)
 
 SEEDS = [0, 1, 2, 3]
 EXPERIMENT = {
@@ -171,3 +178,27 @@ def test_killed_experiment_resumes_without_redoing_finished_cells(tmp_path):
     cells = _check_results(results)
     assert not _work_done([rerun_out], "training"), rerun_out  # nothing left to train
     assert set(_work_done([victim_out, survivor_out], "training")) == set(cells)
+
+
+def test_two_trains_on_one_out_do_not_both_train(tmp_path, capsys):
+    """Both trained (and overwrote each other's checkpoints); now the second is refused at once, in one line.
+
+    Another process holds the run directory's lock, as a ``robustlab train`` in progress does.
+    """
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from robustlab.rundir import RunDir; "
+         "lock = RunDir(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env(), cwd=ROOT,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = main_in_process([*TINY_TRAIN, "--out", str(out)], capsys)
+        assert_one_error_line(code, err, str(out), "being trained by another process")
+        assert list(out.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    code, _, err = main_in_process([*TINY_TRAIN, "--out", str(out)], capsys)  # the kernel freed the lock
+    assert code == 0, err

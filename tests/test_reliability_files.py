@@ -258,3 +258,70 @@ def test_train_on_a_full_disk_then_resume(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert_run_files_parse(out)
     assert len(read_csv(out / "history.csv")) == 2
+
+
+# --- hostile JSON in a run directory -----------------------------------------------------------
+DEEP = "[" * 100_000
+HOSTILE_JSON = [
+    ("metadata.json", "[]", "evaluate", "(top level): Input should be a valid dictionary"),
+    ("metadata.json", "[]", "train", "(top level): Input should be a valid dictionary"),
+    ("metadata.json", DEEP, "evaluate", "nested deeper than 64 levels"),
+    ("metadata.json", DEEP, "train", "nested deeper than 64 levels"),
+    ("metadata.json", '{"status": ["finished"]}', "train", "status: Input should be a valid string"),
+    ("metrics.json", "[]", "evaluate", "(top level): Input should be a valid dictionary"),
+    ("metrics.json", '{"evaluations": "zzz"}', "evaluate", "evaluations: Input should be a valid dictionary"),
+    ("metrics.json", '{"evaluations": {"linf-0.1": "x"}}', "evaluate", "evaluations.linf-0.1: Input should be"),
+    ("metrics.json", '{"cost": {"train_seconds": "1"}}', "evaluate", "cost.train_seconds: Input should be"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "command", "message"), HOSTILE_JSON,
+                         ids=[f"{n}-{c[:12]}-{cmd}" for n, c, cmd, _ in HOSTILE_JSON])
+def test_hostile_json_in_a_run_directory_is_one_line_before_any_work(run, capsys, monkeypatch, name, content,
+                                                                      command, message):
+    """Each was a traceback (metrics.json ones *after* every attack had run, losing the work); now one line
+    naming the file and the field, before anything is attacked or trained."""
+    from robustlab import evaluation, training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the damaged file was noticed")
+
+    monkeypatch.setattr(evaluation, "evaluate_model", refuse)
+    monkeypatch.setattr(training.Trainer, "_fit", refuse)
+    (run / name).write_text(content)
+    before = _snapshot(run)
+    argv = [*TRAIN, "--out", str(run)] if command == "train" else ["evaluate", str(run), *EVALUATE]
+    code, _, err = main_in_process(argv, capsys)
+    assert_one_error_line(code, err, str(run / name), message)
+    assert _snapshot(run) == before
+
+
+def test_nan_weights_are_named(run, capsys):
+    """Before: ``error: confidence must hold per-sample correctness in [0, 1]`` (after a warning)."""
+    from safetensors.torch import save_file
+
+    weights = load_file(run / "model.safetensors")
+    key = next(k for k, v in weights.items() if v.is_floating_point() and k.endswith("weight"))
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, run / "model.safetensors")
+    code, _, err = main_in_process(["evaluate", str(run), *EVALUATE], capsys)
+    line = assert_one_error_line(code, err, "model.safetensors", "NaN or infinite values", key)
+    assert err.strip() == line, err  # no warning before it
+
+
+def test_refused_unpickling_prints_no_torch_warnings(tmp_path):
+    """A plain pickle (protocol 4) as a checkpoint: torch's two UserWarning lines came before the error line.
+
+    A real process: pytest would record the warnings instead of letting them reach stderr.
+    """
+    from tests.reliability_support import run_cli
+
+    marker = tmp_path / "pwned"
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps(Payload(marker), protocol=4))
+    args = ["evaluate", "--model", "lenet5", "--dataset", "digits", "--eps", "0.1", *EVALUATE]
+    done = run_cli([*args, "--checkpoint", str(plain), "--out", str(tmp_path / "o")], timeout=300)
+    code, err = done.returncode, done.stderr
+    line = assert_one_error_line(code, err, "plain.pt", "refused")
+    assert err.strip() == line, err
+    assert not marker.exists()

@@ -140,3 +140,24 @@ def test_a_run_that_never_finished_an_epoch_accepts_a_corrected_config(tmp_path,
     (out / "metadata.json").write_text(json.dumps({**json.loads((out / "metadata.json").read_text()), "status": "x"}))
     code, _, err = main_in_process([*TINY_TRAIN, "--lr", "0.02", "--out", str(out)], capsys)
     assert_one_error_line(code, err, "different config")
+
+
+def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path):
+    """SIGINT mid-run: the "rerun the same command to resume" hint, status 130, no traceback, files intact."""
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--batch-size", "32", "--epochs", "500", "--no-progress",
+            "--set", "data.val_size=50", "--set", "data.train_subset=64", "--set", "data.test_subset=50"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from robustlab.cli import main; main()", *args, "--out", str(out)],
+        env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while process.poll() is None and not (out / "history.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "rerun the same command to resume" in err and "Traceback" not in err, err
+    assert_run_files_parse(out)
+    assert 1 <= len(read_csv(out / "history.csv")) < 500
+    assert json.loads((out / "metadata.json").read_text())["status"] == "running"

@@ -196,3 +196,44 @@ def test_html_report_renders_in_headless_chromium(results_dir, tmp_path):
     assert result["errors"] == [], result["errors"]
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Failed to load resource" in line]
     assert console == [], console
+
+
+# --- hostile names and damaged files -------------------------------------------------------------
+def test_report_markdown_escapes_raw_html(tmp_path):
+    """An experiment named ``<script>alert(1)</script>`` and a defence labelled ``<img src=x onerror=...>``
+    appeared verbatim in report.md (report.html was already escaped)."""
+    out = tmp_path / "results"
+    spec = {
+        "name": "<script>alert(1)</script>",
+        "base": {"data": {"dataset": "digits", "val_size": 50, "train_subset": 128, "test_subset": 30},
+                 "train": {"epochs": 1, "batch_size": 64}, "threat": {"eps": 0.1}},
+        "grid": {"defenses": [{"name": "standard", "label": "<img src=x onerror=alert(4)>"}]},
+        "evaluation": {"attacks": ["fgsm"], "audit": False},
+    }
+    run_experiment(load_experiment(spec), out, log=lambda line: None, isolate=False)
+    markdown = write_report(out)["markdown"].read_text()
+    assert "<script" not in markdown and "<img" not in markdown
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in markdown and "&lt;img src=x onerror=alert(4)&gt;" in markdown
+    page = (out / "report.html").read_text()
+    assert "<script" not in page and "<img src=x" not in page
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "field"),
+    [("metrics.json", "[]", "(top level)"),
+     ("metrics.json", '{"evaluations": {"linf-0.1": "x"}}', "evaluations.linf-0.1"),
+     ("audit.json", '{"checks": "x"}', "checks")],
+)
+def test_report_on_a_damaged_cell_file_names_it(results_dir, tmp_path, name, content, field):
+    """Each was a traceback (AttributeError / TypeError) while building the report."""
+    copy = tmp_path / "results"
+    shutil.copytree(results_dir, copy)
+    target = next((copy / "runs").iterdir()) / name
+    target.write_text(content)
+    try:
+        write_report(copy)
+    except CheckpointError as error:
+        message = str(error)
+    else:  # the report is written, and says which file it could not use
+        message = (copy / "report.md").read_text()
+    assert f"corrupt {target}: {field}" in message

@@ -6,6 +6,7 @@ budget ``eps`` always means pixels. See README.md for examples and DESIGN notes.
 
 __version__ = "0.1.0"
 
+from robustlab import schemas  # noqa: E402  (the JSON files of run and results directories)
 from robustlab.attacks import ATTACKS, fgsm, make_attack, pgd  # noqa: E402
 from robustlab.audit import AuditReport, audit_model, audit_run  # noqa: E402
 from robustlab.config import RunConfig, load_config  # noqa: E402
@@ -42,5 +43,6 @@ __all__ = [
     "load_run",
     "make_attack",
     "pgd",
+    "schemas",
     "train",
 ]

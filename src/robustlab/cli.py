@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from robustlab.errors import RobustlabError
+
+try:  # typer >= 0.25 vendors click as typer._click; older versions use click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 
 
 def example(*commands: str) -> str:
@@ -222,25 +227,43 @@ def demo(
     console.print(f"runs written to {out}/")
 
 
+def _error(message: str, status: int) -> NoReturn:
+    err_console.print(f"error: {' '.join(message.split())}", markup=False, highlight=False)
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, turning user errors into one line and exit status 2."""
+    """Console entry point: run the app, turning user errors into one line and exit status 2.
+
+    Click runs outside its standalone mode, so a usage mistake (``--epochs abc``, ``--workers 0``) reaches
+    this function as an exception and is printed as one ``error:`` line too, instead of click's
+    three-line usage block. Ctrl-C exits with status 130 (typer's convention); ``robustlab train`` first
+    prints how to resume.
+    """
     from robustlab.commands import load_commands
 
     load_commands()
     try:
-        app(args=argv, prog_name="robustlab")
-    except SystemExit as done:
-        joined = sys.modules.get("robustlab.distributed")  # loaded only by a command that may have joined a group
-        if joined is not None and done.code in (0, None):
-            joined.leave()
-        raise
+        status = app(args=argv, prog_name="robustlab", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as shown:  # plain ``robustlab``: the help text, as always
+        shown.show()
+        sys.exit(shown.exit_code)
+    except click_errors.ClickException as usage:
+        context = getattr(usage, "ctx", None)
+        hint = f" (see: {context.command_path} --help)" if context is not None else ""
+        _error(usage.format_message() + hint, 2)
+    except typer.Abort:
+        _error("aborted", 1)
     except RobustlabError as error:
-        err_console.print(f"error: {error}", markup=False, highlight=False)
-        sys.exit(2)
+        _error(str(error), 2)
     except OSError as error:  # the environment, not the input: a full disk, a read-only or missing folder
         where = f": {error.filename}" if error.filename else ""
-        err_console.print(f"error: {error.strerror or error}{where}", markup=False, highlight=False)
-        sys.exit(1)
+        _error(f"{error.strerror or error}{where}", 1)
+    status = status if isinstance(status, int) else 0
+    joined = sys.modules.get("robustlab.distributed")  # loaded only by a command that may have joined a group
+    if joined is not None and status == 0:
+        joined.leave()
+    sys.exit(status)
 
 
 if __name__ == "__main__":

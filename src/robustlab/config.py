@@ -14,12 +14,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from robustlab.errors import ConfigError
 
 #: Seeds go to Python, NumPy (32-bit) and torch generators; larger ones would fail mid-run, so refuse them here.
 MAX_SEED = 2**32 - 1
+
+#: A config is a few kilobytes; a larger "config" is a mistake (a data file passed by accident).
+MAX_CONFIG_BYTES = 16 * 2**20
 
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
 
@@ -43,16 +55,30 @@ def parse_number(value: Any) -> Any:
 Rate = Annotated[float, BeforeValidator(parse_number), Field(gt=0.0, le=10.0)]
 
 
+def refuse_boolean(model: type[BaseModel], name: str | None, value: Any) -> Any:
+    """Refuse ``true``/``false`` for a field that is not boolean (pydantic would read ``epochs: true`` as 1)."""
+    field = model.model_fields.get(name or "")
+    annotation = str(field.annotation) if field is not None else ""
+    if isinstance(value, bool) and "bool" not in annotation and ("int" in annotation or "float" in annotation):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
 class Section(BaseModel):
-    """Base for config sections: unknown keys are errors, assignments are re-validated."""
+    """Base for config sections: unknown keys are errors, assignments are re-validated, booleans are not numbers."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_boolean(cls, info.field_name, value)
 
 
 class DataConfig(Section):
     dataset: str = "digits"
     data_dir: str | None = None
-    val_size: int = Field(default=1000, ge=0, description="validation images carved from the train split")
+    val_size: int = Field(default=1000, ge=1, description="validation images carved from the train split")
     split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
     augment: Literal["auto", "none", "flip", "crop", "crop_flip"] = "auto"
     train_subset: int | None = Field(default=None, ge=1, description="train on a seeded random N of the train images")
@@ -87,7 +113,9 @@ class TrainConfig(Section):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
     schedule: Literal["constant", "piecewise", "cosine", "onecycle"] = "cosine"
-    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="fractions of training")
+    milestones: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.5, 0.75], description="fractions of training, each in [0, 1]"
+    )
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
     select: Literal["last", "val_clean", "val_robust"] = "val_clean"
     val_attack_steps: int = Field(default=10, ge=1, le=1000)
@@ -214,6 +242,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with one-line errors for a missing, unreadable or malformed file."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_file():  # /dev/zero or a FIFO would be read forever
+            raise ConfigError(f"config file {path} is not a regular file")
+        if path.exists() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a config")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None

@@ -78,7 +78,7 @@ from robustlab.errors import CheckpointError, ConfigError, InputError, Robustlab
 from robustlab.memory import split_on_oom
 from robustlab.metrics import iterate
 from robustlab.progress import progress_bar, progress_line
-from robustlab.rundir import RunDir, atomic_write_bytes, load_foreign_checkpoint, read_json
+from robustlab.rundir import RunDir, atomic_write_bytes, load_foreign_checkpoint
 from robustlab.runs import load_run, select_device
 from robustlab.stats import bootstrap_ci, calibration_error
 from robustlab.validation import check_eps
@@ -541,8 +541,7 @@ def save_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str, 
     atomic_write_bytes(run.path / relative, buffer.getvalue())
     entry = result.to_dict()
     entry["samples"] = {**entry["samples"], "file": str(relative)}
-    existing = read_json(run.metrics) if run.metrics.exists() else {}
-    evaluations = dict(existing.get("evaluations") or {})
+    evaluations = dict(run.read_metrics().get("evaluations") or {})
     evaluations[result.key] = entry
     return run.update_metrics(evaluations=evaluations)
 
@@ -578,6 +577,9 @@ def evaluate_run(
     The training cost from ``metrics.json`` is copied into the result; with ``write`` the result is
     merged into ``metrics.json`` under ``evaluations[threat_key]`` and per-sample arrays are saved.
     """
+    run = RunDir(run_dir)
+    # damaged metrics.json / metadata.json are reported now, not after every attack has run
+    previous, finished = run.read_metrics(), run.is_finished()
     loaded = load_run(run_dir, select_device(device))
     norm = norm or loaded.config.threat.norm
     eps = loaded.config.threat.eps if eps is None else eps
@@ -586,13 +588,11 @@ def evaluate_run(
         batch_size=batch_size, seed=seed, n=n, eot_samples=eot_samples, random_passes=random_passes,
         n_boot=n_boot, progress=progress, attack_precision=attack_precision,
     )
-    run = RunDir(run_dir)
-    previous = read_json(run.metrics) if run.metrics.exists() else {}
     result.cost = previous.get("cost")
     result.model_info["weights_sha256"] = _sha256(run.weights)
     result.extra.update(run_config={"dataset": loaded.config.data.dataset, "model": loaded.config.model.name,
                                     "defense": loaded.config.defense.name, "seed": loaded.config.seed,
-                                    "finished": run.is_finished()})
+                                    "finished": finished})
     if write and distributed.from_environment().is_main:
         save_evaluation(result, run.path)
     return result
@@ -618,6 +618,8 @@ def evaluate_checkpoint(
     path = Path(checkpoint)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if out_dir is not None:  # a damaged metrics.json there is reported before the attacks, not after
+        RunDir(out_dir).read_metrics()
     from robustlab.models import build_model
 
     data = load_dataset(dataset, data_dir, val_size=1)
@@ -691,7 +693,7 @@ def summary_lines(result: EvaluationResult) -> list[str]:
 def read_evaluation(run_dir: str | Path, eps: float | None = None, norm: str | None = None) -> dict[str, Any]:
     """The ``metrics.json`` entry of one evaluation (default: at the run's own threat)."""
     run = RunDir(run_dir)
-    evaluations = (read_json(run.metrics) if run.metrics.exists() else {}).get("evaluations") or {}
+    evaluations = run.read_metrics().get("evaluations") or {}
     if eps is None or norm is None:
         threat = (run.read_config_dict().get("threat") or {}) if run.config.exists() else {}
         norm = norm or threat.get("norm", "linf")

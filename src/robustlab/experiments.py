@@ -56,11 +56,12 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from robustlab import schemas
 from robustlab.config import RunConfig, build_config, config_to_dict, deep_merge, parse_number, read_yaml
 from robustlab.data import DatasetSplits
-from robustlab.errors import CheckpointError, ConfigError, RobustlabError
+from robustlab.errors import ConfigError, RobustlabError
 from robustlab.rundir import RunDir, read_csv, read_json, write_csv, write_json
 from robustlab.runs import prepare_data
 
@@ -96,6 +97,14 @@ class GridAxes(_Strict):
     defenses: list[str | dict[str, Any]] = Field(default_factory=list)
     eps: list[float | str] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=list)
+
+    @field_validator("*")
+    @classmethod
+    def _not_empty(cls, values: list[Any]) -> list[Any]:
+        """An axis written as ``[]`` is a mistake (it would quietly run ``base``'s value); leave it out instead."""
+        if not values:
+            raise ValueError("empty list; list at least one value, or leave the key out to use base's value")
+        return values
 
 
 class EvaluationSettings(_Strict):
@@ -264,7 +273,8 @@ def load_experiment(path: str | Path | dict[str, Any]) -> ExperimentConfig:
 def _apply_profile(
     config: ExperimentConfig, name: str | None
 ) -> tuple[dict[str, Any], GridAxes, EvaluationSettings, list[tuple[str, CellRule]]]:
-    base, grid, evaluation = dict(config.base), config.grid.model_dump(), config.evaluation.model_dump()
+    base, grid = dict(config.base), config.grid.model_dump(exclude_unset=True)
+    evaluation = config.evaluation.model_dump()
     rules = [(f"where[{i}]", rule) for i, rule in enumerate(config.where)]
     if name is None:
         return base, config.grid, config.evaluation, rules
@@ -345,8 +355,14 @@ def select_cells(plan: ExperimentPlan, only: list[str] | None) -> list[Cell]:
     return selected
 
 
-def _slug(value: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9._]+", "_", str(value)).strip("_") or "x"
+def slug(value: Any, keep: str = "") -> str:
+    """``value`` as one safe path component: letters, digits, ``.``, ``_`` and ``keep`` (never ``/``, ``..``).
+
+    Cell ids (``keep=""``) and the default results directory (``keep="-"``) are built from names in the
+    experiment file; cleaning them keeps every write under the results directory whatever a name holds.
+    """
+    text = re.sub(rf"[^A-Za-z0-9._{re.escape(keep)}]+", "_", str(value)).strip("_")
+    return "x" if text in ("", ".", "..") else text
 
 
 def _defense_entry(entry: str | dict[str, Any], index: int) -> tuple[str, dict[str, Any]]:
@@ -437,7 +453,7 @@ def plan_experiment(
                 for eps in _axis(eps_values, defaults.threat.eps):
                     for seed in _axis(grid.seeds, defaults.seed):
                         cell_id = "-".join(
-                            _slug(v) for v in (dataset, model, label, f"eps{_eps_label(eps)}", f"s{seed}")
+                            slug(v) for v in (dataset, model, label, f"eps{_eps_label(eps)}", f"s{seed}")
                         )
                         raw = deep_merge(
                             base,
@@ -520,12 +536,8 @@ def load_cell_data(cells: list[Cell]) -> dict[str, DatasetSplits]:
 
 # --- running ------------------------------------------------------------------------------------
 def _read_state(cell: Cell) -> dict[str, Any]:
-    if not cell.state_path.exists():
-        return {}
-    try:
-        return read_json(cell.state_path)
-    except CheckpointError:
-        return {}
+    """The cell's ``experiment.json`` ({} when absent); a damaged one is a one-line CheckpointError."""
+    return read_json(cell.state_path, schemas.CellState) if cell.state_path.exists() else {}
 
 
 def _evaluation_kwargs(settings: EvaluationSettings, device: str) -> dict[str, Any]:
@@ -710,8 +722,8 @@ def _share_training(source: Cell, cell: Cell) -> None:
             if path.exists():
                 shutil.copy2(path, scratch / path.name)
         run.write_config(config_to_dict(cell.config))
-        write_json(run.metrics, {k: v for k, v in read_json(origin.metrics).items() if k != "evaluations"})
-        write_json(run.metadata, {**read_json(origin.metadata), "training_shared_with": source.id})
+        write_json(run.metrics, {k: v for k, v in origin.read_metrics().items() if k != "evaluations"})
+        write_json(run.metadata, {**origin.read_metadata(), "training_shared_with": source.id})
         scratch.rename(cell.run_dir)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -836,10 +848,10 @@ def worker_environments(workers: int, gpus: int | None = None, cpus: int | None 
 
 
 def _cell_done(cell: Cell, settings: EvaluationSettings) -> bool:
+    state = _read_state(cell)  # read first: a damaged file stops the grid before any work, not midway
     if not RunDir(cell.run_dir).is_finished():
         return False
     kwargs = _evaluation_kwargs(settings, cell.config.train.device)
-    state = _read_state(cell)
     signature = _signature(kwargs)
     audited = state.get("audited") or not settings.audit or _audit_function() is None
     return state.get("evaluation") == signature and bool(audited)
@@ -912,7 +924,7 @@ def cell_row(cell: Cell) -> dict[str, Any]:
     if row["status"] == "running":  # started, not finished: how far training got (a grid takes hours)
         row["epochs_done"] = len(read_csv(run.history)) if run.history.exists() else 0
         row["epochs"] = cell.config.train.epochs
-    metrics = read_json(run.metrics) if run.metrics.exists() else {}
+    metrics = run.read_metrics()
     entry = _evaluation_entry(cell)
     if entry is not None:
         row["test_n"] = entry["samples"]["n"]
@@ -929,11 +941,10 @@ def cell_row(cell: Cell) -> dict[str, Any]:
         row[key] = cost.get(key)
     row["selected_epoch"] = metrics.get("selected_epoch")
     if run.is_finished():
-        row["training_shared_with"] = read_json(run.metadata).get("training_shared_with")
+        row["training_shared_with"] = run.read_metadata().get("training_shared_with")
     audit_path = cell.run_dir / "audit.json"
     if audit_path.exists():
-        audit = read_json(audit_path)
-        row["audit_verdict"] = audit.get("verdict") if isinstance(audit, dict) else None
+        row["audit_verdict"] = read_json(audit_path, schemas.Audit).get("verdict")
     row["evaluation"] = entry
     return row
 

@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,12 +29,20 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from robustlab import schemas
 from robustlab.errors import CheckpointError, RobustlabError
+from robustlab.schemas import problem
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 
 def first_line(error: BaseException) -> str:
@@ -101,14 +110,49 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def read_json(path: str | Path) -> Any:
+#: Deepest nesting a file robustlab reads may have (its own files nest about 6 deep); deeper is damage,
+#: and would otherwise end in a RecursionError when read, validated or written back.
+MAX_JSON_DEPTH = 64
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests containers deeper than ``limit`` (iterative: no recursion to overflow)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
+def read_json(path: str | Path, schema: type[BaseModel] | None = None) -> Any:
+    """Read a JSON file; with ``schema`` (see :mod:`robustlab.schemas`) also check its content.
+
+    Every problem is a one-line :class:`CheckpointError` naming the file (and the field): a missing
+    file, invalid JSON, nesting deeper than :data:`MAX_JSON_DEPTH`, or content of the wrong shape.
+    The data is returned as read (a plain dict), so callers index it knowing the types hold.
+    """
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"missing file: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a directory, not a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"corrupt JSON in {path}: {error}") from None
+    except RecursionError:
+        raise CheckpointError(f"corrupt JSON in {path}: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise CheckpointError(f"corrupt JSON in {path}: nested deeper than {MAX_JSON_DEPTH} levels")
+    if schema is not None:
+        try:
+            schema.model_validate(data)
+        except ValidationError as error:
+            raise CheckpointError(f"corrupt {path}: {problem(error)}") from None
+    return data
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
@@ -161,11 +205,25 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
         raise CheckpointError(f"weights not found: {path}") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"corrupt or truncated weights file {path}: {error}") from None
+    check_finite(tensors, path)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
         first = str(error).splitlines()[0:2]
         raise CheckpointError(f"weights in {path} do not fit the model: {' '.join(first)}") from None
+
+
+def check_finite(tensors: dict[str, Any], path: str | Path) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run, or a damaged file), naming the tensors.
+
+    Such a model outputs NaN for every input; every accuracy and attack downstream would be nonsense.
+    """
+    bad = [k for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(f"weights in {path} hold NaN or infinite values ({bad[0]}{more}): "
+                              "the run diverged or the file is damaged")
 
 
 def load_foreign_checkpoint(path: str | Path, model: nn.Module) -> None:
@@ -175,7 +233,7 @@ def load_foreign_checkpoint(path: str | Path, model: nn.Module) -> None:
         load_weights(path, model)
         return
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_tensors_only(path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as error:  # torch raises many types for corrupt or unsafe files
@@ -184,11 +242,20 @@ def load_foreign_checkpoint(path: str | Path, model: nn.Module) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
+    check_finite(state, path)
     target = model.net if hasattr(model, "net") and not any(k.startswith("net.") for k in state) else model
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"weights in {path} do not fit the model: {first_line(error)}") from None
+
+
+def _load_tensors_only(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` without torch's UserWarnings (about the pickle protocol of a file
+    it then refuses): the one-line error that follows says all there is to say."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _torch_load_problem(error: BaseException) -> str:
@@ -206,9 +273,32 @@ def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
 
 def load_resume_state(path: str | Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _load_tensors_only(path)
     except Exception as error:
         raise CheckpointError(f"corrupt resume state {path}: {_torch_load_problem(error)}") from None
+
+
+class RunLock:
+    """An exclusive, non-blocking ``fcntl.flock`` on a directory; released by :meth:`close` or at exit."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(path, os.O_RDONLY)
+        if fcntl is None:  # no fcntl (Windows): nothing to lock with
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise RobustlabError(
+                f"{path} is being trained by another process (it holds the directory's lock); "
+                "wait for it to finish, or choose another --out"
+            ) from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
 
 
 class RunDir:
@@ -228,13 +318,35 @@ class RunDir:
     def exists(self) -> bool:
         return self.config.exists()
 
+    def lock(self) -> RunLock:
+        """Take this run directory's lock (creating the directory), or fail at once if another process holds it.
+
+        Two ``robustlab train`` commands on one ``--out`` would otherwise both train and overwrite each
+        other's checkpoints (an experiment's cells have their own locks for the same reason). The lock is
+        an ``fcntl`` lock on the directory itself: no lock file appears in the run or beside it, and the
+        kernel frees the lock when its holder dies.
+        """
+        return RunLock(self.path)
+
+    def clear(self) -> None:
+        """Delete everything in the directory (``--overwrite``) but the directory itself, which holds the lock."""
+        for child in self.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def read_metadata(self) -> dict[str, Any]:
+        """``metadata.json`` checked against :class:`robustlab.schemas.Metadata` ({} when absent)."""
+        return read_json(self.metadata, schemas.Metadata) if self.metadata.exists() else {}
+
+    def read_metrics(self) -> dict[str, Any]:
+        """``metrics.json`` checked against :class:`robustlab.schemas.Metrics` ({} when absent)."""
+        return read_json(self.metrics, schemas.Metrics) if self.metrics.exists() else {}
+
     def is_finished(self) -> bool:
-        if not self.metadata.exists():
-            return False
-        try:
-            return read_json(self.metadata).get("status") == "finished"
-        except CheckpointError:
-            return False
+        """Whether ``metadata.json`` says finished; a damaged one is an error, not "unfinished"."""
+        return self.read_metadata().get("status") == "finished"
 
     def write_config(self, config_dict: dict[str, Any]) -> None:
         atomic_write_text(self.config, yaml.safe_dump(config_dict, sort_keys=False))
@@ -258,13 +370,13 @@ class RunDir:
         return data
 
     def update_metadata(self, **fields: Any) -> dict[str, Any]:
-        data = read_json(self.metadata) if self.metadata.exists() else {}
+        data = self.read_metadata()
         data.update(fields)
         write_json(self.metadata, data)
         return data
 
     def update_metrics(self, **fields: Any) -> dict[str, Any]:
-        data = read_json(self.metrics) if self.metrics.exists() else {}
+        data = self.read_metrics()
         data.update(fields)
         write_json(self.metrics, data)
         return data

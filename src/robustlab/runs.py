@@ -53,15 +53,31 @@ def prepare_data(config: RunConfig) -> DatasetSplits:
 
 
 def prepare_model(config: RunConfig, data: DatasetSplits) -> nn.Module:
-    """The run's model; wrapped in ``Defended(model, transform)`` when its defence uses an input transform."""
+    """The run's model; wrapped in ``Defended(model, transform)`` when its defence uses an input transform.
+
+    One forward pass of one blank image checks that the model takes the data's images: LeNet-5 pools
+    3x3 images down to nothing, which would otherwise be a RuntimeError traceback (at build time or in
+    the first batch) instead of one line.
+    """
     from robustlab.defenses import Defended, build_input_transform
 
     m = config.model
-    model = build_model(
-        m.name, data.num_classes, data.channels, data.image_size, data.mean, data.std, depth=m.depth, width=m.width
-    )
-    transform = build_input_transform(config.defense.name, config.defense.params, data.channels)
-    return model if transform is None else Defended(model, transform)
+    shape = tuple(data.train.images.shape[1:])
+    try:
+        model = build_model(
+            m.name, data.num_classes, data.channels, data.image_size, data.mean, data.std, depth=m.depth,
+            width=m.width,
+        )
+        transform = build_input_transform(config.defense.name, config.defense.params, data.channels)
+        model = model if transform is None else Defended(model, transform)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    except RuntimeError as error:
+        raise ConfigError(
+            f"model '{m.name}' cannot take the {shape[1]}x{shape[2]} images of '{data.name}' "
+            f"({str(error).splitlines()[0][:120]}); use larger images or another model"
+        ) from None
+    return model.train()
 
 
 @dataclass

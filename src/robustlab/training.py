@@ -158,8 +158,8 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
     if run.path.exists() and any(run.path.iterdir()) and not run.exists():
         raise RobustlabError(f"{run.path} exists and is not a robustlab run; choose another --out")
     if run.exists():
-        if overwrite:
-            shutil.rmtree(run.path)
+        if overwrite:  # empty it, keep the directory: its lock (held by this process) stays valid
+            run.clear()
         elif run.is_finished():
             raise RobustlabError(f"{run.path} holds a finished run; pass --overwrite to replace it")
         else:
@@ -279,6 +279,8 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         seed_everything(config.seed, config.train.deterministic)
         self.data = data if data is not None else prepare_data(config)
+        if len(self.data.val) == 0:  # validation selects the checkpoint (and sets the hybrid's alpha)
+            raise ConfigError("data.val_size: training needs at least 1 validation image")
         if self.dist.world_size > min(config.train.batch_size, len(self.data.train)):
             raise ConfigError(
                 f"train.batch_size: {config.train.batch_size} cannot be split across {self.dist.world_size} processes"
@@ -286,9 +288,16 @@ class Trainer:
         self.model = prepare_model(config, self.data).to(self.device)
         if self.dist.enabled:
             distributed.broadcast_state(self.model)
+        # one process trains a run directory at a time (as the cells of an experiment); under torchrun rank 0
+        # owns it. Held until fit() returns.
+        self.lock = self.run.lock() if self.dist.is_main else None
         # only now, with data and model in hand: a config that cannot load leaves no empty run directory
         # behind, and --overwrite never deletes a run for one that cannot train
-        self.resuming = self._prepare_run_dir(overwrite)
+        try:
+            self.resuming = self._prepare_run_dir(overwrite)
+        except BaseException:
+            self._unlock()
+            raise
         if config.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if config.train.compile:  # in place: the state dict keeps its keys, isinstance checks still hold
@@ -417,6 +426,13 @@ class Trainer:
             print(f"\ninterrupted: {self.run.path} keeps every finished epoch; rerun the same command to resume",
                   file=sys.stderr)
             raise
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def _fit(self) -> TrainResult:
         config, run = self.config, self.run

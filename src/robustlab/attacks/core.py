@@ -3,13 +3,15 @@
 ``pgd`` is the one iterative first-order loop in the library (Madry et al. 2018). FGSM (Goodfellow et
 al. 2015) is PGD with one full step and no random start; MI-FGSM (Dong et al. 2018) is PGD with
 ``momentum``; CW-Linf is PGD on the CW margin; the BPDA/EOT wrappers only change the model it sees.
-Attacks are pure: the model's train/eval mode, its parameters and their requires_grad flags are
-restored exactly, and every output satisfies ``||x_adv - x||_p <= eps`` and ``0 <= x_adv <= 1``.
+Attacks are pure: the model's train/eval mode, its parameters, their requires_grad flags and its
+buffers (BatchNorm running statistics) are restored exactly, and every output satisfies
+``||x_adv - x||_p <= eps`` and ``0 <= x_adv <= 1``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -25,10 +27,15 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 
 @contextlib.contextmanager
 def frozen(model: Model) -> Iterator[None]:
-    """Turn off parameter gradients for the attack, then restore every flag and the train/eval mode.
+    """Turn off parameter gradients for the attack, then restore every flag, the train/eval mode and buffers.
 
     The model is *not* switched to eval mode: the caller decides (evaluation runs in eval mode; a
-    training objective may attack in either). Parameter tensors are never written.
+    training objective may attack in either). Parameter tensors are never written. Buffers are
+    restored exactly: a module in train mode updates its buffers on every forward pass (BatchNorm's
+    ``running_mean``, ``running_var`` and ``num_batches_tracked``), and an attack's forward passes must
+    not leave a trace there. Attacking a train-mode model therefore uses each batch's statistics, as
+    training does, while the running statistics end as they were ("restore exactly"). Only modules in
+    train mode are snapshotted: in eval mode torch's modules never write their buffers.
     """
     if not isinstance(model, nn.Module):
         yield
@@ -36,6 +43,7 @@ def frozen(model: Model) -> Iterator[None]:
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     modes = [m.training for m in model.modules()]
+    saved = [(b, b.detach().clone()) for m in model.modules() if m.training for b in m.buffers(recurse=False)]
     try:
         for p in params:
             p.requires_grad_(False)
@@ -45,6 +53,9 @@ def frozen(model: Model) -> Iterator[None]:
             p.requires_grad_(flag)
         for m, mode in zip(model.modules(), modes, strict=True):
             m.training = mode
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def input_gradient(
@@ -62,7 +73,8 @@ def input_gradient(
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
-        check_classes(logits.shape[1], *check_labels)
+        if check_labels:
+            check_logits(logits, *check_labels)
         loss = loss_fn(logits, labels)
         (grad,) = torch.autograd.grad(loss.sum(), x)
     return grad.detach(), loss.detach(), logits.detach()
@@ -97,6 +109,23 @@ def check_classes(num_classes: int, *labels: torch.Tensor | None) -> None:
             raise InputError(f"labels must be < {num_classes} (the model's classes), found {int(t.max())}")
 
 
+def check_logits(logits: torch.Tensor, *labels: torch.Tensor | None) -> None:
+    """Check labels against the model's classes, and warn when the model's outputs are not finite.
+
+    A model with NaN weights (a diverged run) returns NaN logits; their gradients are NaN and an attack
+    would hand back images that are not adversarial examples at all, without a word. Called once per
+    attack (on its first forward pass), never per iteration.
+    """
+    check_classes(logits.shape[1], *labels)
+    if not bool(torch.isfinite(logits).all()):
+        warnings.warn(
+            "the model returned NaN or infinite logits; gradients through them are meaningless, so the "
+            "attack's output is not an adversarial example (check the model's weights)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def check_attack_inputs(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> None:
     """Validate an attack call once, with one clear :class:`~robustlab.errors.InputError` per mistake.
 
@@ -108,8 +137,8 @@ def check_attack_inputs(model: Model, x: torch.Tensor, y: torch.Tensor, eps: flo
     with frozen(model), torch.no_grad():
         if isinstance(model, nn.Module):
             model.eval()
-        num_classes = model(x[:1]).shape[1]
-    check_classes(num_classes, y)
+        logits = model(x[:1])
+    check_logits(logits, y)
 
 
 def project(delta: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:

@@ -50,10 +50,10 @@ def experiment(
     OUT/results.csv and the report to OUT/report.md and OUT/report.html.
     """
     from robustlab.errors import RobustlabError
-    from robustlab.experiments import load_experiment, plan_experiment, run_experiment, select_cells
+    from robustlab.experiments import load_experiment, plan_experiment, run_experiment, select_cells, slug
 
     spec = load_experiment(config)
-    out = out or Path("results") / (spec.name + (f"-{profile}" if profile else ""))
+    out = out or Path("results") / slug(spec.name + (f"-{profile}" if profile else ""), keep="-")
     overrides = list(set_ or [])
     if workers > 1:
         plan = plan_experiment(spec, out, profile=profile, data_dir=data_dir, overrides=overrides)

@@ -18,6 +18,7 @@ import torch
 from robustlab.data.loader import TensorLoader
 from robustlab.data.sources import (
     RawDataset,
+    check_raw,
     default_data_dir,
     load_cifar10,
     load_digits,
@@ -137,9 +138,10 @@ def load_dataset(
     validate_dataset_name(name)
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
     raw = _raw(name, root)
-    if raw.x_train.shape[0] != raw.y_train.shape[0] or raw.x_test.shape[0] != raw.y_test.shape[0]:
-        raise DataError(f"dataset '{name}': image and label counts differ")
+    check_raw(raw, name)
     n_train = raw.x_train.shape[0]
+    if val_size < 0:
+        raise DataError(f"data.val_size={val_size} must be >= 0")
     if val_size >= n_train:
         raise DataError(f"data.val_size={val_size} must be smaller than the {n_train} training images")
     # Splits keep the seeded random order (not the source order), so any prefix - a train or test subset,

@@ -21,6 +21,9 @@ import torch
 from robustlab.errors import DataError
 
 DATA_ENV = "ROBUSTLAB_DATA"
+#: Labels are class indices below this bound: a model has one output per class, so a stray label of
+#: 2**40 would otherwise ask for a layer with that many outputs (MemoryError, or a hang).
+MAX_CLASSES = 100_000
 DOWNLOAD_TIMEOUT_ENV = "ROBUSTLAB_DOWNLOAD_TIMEOUT"
 
 
@@ -106,13 +109,13 @@ def _torchvision_split(cls: type, root: Path, train: bool, name: str, download: 
         socket.setdefaulttimeout(previous)
 
 
-def _as_nchw(array: np.ndarray) -> torch.Tensor:
+def _as_nchw(array: np.ndarray, name: str = "images") -> torch.Tensor:
     if array.ndim == 3:
         array = array[:, None]
     elif array.ndim == 4:
         array = array.transpose(0, 3, 1, 2)
     else:
-        raise DataError(f"images must be (N, H, W) or (N, H, W, C), got shape {array.shape}")
+        raise DataError(f"{name} must be (N, H, W) or (N, H, W, C), got shape {array.shape}")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -149,6 +152,8 @@ def _read_image_folder(folder: Path, classes: list[str], size: int | None) -> tu
 
     images, labels = [], []
     for label, cls in enumerate(classes):
+        if not (folder / cls).is_dir():  # a class the test split does not have
+            continue
         for path in sorted((folder / cls).iterdir()):
             if not path.is_file():
                 continue
@@ -179,7 +184,13 @@ def load_image_folder(path: Path, size: int | None = None, name: str | None = No
             "pass --data-dir to the folder that holds it"
         )
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    unknown = sorted({d.name for d in test_dir.iterdir() if d.is_dir()} - set(classes))
+    if unknown:  # its images would be dropped silently, and the test set would shrink unnoticed
+        raise DataError(f"dataset '{name}': {test_dir.name}/ has class(es) {unknown[:5]} that train/ lacks")
     x_train, y_train = _read_image_folder(train_dir, classes, size)
+    empty = [cls for index, cls in enumerate(classes) if not (y_train == index).any()]
+    if empty:
+        raise DataError(f"dataset '{name}': train/ class(es) {empty[:5]} hold no images")
     x_test, y_test = _read_image_folder(test_dir, classes, x_train.shape[1])
     names = _class_descriptions(path, classes)
     return RawDataset(_as_nchw(x_train), torch.from_numpy(y_train), _as_nchw(x_test), torch.from_numpy(y_test), names)
@@ -219,9 +230,43 @@ def load_npz(path: Path) -> RawDataset:
     for key in ("x_train", "x_test"):
         if arrays[key].dtype != np.uint8:
             raise DataError(f"{path}: {key} must be uint8 pixels in [0, 255], got {arrays[key].dtype}")
+    for key in ("y_train", "y_test"):
+        labels = arrays[key]
+        if labels.dtype.kind not in "iu":  # float labels would be truncated, strings and booleans are not classes
+            raise DataError(f"{path}: {key} must hold integer class labels, got dtype {labels.dtype}")
+        if labels.ndim != 1:
+            raise DataError(f"{path}: {key} must be a vector of labels (N,), got shape {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= MAX_CLASSES):
+            bad = labels.min() if labels.min() < 0 else labels.max()
+            raise DataError(f"{path}: {key} holds label {bad}; labels must lie in [0, {MAX_CLASSES})")
     return RawDataset(
-        _as_nchw(arrays["x_train"]),
+        _as_nchw(arrays["x_train"], f"{path}: x_train"),
         torch.from_numpy(arrays["y_train"].astype(np.int64)),
-        _as_nchw(arrays["x_test"]),
+        _as_nchw(arrays["x_test"], f"{path}: x_test"),
         torch.from_numpy(arrays["y_test"].astype(np.int64)),
     )
+
+
+def check_raw(raw: RawDataset, name: str) -> None:
+    """Refuse a dataset whose splits cannot train and test one model, before anything is built or written.
+
+    Counts of images and labels agree, neither split is empty, test images have the train images'
+    channels and size (1 or 3 channels), labels are classes in ``[0, MAX_CLASSES)`` and every test
+    label is a class the training split has. (Whether the images are large enough depends on the
+    model: :func:`robustlab.runs.prepare_model` checks that.)
+    """
+    for split, x, y in (("train", raw.x_train, raw.y_train), ("test", raw.x_test, raw.y_test)):
+        if x.shape[0] != y.shape[0]:
+            raise DataError(f"dataset '{name}': {x.shape[0]} {split} images but {y.shape[0]} labels")
+        if x.shape[0] == 0:
+            raise DataError(f"dataset '{name}': the {split} split is empty")
+        if y.min() < 0 or y.max() >= MAX_CLASSES:
+            raise DataError(f"dataset '{name}': {split} labels must lie in [0, {MAX_CLASSES})")
+    if raw.x_test.shape[1:] != raw.x_train.shape[1:]:
+        train, test = (tuple(t.shape[1:]) for t in (raw.x_train, raw.x_test))
+        raise DataError(f"dataset '{name}': test images are (C, H, W) = {test}, train images {train}; they must match")
+    if raw.x_train.shape[1] not in (1, 3):
+        raise DataError(f"dataset '{name}': images must have 1 or 3 channels, got {raw.x_train.shape[1]}")
+    unseen = sorted(set(raw.y_test.unique().tolist()) - set(raw.y_train.unique().tolist()))
+    if unseen:
+        raise DataError(f"dataset '{name}': test label(s) {unseen[:5]} never occur in the training split")

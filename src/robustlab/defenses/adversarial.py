@@ -6,9 +6,12 @@ ascent and projection helpers for the TRADES KL inner maximisation). The budget 
 model (``state.eps``, ``state.norm``).
 
 Batch-norm mode while crafting (``attack_bn``): ``"eval"`` by default, i.e. the attack sees the same
-network that is evaluated and the adversarial batch never updates the running statistics (as in the
-TRADES and MART reference code); ``"train"`` attacks the train-mode network instead (Rice et al. 2020).
-The mode and every ``requires_grad`` flag are restored after crafting; the loss itself is always
+network that is evaluated, normalised by the running statistics (as in the TRADES and MART reference
+code); ``"train"`` attacks the train-mode network instead (Rice et al. 2020), normalised by each
+batch's own statistics. In both modes crafting leaves the running statistics exactly as it found them
+(the attack core restores every buffer, see :func:`robustlab.attacks.core.frozen`): they are updated
+only by the loss's forward passes, once per batch, never by the k forward passes of the attack. The
+mode and every ``requires_grad`` flag are restored after crafting too; the loss itself is always
 computed in the mode the training loop set (train).
 
 AWP (Wu et al. 2020, "Adversarial Weight Perturbation Helps Robust Generalization"): with

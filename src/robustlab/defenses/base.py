@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from torch import nn
 
 from robustlab.defenses.preprocessing import InputTransform, build_transform, validate_transform
@@ -38,6 +38,13 @@ class ObjectiveParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     preprocess: dict[str, Any] | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        from robustlab.config import refuse_boolean
+
+        return refuse_boolean(cls, info.field_name, value)
 
     @field_validator("preprocess")
     @classmethod

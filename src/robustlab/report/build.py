@@ -526,24 +526,35 @@ def build_document(results_dir: str | Path) -> Document:
 
 
 # --- rendering ------------------------------------------------------------------------------------
+def _md(text: str) -> str:
+    """Text for markdown: raw HTML escaped, since viewers that render HTML in markdown would run it.
+
+    Names and labels come from the experiment file (an experiment called ``<script>...</script>``);
+    ``&lt;`` displays as ``<`` in every viewer.
+    """
+    return html.escape(text, quote=False)
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return _md(text).replace("|", "\\|").replace("\n", " ")
 
 
 def render_markdown(doc: Document, figure_dir: str = "figures") -> str:
-    lines = [f"# {doc.title}", ""]
+    lines = [f"# {_md(doc.title)}", ""]
     for block in doc.blocks:
         if isinstance(block, Heading):
-            lines += ["#" * block.level + " " + block.text, ""]
+            lines += ["#" * block.level + " " + _md(block.text), ""]
         elif isinstance(block, Paragraph):
-            lines += [block.text, ""]
+            lines += [_md(block.text), ""]
         elif isinstance(block, Table):
             lines.append("| " + " | ".join(map(_md_cell, block.header)) + " |")
             lines.append("|" + "---|" * len(block.header))
             lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows]
-            lines += ["", *([f"_{block.caption}_", ""] if block.caption else [])]
+            lines += ["", *([f"_{_md(block.caption)}_", ""] if block.caption else [])]
         elif isinstance(block, Figure):
-            lines += [f"![{block.caption}]({figure_dir}/{block.name}.png)", "", f"_{block.caption}_", ""]
+            caption = _md(block.caption)
+            alt = caption.replace("[", "\\[").replace("]", "\\]")
+            lines += [f"![{alt}]({figure_dir}/{block.name}.png)", "", f"_{caption}_", ""]
     return "\n".join(lines)
 
 

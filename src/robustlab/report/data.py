@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from robustlab import schemas
 from robustlab.errors import CheckpointError
 from robustlab.rundir import RunDir, read_csv, read_json
 
@@ -54,10 +55,9 @@ def load_results(results_dir: str | Path) -> Results:
         raise CheckpointError(
             f"{path} has no results.json; run robustlab experiment CONFIG --out {path} first"
         )
-    summary = read_json(summary_path)
-    if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list):
-        raise CheckpointError(f"corrupt results.json in {path}: expected a mapping with 'rows'")
-    settings = read_json(path / "experiment.json") if (path / "experiment.json").exists() else {}
+    summary = read_json(summary_path, schemas.Results)
+    record = path / "experiment.json"
+    settings = read_json(record, schemas.ExperimentRecord) if record.exists() else {}
     for row in summary["rows"]:
         if row.get("status") in ("pending", "running"):
             _refresh_progress(path / str(row.get("run_dir")), row)
@@ -179,11 +179,7 @@ def audit_sweep(results: Results, row: dict[str, Any]) -> tuple[list[float], lis
     path = results.path / row["run_dir"] / "audit.json"
     if not path.exists():
         return None
-    try:
-        audit = read_json(path)
-    except CheckpointError:
-        return None
-    for check in audit.get("checks", []) if isinstance(audit, dict) else []:
+    for check in read_json(path, schemas.Audit).get("checks", []):
         evidence = check.get("evidence") or {}
         if check.get("name") == "accuracy_vs_eps" and evidence.get("eps") and evidence.get("accuracy"):
             return (
