@@ -100,7 +100,10 @@ def train(
 def evaluate(
     run_dir: Annotated[Path | None, typer.Argument(help="a run directory written by robustlab train")] = None,
     attacks: Annotated[str | None, typer.Option(help="attack specs, default fgsm,pgd-20,cw_linf")] = None,
-    suite: Annotated[str | None, typer.Option(help="standard: add AutoAttack; rand: its EOT version")] = None,
+    suite: Annotated[str, typer.Option(
+        help="standard (default): the other attacks + AutoAttack (its rand version for a random defence); "
+        "rand: AutoAttack's EOT version; quick: the other attacks only (an upper bound, not a robustness claim)"
+    )] = "standard",
     eps: Annotated[str | None, typer.Option(help="pixel budget(s): 0.3 or 8/255,16/255 (default: run's)")] = None,
     norm: Annotated[str | None, typer.Option(help="linf or l2 (default: the run's)")] = None,
     n: Annotated[int | None, typer.Option("--n", "--samples", help="evaluate N test samples (a fixed-seed random "
@@ -120,7 +123,9 @@ def evaluate(
 ) -> None:
     """Clean, per-attack and worst-case robust accuracy with 95% CIs; writes metrics.json.
 
-    Preprocessing defences are attacked adaptively (BPDA/EOT) automatically.
+    By default AutoAttack runs beside the other attacks and the worst case is AutoAttack-grade; an
+    interrupted AutoAttack resumes after its last finished stage. Preprocessing defences are attacked
+    adaptively (BPDA/EOT) automatically.
     """
     from robustlab.config import parse_number
     from robustlab.distributed import from_environment
