@@ -58,6 +58,7 @@ import hashlib
 import inspect
 import io
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -462,8 +463,9 @@ def evaluate_model(
             (label, *_attack_record(label, spec, eps, norm, info["adaptive"], info["random"])) for label, spec in plan
         ]
         mine = distributed.my_batches(math.ceil(len(split) / batch_size), group)
+        # on a terminal: a bar with an ETA; in a log file, AutoAttack's one line per stage says how far it is
         bar = tqdm(total=len(mine) * (1 + len(built)), desc="evaluate", unit="batch",
-                   disable=not (progress and group.is_main), leave=False)
+                   disable=not (progress and group.is_main and sys.stderr.isatty()), leave=False)
         rng_devices = [device] if device.type == "cuda" else []
         columns: dict[str, dict[int, tuple[np.ndarray, ...]]] = {}
         seconds: dict[str, float] = {}
