@@ -31,7 +31,7 @@ def tiny_experiment(**grid) -> dict:
             "threat": {"eps": 0.1},
         },
         "grid": {"defenses": ["standard"], "eps": [0.1], "seeds": [0], **grid},
-        "evaluation": {"attacks": ["fgsm", "pgd-3"], "audit": False},
+        "evaluation": {"attacks": ["fgsm", "pgd-3"], "suite": "quick", "audit": False},
     }
 
 
