@@ -135,16 +135,35 @@ def run_autoattack(
             x_adv[batch] = x.cpu()
     done = len(masks) - 1
     total = sum(len(m) for m in masks["clean"].values())
-    show_bar = progress and sys.stderr.isatty()
     if progress and done:
         tqdm.write(f"{label}: resuming after stage {done}/{len(stages)} ({stages[done - 1][0]}) from {state_path}",
                    file=sys.stderr)
+    try:
+        _run_stages(stages, done, masks, seconds, x_adv, batches, grad_model, attacked, device, eps=eps, norm=norm,
+                    seed=seed, stream=stream, label=label, tag=tag, state_path=state_path, progress=progress,
+                    total=total, n_batches=len(mine))
+    except KeyboardInterrupt:
+        if state_path is not None and state_path.exists():
+            print(f"\ninterrupted: {label}'s finished stages are kept in {state_path}; rerun the same command to "
+                  "resume", file=sys.stderr)
+        raise
+    return StagedResult(x_adv, masks, seconds, done)
+
+
+def _run_stages(
+    stages: list, done: int, masks: dict[str, dict[int, np.ndarray]], seconds: dict[str, float],
+    x_adv: dict[int, torch.Tensor], batches: Callable[[], Any], grad_model: nn.Module, attacked: nn.Module,
+    device: torch.device, *, eps: float, norm: str, seed: int, stream: int, label: str, tag: str,
+    state_path: Path | None, progress: bool, total: int, n_batches: int,
+) -> None:
+    """Stages ``done`` onwards over every batch, saving the state after each; updates the mappings in place."""
+    show_bar = progress and sys.stderr.isatty()
     for k, stage in enumerate(stages[done:], start=done):
         name = stage[0]
         previous = masks[stages[k - 1][0]] if k else masks["clean"]
         masks[name] = {}
         tic = time.perf_counter()
-        bar = tqdm(total=len(mine), desc=f"{label} {k + 1}/{len(stages)} {name}", unit="batch",
+        bar = tqdm(total=n_batches, desc=f"{label} {k + 1}/{len(stages)} {name}", unit="batch",
                    disable=not show_bar, leave=False)
         for batch, (x, y) in batches():
             torch.manual_seed(batch_seed(seed, stream, batch, k + 1))
@@ -161,7 +180,6 @@ def run_autoattack(
             left = sum(int(m.sum()) for m in masks[name].values())
             tqdm.write(f"{label} stage {k + 1}/{len(stages)} {name}: {left} of {total} still robust "
                        f"({100 * left / max(total, 1):.2f}%), {seconds[name]:.1f} s", file=sys.stderr)
-    return StagedResult(x_adv, masks, seconds, done)
 
 
 def _save(path: Path, tag: str, masks: dict[str, dict[int, np.ndarray]], seconds: dict[str, float],
