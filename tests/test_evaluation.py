@@ -353,3 +353,23 @@ def test_evidence_line_names_the_strongest_attack_and_bpda(trained_digits):
     best = max(counts, key=counts.__getitem__)
     assert line.startswith(f"strongest evidence: {best} broke {counts[best]} of {int(clean.sum())}")
     assert "BPDA" in line
+
+
+def test_autoattack_stage_by_stage_agrees_with_autoattack_on_each_batch(trained_digits):
+    """The evaluation's stage-by-stage AutoAttack draws its random numbers per (batch, stage), not in one
+    stream per batch as ``autoattack`` does: the verdicts may differ by seed noise, never systematically."""
+    from robustlab.attacks import autoattack
+    from robustlab.stats import mcnemar
+
+    model, test = trained_digits.model, trained_digits.data.test
+    label = "autoattack(queries=20,steps=3)"
+    staged = _small_autoattack(model, test, seed=3).attacks[label].correct[0]
+    split, _ = subset(test, 60)
+    x, y = split.float_images(), split.labels
+    direct = torch.cat([
+        autoattack(model, x[i:i + 20], y[i:i + 20], eps=0.1, steps=3, queries=20,
+                   generator=torch.Generator().manual_seed(i)).robust
+        for i in range(0, 60, 20)
+    ]).numpy()
+    test_result = mcnemar(staged, direct)
+    assert test_result.b + test_result.c <= 6 and test_result.p_value > 0.05, test_result
