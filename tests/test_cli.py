@@ -78,3 +78,4 @@ def test_demo_prints_a_table(tmp_path):
     done = run_cli("demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--no-progress")
     assert done.returncode == 0, done.stderr
     assert "clean" in done.stdout and "PGD-20" in done.stdout and "standard" in done.stdout
+    assert "upper bounds on robustness, not robustness claims" in done.stdout

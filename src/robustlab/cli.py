@@ -190,6 +190,9 @@ def demo(
         table.add_row(row["defense"], _percent(row["clean"]), _percent(row["fgsm"]), _percent(row["pgd-20"]),
                       f"{row['seconds']:.1f}")
     console.print(table)
+    console.print("FGSM and PGD-20 accuracies are upper bounds on robustness, not robustness claims (no AutoAttack); "
+                  f"robustlab evaluate {out}/pgd_at (for example) gives an AutoAttack-grade number",
+                  markup=False, highlight=False)
     console.print(f"runs written to {out}/")
 
 
