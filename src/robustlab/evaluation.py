@@ -1,4 +1,9 @@
-"""Honest, complete metrics of one model (DESIGN.md "Evaluation protocol"; issue 5).
+"""Honest, complete metrics of one model (DESIGN.md "Evaluation protocol").
+
+By default (``suite="standard"``) AutoAttack runs beside the attacks asked for, so the worst case is
+AutoAttack-grade; ``suite="quick"`` runs only the attacks asked for and the result's ``strength`` is
+``upper-bound``, which every printed line and report repeats in words. AutoAttack runs stage by stage
+over the batches with a per-stage record and a resumable state file (:mod:`robustlab.stages`).
 
 :func:`evaluate_model` measures, on the same test samples: clean accuracy; robust accuracy under each
 attack (by registry spec, e.g. ``fgsm``, ``pgd-20``, ``cw_linf``, ``autoattack``); the per-sample worst
@@ -35,11 +40,13 @@ the same threat replaces that threat's entry and per-sample file as a whole). Sc
           clean:      MEASUREMENT
           attacks:    {label: MEASUREMENT, ...}           # label = the spec as given, e.g. "pgd-20"
           worst_case: MEASUREMENT                         # attack: {name: "worst_case", over: [labels]}
+          strength: "autoattack-grade" | "upper-bound"    # full AutoAttack among the attacks, or not (strength())
           gap:      {clean_minus_worst_case, clean_minus_cw, cw_attack}   # cw entries None without cw_linf
           cost:     copy of the run's training cost {train_seconds, seconds_per_epoch, peak_memory_mb, device}
           seed, n_boot, seconds, versions: {robustlab, torch}
           run_config: {dataset, model, defense, seed, finished}  (with --checkpoint: {dataset, model, checkpoint})
     MEASUREMENT = {accuracy, ci95: [low, high], accuracy_per_draw (random models only), ece, seconds,
+                   stages (AutoAttack only): {clean | stage name: {accuracy, seconds}},
                    attack: null (clean) | {name, spec, label, params, eps, norm, adaptive},
                    confidence: {mean, mean_correct, mean_wrong, n_correct, n_wrong,
                                 histogram: {edges (21), correct (20 counts), wrong (20 counts)}}}
