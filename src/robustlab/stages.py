@@ -46,6 +46,7 @@ from robustlab.attacks.wrappers import EOT_SAMPLES
 from robustlab.data import Split
 from robustlab.distributed import batch_seed
 from robustlab.errors import ConfigError
+from robustlab.memory import split_on_oom
 from robustlab.metrics import iterate
 from robustlab.rundir import atomic_write_bytes
 
@@ -114,7 +115,9 @@ def run_autoattack(
     everything else the result depends on; a state file written under another one is not resumed.
     """
     p = stage_params(params)
-    stages = autoattack_stages(p["version"], p["steps"], p["queries"])
+    # each stage's attack retries an out-of-memory batch in halves, as the evaluation's other attacks do
+    stages = [(name, split_on_oom(fn), kw)
+              for name, fn, kw in autoattack_stages(p["version"], p["steps"], p["queries"])]
     attacked = attacked_model(grad_model, p["version"], p["eot_samples"])
     tag = json.dumps({**(fingerprint or {}), "params": p, "eps": eps, "norm": norm, "seed": seed,
                       "stream": stream, "batches": list(mine), "batch_size": batch_size}, sort_keys=True,
