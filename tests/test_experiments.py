@@ -452,3 +452,19 @@ def test_worker_environments_split_threads_and_pin_one_gpu_per_worker(monkeypatc
     assert worker_environments(3, gpus=2, cpus=2)[0]["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_environments(2, gpus=2, cpus=4)] == ["4", "6"]
+
+
+def test_grid_evaluation_defaults_to_autoattack_grade_and_the_quick_profiles_say_quick():
+    import inspect
+
+    from robustlab.evaluation import DEFAULT_SUITE, evaluate_run
+    from robustlab.experiments import EvaluationSettings, _evaluation_kwargs
+
+    assert "suite" not in _evaluation_kwargs(EvaluationSettings(), "cpu"), "unset: evaluate_run's default"
+    assert inspect.signature(evaluate_run).parameters["suite"].default == DEFAULT_SUITE == "standard"
+    assert BUILTIN_PROFILES["quick"].evaluation["suite"] == "quick"
+    for path in sorted(Path(__file__).parents[1].glob("configs/paper/*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        quick = (spec.get("profiles") or {}).get("quick") or {}
+        if "evaluation" in quick:
+            assert quick["evaluation"].get("suite") == "quick", path
