@@ -22,7 +22,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "clean test accuracy" in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    evaluated = run_cli("evaluate", str(out), "--device", "cpu")
+    evaluated = run_cli("evaluate", str(out), "--device", "cpu", "--suite", "quick")
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"{100 * metrics['clean_accuracy']:.2f}" in evaluated.stdout
 
@@ -78,3 +78,4 @@ def test_demo_prints_a_table(tmp_path):
     done = run_cli("demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--no-progress")
     assert done.returncode == 0, done.stderr
     assert "clean" in done.stdout and "PGD-20" in done.stdout and "standard" in done.stdout
+    assert "upper bounds on robustness, not robustness claims" in done.stdout

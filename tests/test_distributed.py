@@ -114,7 +114,8 @@ def test_two_ranks_evaluate_exactly_what_one_process_evaluates(tmp_path):
     assert _train(single).returncode == 0
     double = tmp_path / "double"
     shutil.copytree(single, double)
-    options = ["--attacks", "fgsm,pgd-3", "--samples", "100", "--batch-size", "16", "--no-progress"]  # 7 batches
+    options = ["--attacks", "fgsm,pgd-3", "--samples", "100", "--batch-size", "16", "--no-progress",
+               "--suite", "quick"]  # 7 batches
     one = _robustlab("evaluate", str(single), *options)
     assert one.returncode == 0, one.stderr
     two = _robustlab("evaluate", str(double), *options, nproc=2)

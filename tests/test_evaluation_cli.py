@@ -11,7 +11,7 @@ from robustlab.cli import main
 from robustlab.evaluation import subset
 from robustlab.rundir import read_json, save_weights
 
-QUICK = ["--n", "40", "--n-boot", "50", "--no-progress"]
+QUICK = ["--n", "40", "--n-boot", "50", "--no-progress", "--suite", "quick"]
 
 
 @pytest.fixture
@@ -39,9 +39,11 @@ def test_cli_evaluate_run_end_to_end(run_copy, capsys):
     _run(["evaluate", str(run_copy), "--attacks", "fgsm,pgd-5", *QUICK])
     out = capsys.readouterr().out
     assert "worst_case" in out and "pgd steps=5" in out and "95% CI" in out
-    assert "robust accuracy (per-sample worst case, min over fgsm, pgd-5)" in out
+    assert "robust accuracy UPPER BOUND (per-sample worst case, min over fgsm, pgd-5)" in out
+    assert "upper bound on robustness, not a robustness claim" in out, "the quick suite says what it is"
+    assert "robust numbers are upper bounds" in out and "strongest evidence: " in out
     evaluation = read_json(run_copy / "metrics.json")["evaluations"]["linf-0.1"]
-    assert list(evaluation["attacks"]) == ["fgsm", "pgd-5"]
+    assert list(evaluation["attacks"]) == ["fgsm", "pgd-5"] and evaluation["strength"] == "upper-bound"
     assert evaluation["samples"]["n"] == 40
     assert (run_copy / evaluation["samples"]["file"]).is_file()
 

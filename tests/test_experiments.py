@@ -31,7 +31,7 @@ def tiny_experiment(**grid) -> dict:
             "threat": {"eps": 0.1},
         },
         "grid": {"defenses": ["standard"], "eps": [0.1], "seeds": [0], **grid},
-        "evaluation": {"attacks": ["fgsm", "pgd-3"], "audit": False},
+        "evaluation": {"attacks": ["fgsm", "pgd-3"], "suite": "quick", "audit": False},
     }
 
 
@@ -495,3 +495,19 @@ def test_damaged_cell_state_stops_the_grid_before_any_work(tmp_path, capsys):
     code, _, err = main_in_process(["experiment", str(path), "--out", str(out), "--no-report"], capsys)
     assert_one_error_line(code, err, str(state), "(top level)")
     assert state.read_text() == "[]"
+
+
+def test_grid_evaluation_defaults_to_autoattack_grade_and_the_quick_profiles_say_quick():
+    import inspect
+
+    from robustlab.evaluation import DEFAULT_SUITE, evaluate_run
+    from robustlab.experiments import EvaluationSettings, _evaluation_kwargs
+
+    assert "suite" not in _evaluation_kwargs(EvaluationSettings(), "cpu"), "unset: evaluate_run's default"
+    assert inspect.signature(evaluate_run).parameters["suite"].default == DEFAULT_SUITE == "standard"
+    assert BUILTIN_PROFILES["quick"].evaluation["suite"] == "quick"
+    for path in sorted(Path(__file__).parents[1].glob("configs/paper/*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        quick = (spec.get("profiles") or {}).get("quick") or {}
+        if "evaluation" in quick:
+            assert quick["evaluation"].get("suite") == "quick", path

@@ -40,7 +40,7 @@ EXPERIMENT = {
         "threat": {"eps": 0.1},
     },
     "grid": {"defenses": ["standard"], "seeds": SEEDS},
-    "evaluation": {"attacks": ["fgsm"], "n": 20, "audit": False},
+    "evaluation": {"attacks": ["fgsm"], "suite": "quick", "n": 20, "audit": False},
 }
 
 

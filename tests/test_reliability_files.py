@@ -33,7 +33,7 @@ from tests.reliability_support import assert_one_error_line, assert_run_files_pa
 SRC = Path(__file__).resolve().parents[1] / "src" / "robustlab"
 TRAIN = ["train", "--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--no-progress",
          "--set", "data.train_subset=128", "--set", "data.val_size=50", "--set", "data.test_subset=40"]
-EVALUATE = ["--attacks", "fgsm", "--n", "20", "--no-progress", "--n-boot", "50"]
+EVALUATE = ["--attacks", "fgsm", "--n", "20", "--no-progress", "--n-boot", "50", "--suite", "quick"]
 
 
 class Payload:

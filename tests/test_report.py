@@ -34,7 +34,7 @@ def results_dir(tmp_path_factory) -> Path:
             "threat": {"eps": 0.1},
         },
         "grid": {"defenses": DEFENCES, "eps": [0.1], "seeds": [0, 1]},
-        "evaluation": {"attacks": ["fgsm", "pgd-3", "cw_linf-3"], "audit": False},
+        "evaluation": {"attacks": ["fgsm", "pgd-3", "cw_linf-3"], "suite": "quick", "audit": False},
     }
     result = run_experiment(load_experiment(spec), out, log=lambda line: None, isolate=False)
     assert not result.failed
@@ -51,6 +51,7 @@ def test_report_tables_name_their_attacks_and_average_seeds(results_dir):
         assert "FGSM=fgsm" in line and "PGD=pgd-3" in line and "CW=cw_linf-3" in line
         assert " ± " in line, "two seeds must be shown as mean ± std"
         assert line.rstrip(" |").endswith("| 2"), "seed count column"
+        assert "UPPER BOUND on robustness: no full AutoAttack ran" in line, "the quick suite says what it is"
     assert "| claimed (paper) |" not in text, "digits is not in the paper: no claimed rows may be invented"
     rows = json.loads((results_dir / "results.json").read_text())["rows"]
     clean = [r["clean"] for r in rows if r["defense"] == DEFENCES[0]]
@@ -71,6 +72,8 @@ def test_report_figures_and_mcnemar(results_dir):
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)
     assert any("fig1-confidence" in f for f in figures) and any("fig2-defenses" in f for f in figures)
     assert any("curves" in f for f in figures)
+    captions = [line for line in text.splitlines() if line.startswith("_Figure 2")]
+    assert captions and all("worst case over fgsm, pgd-3, cw_linf-3 (UPPER BOUND" in c for c in captions)
     for figure in figures:
         assert (results_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if "hybrid" in DEFENCES:

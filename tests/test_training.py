@@ -157,6 +157,32 @@ def test_best_checkpoint_is_selected_on_validation(tmp_path, digits):
     assert accuracy(loaded.model, loaded.data.val) == pytest.approx(best["val_clean_acc"])
 
 
+def test_adversarial_training_keeps_a_full_eps_robust_checkpoint_after_a_warmup(tmp_path, digits):
+    """``select: auto`` on PGD-AT: best validation robust accuracy, never an epoch of the eps warm-up."""
+    config = tiny_config(epochs=4)
+    config["defense"] = {"name": "pgd_at", "steps": 2, "eps_warmup": 2}
+    result = train(config, tmp_path / "run", progress=False, data=digits)
+    rows = read_csv(result.run_dir / "history.csv")
+    assert all("val_robust_acc" in r for r in rows), "auto selection measures validation robust accuracy"
+    # eps_t is logged at the end of an epoch: the warm-up reaches eps 0.1 as epoch 2 ends
+    assert rows[0]["eps_t"] < 0.1 and rows[1]["eps_t"] == pytest.approx(0.1)
+    full = [r for r in rows if r["epoch"] > 2]
+    best = max(full, key=lambda r: r["val_robust_acc"])
+    assert result.metrics["selected_epoch"] == best["epoch"]
+    from robustlab.metrics import accuracy
+
+    loaded = load_run(result.run_dir)
+    assert accuracy(loaded.model, loaded.data.val) == pytest.approx(best["val_clean_acc"])
+
+
+def test_explicit_select_is_kept_for_adversarial_training(tmp_path, digits):
+    config = tiny_config(epochs=2, select="last")
+    config["defense"] = {"name": "pgd_at", "steps": 1}
+    result = train(config, tmp_path / "run", progress=False, data=digits)
+    assert result.metrics["selected_epoch"] == 2
+    assert "val_robust_acc" not in read_csv(result.run_dir / "history.csv")[0]
+
+
 @pytest.mark.parametrize("schedule", ["constant", "piecewise", "cosine", "onecycle"])
 def test_lr_schedules(tmp_path, digits, schedule):
     result = train(tiny_config(epochs=2, schedule=schedule, optimizer="sgd", lr=0.05), tmp_path / schedule,

@@ -131,7 +131,10 @@ def train(
 def evaluate(
     run_dir: Annotated[Path | None, typer.Argument(help="a run directory written by robustlab train")] = None,
     attacks: Annotated[str | None, typer.Option(help="attack specs, default fgsm,pgd-20,cw_linf")] = None,
-    suite: Annotated[str | None, typer.Option(help="standard: add AutoAttack; rand: its EOT version")] = None,
+    suite: Annotated[str, typer.Option(
+        help="standard (default): the other attacks + AutoAttack (its rand version for a random defence); "
+        "rand: AutoAttack's EOT version; quick: the other attacks only (an upper bound, not a robustness claim)"
+    )] = "standard",
     eps: Annotated[str | None, typer.Option(help="pixel budget(s): 0.3 or 8/255,16/255 (default: run's)")] = None,
     norm: Annotated[str | None, typer.Option(help="linf or l2 (default: the run's)")] = None,
     n: Annotated[int | None, typer.Option("--n", "--samples", help="evaluate N test samples (a fixed-seed random "
@@ -153,9 +156,11 @@ def evaluate(
 ) -> None:
     """Clean, per-attack and worst-case robust accuracy with 95% CIs; writes metrics.json.
 
-    A sample counts as robust only if every attack failed on it. Preprocessing defences are attacked
-    adaptively (BPDA/EOT) automatically; --suite standard adds AutoAttack. Results merge into
-    RUN_DIR/metrics.json, per-sample correctness into RUN_DIR/evaluation/.
+    A sample counts as robust only if every attack failed on it. By default AutoAttack runs beside the
+    other attacks and the worst case is AutoAttack-grade (--suite quick: an upper bound); an interrupted
+    AutoAttack resumes after its last finished stage. Preprocessing defences are attacked adaptively
+    (BPDA/EOT) automatically. Results merge into RUN_DIR/metrics.json, per-sample correctness into
+    RUN_DIR/evaluation/.
     """
     from robustlab.config import parse_number
     from robustlab.distributed import from_environment
@@ -224,6 +229,9 @@ def demo(
         table.add_row(row["defense"], _percent(row["clean"]), _percent(row["fgsm"]), _percent(row["pgd-20"]),
                       f"{row['seconds']:.1f}")
     console.print(table)
+    console.print("FGSM and PGD-20 accuracies are upper bounds on robustness, not robustness claims (no AutoAttack); "
+                  f"robustlab evaluate {out}/pgd_at (for example) gives an AutoAttack-grade number",
+                  markup=False, highlight=False)
     console.print(f"runs written to {out}/")
 
 

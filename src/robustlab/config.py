@@ -117,7 +117,11 @@ class TrainConfig(Section):
         default_factory=lambda: [0.5, 0.75], description="fractions of training, each in [0, 1]"
     )
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
-    select: Literal["last", "val_clean", "val_robust"] = "val_clean"
+    select: Literal["auto", "last", "val_clean", "val_robust"] = Field(
+        default="auto",
+        description="checkpoint kept: auto = best validation robust accuracy for adversarial objectives "
+        "(never an eps warm-up epoch), best validation clean accuracy otherwise",
+    )
     val_attack_steps: int = Field(default=10, ge=1, le=1000)
     val_robust_size: int = Field(default=500, ge=1)
     amp: bool = Field(default=False, description="bfloat16 autocast for the training step, crafting attack included")

@@ -1,5 +1,10 @@
 """Honest, complete metrics of one model (DESIGN.md "Evaluation protocol").
 
+By default (``suite="standard"``) AutoAttack runs beside the attacks asked for, so the worst case is
+AutoAttack-grade; ``suite="quick"`` runs only the attacks asked for and the result's ``strength`` is
+``upper-bound``, which every printed line and report repeats in words. AutoAttack runs stage by stage
+over the batches with a per-stage record and a resumable state file (:mod:`robustlab.stages`).
+
 :func:`evaluate_model` measures, on the same test samples: clean accuracy; robust accuracy under each
 attack (by registry spec, e.g. ``fgsm``, ``pgd-20``, ``cw_linf``, ``autoattack``); the per-sample worst
 case over all attacks (a sample counts as robust only if every attack failed on it); the robustness
@@ -35,11 +40,13 @@ the same threat replaces that threat's entry and per-sample file as a whole). Sc
           clean:      MEASUREMENT
           attacks:    {label: MEASUREMENT, ...}           # label = the spec as given, e.g. "pgd-20"
           worst_case: MEASUREMENT                         # attack: {name: "worst_case", over: [labels]}
+          strength: "autoattack-grade" | "upper-bound"    # full AutoAttack among the attacks, or not (strength())
           gap:      {clean_minus_worst_case, clean_minus_cw, cw_attack}   # cw entries None without cw_linf
           cost:     copy of the run's training cost {train_seconds, seconds_per_epoch, peak_memory_mb, device}
           seed, n_boot, seconds, versions: {robustlab, torch}
           run_config: {dataset, model, defense, seed, finished}  (with --checkpoint: {dataset, model, checkpoint})
     MEASUREMENT = {accuracy, ci95: [low, high], accuracy_per_draw (random models only), ece, seconds,
+                   stages (AutoAttack only): {clean | stage name: {accuracy, seconds}},
                    attack: null (clean) | {name, spec, label, params, eps, norm, adaptive},
                    confidence: {mean, mean_correct, mean_wrong, n_correct, n_wrong,
                                 histogram: {edges (21), correct (20 counts), wrong (20 counts)}}}
@@ -70,6 +77,7 @@ import torch
 from torch import nn
 
 from robustlab import distributed
+from robustlab.attacks.autoattack import FULL_QUERIES, FULL_STEPS
 from robustlab.attacks.registry import ATTACKS, make_attack, parse_attack_spec
 from robustlab.attacks.wrappers import EOT_SAMPLES, adaptive_model
 from robustlab.data import Split, load_dataset
@@ -80,6 +88,7 @@ from robustlab.metrics import iterate
 from robustlab.progress import progress_bar, progress_line
 from robustlab.rundir import RunDir, atomic_write_bytes, load_foreign_checkpoint
 from robustlab.runs import load_run, select_device
+from robustlab.stages import model_digest, run_autoattack, stage_params, state_file
 from robustlab.stats import bootstrap_ci, calibration_error
 from robustlab.validation import check_eps
 
@@ -91,10 +100,22 @@ DEFAULT_ATTACKS: tuple[str, ...] = ("fgsm", "pgd-20", "cw_linf")
 #: Square); ``rand`` = its version for random defences (APGD-CE, APGD-DLR). The evaluation's adaptive
 #: wrapper already applies EOT to a random model, so the ``rand`` suite does not average a second time
 #: (``eot_samples=1`` inside AutoAttack; the record's ``adaptive`` field names the EOT actually used).
+#: ``quick`` adds nothing: only the attacks asked for run, and the result is labelled an upper bound.
 SUITES: dict[str, tuple[tuple[str, AttackSpec], ...]] = {
     "standard": (("autoattack", "autoattack"),),
     "rand": (("autoattack-rand", {"name": "autoattack", "version": "rand", "eot_samples": 1}),),
+    "quick": (),
 }
+#: The default: AutoAttack-grade (``rand`` for a random model), the only default that cannot overstate.
+DEFAULT_SUITE = "standard"
+#: ``strength`` of an evaluation whose worst case includes a full-budget AutoAttack.
+AUTOATTACK_GRADE = "autoattack-grade"
+#: ``strength`` of any weaker evaluation: its robust accuracy is an upper bound, not a robustness claim.
+UPPER_BOUND = "upper-bound"
+UPPER_BOUND_NOTE = (
+    "upper bound on robustness, not a robustness claim: no full AutoAttack ran "
+    "(drop --suite quick, or set evaluation.suite: standard)"
+)
 ECE_BINS = 15
 #: Seed of the random test subset evaluated with ``n`` (fixed, so all runs see the same samples).
 SUBSET_SEED = 0
@@ -136,6 +157,7 @@ class Measurement:
     confidence: np.ndarray
     seconds: float = 0.0
     ci95: tuple[float, float] = (math.nan, math.nan)
+    stages: dict[str, dict[str, float]] | None = None  # AutoAttack: robust accuracy after each stage
 
     @property
     def accuracy(self) -> float:
@@ -157,6 +179,8 @@ class Measurement:
         }
         if self.correct.shape[0] > 1:
             out["accuracy_per_draw"] = [float(row.mean()) for row in self.correct]
+        if self.stages is not None:
+            out["stages"] = self.stages
         return out
 
 
@@ -176,6 +200,7 @@ class EvaluationResult:
     seed: int
     n_boot: int
     seconds: float
+    strength: str = UPPER_BOUND
     cost: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -216,6 +241,7 @@ class EvaluationResult:
                 "clean_minus_cw": self.paper_gap,
                 "cw_attack": self.cw_label,
             },
+            "strength": self.strength,
             "cost": self.cost,
             "seed": self.seed,
             "n_boot": self.n_boot,
@@ -260,10 +286,14 @@ def confidence_summary(confidence: np.ndarray, correct: np.ndarray) -> dict[str,
 
 
 def resolve_attacks(attacks: Sequence[AttackSpec], suite: str | None) -> list[tuple[str, AttackSpec]]:
-    """(label, spec) for every attack to run; unknown attacks or suites fail here, before any work."""
-    if suite is not None and suite not in SUITES:
+    """(label, spec) for every attack to run; unknown attacks or suites fail here, before any work.
+
+    ``suite=None`` is ``quick``: the attacks given and nothing else.
+    """
+    suite = suite or "quick"
+    if suite not in SUITES:
         raise ConfigError(f"unknown suite '{suite}'; valid: {', '.join(SUITES)}")
-    if suite and "autoattack" not in ATTACKS:
+    if SUITES[suite] and "autoattack" not in ATTACKS:
         raise RobustlabError(
             f"--suite {suite} needs the 'autoattack' attack, which is not registered in this installation"
         )
@@ -271,7 +301,7 @@ def resolve_attacks(attacks: Sequence[AttackSpec], suite: str | None) -> list[tu
         attacks = [a for a in attacks.split(",") if a.strip()]
     labelled = [(_label(spec), spec) for spec in attacks]
     resolved, seen = [], set()
-    for label, spec in [*labelled, *(SUITES[suite] if suite else ())]:
+    for label, spec in [*labelled, *SUITES[suite]]:
         parse_attack_spec(spec)  # raises RobustlabError naming the valid attacks
         if label in seen:
             raise ConfigError(f"attack '{label}' is listed twice")
@@ -280,6 +310,28 @@ def resolve_attacks(attacks: Sequence[AttackSpec], suite: str | None) -> list[tu
     if not resolved:
         raise ConfigError("no attack to run: give at least one, e.g. --attacks fgsm,pgd-20,cw_linf")
     return resolved
+
+
+def is_full_autoattack(record: dict[str, Any] | None) -> bool:
+    """Whether an attack record is AutoAttack at its full budget (100 steps; Square's 5,000 queries)."""
+    if not record or record.get("name") != "autoattack":
+        return False
+    params = record.get("params") or {}
+    queries = int(params.get("queries", FULL_QUERIES))
+    full_queries = params.get("version", "standard") == "rand" or queries >= FULL_QUERIES
+    return int(params.get("steps", FULL_STEPS)) >= FULL_STEPS and full_queries
+
+
+def strength(entry: dict[str, Any]) -> str:
+    """``autoattack-grade`` or ``upper-bound`` of a ``metrics.json`` evaluation entry.
+
+    Read from the entry's ``strength`` field; entries written before that field existed are classified
+    from the attacks that ran (a full AutoAttack among them makes the worst case AutoAttack-grade).
+    """
+    if entry.get("strength"):
+        return str(entry["strength"])
+    records = [m.get("attack") for m in (entry.get("attacks") or {}).values()]
+    return AUTOATTACK_GRADE if any(is_full_autoattack(r) for r in records) else UPPER_BOUND
 
 
 def _label(spec: AttackSpec) -> str:
@@ -309,6 +361,8 @@ def _attack_record(
         if k not in _INTERNAL_ARGS and p.default is not inspect.Parameter.empty
         and p.kind is not p.VAR_KEYWORD
     }
+    if name == "autoattack":  # its registry form takes **kwargs: record the stages' actual budgets
+        defaults = stage_params(params)
     record = {
         "name": name, "label": label, "spec": spec, "params": {**defaults, **extra, **params},
         "eps": eps, "norm": norm, "adaptive": adaptive,
@@ -368,7 +422,7 @@ def evaluate_model(
     eps: float,
     norm: str = "linf",
     attacks: Sequence[AttackSpec] = DEFAULT_ATTACKS,
-    suite: str | None = None,
+    suite: str | None = DEFAULT_SUITE,
     batch_size: int = 256,
     seed: int = 0,
     n: int | None = None,
@@ -378,12 +432,14 @@ def evaluate_model(
     n_boot: int = 1000,
     progress: bool = False,
     attack_precision: str = "fp32",
+    state_dir: str | Path | None = None,
 ) -> EvaluationResult:
     """Clean, per-attack and worst-case accuracy of ``model`` on the first ``n`` samples of ``split``.
 
     Args:
         attacks: registry specs (``"pgd-40"``, ``{"name": "pgd", "steps": 50, "restarts": 5}``).
-        suite: ``"standard"`` adds AutoAttack, ``"rand"`` its version for random defences. A random
+        suite: ``"standard"`` (default) adds AutoAttack, ``"rand"`` its version for random defences,
+            ``"quick"`` (or None) nothing: the result's ``strength`` is then ``upper-bound``. A random
             model always gets ``rand`` (APGD-CE + APGD-DLR through EOT), AutoAttack's own protocol for
             randomised defences (Croce & Hein 2020): ``standard`` would push APGD-T's 9 targets, FAB-T
             and Square's 5,000 queries through EOT too (seen: still in APGD after 20 min on 1,000 MNIST
@@ -395,6 +451,9 @@ def evaluate_model(
         attack_precision: ``"fp32"`` (default) or ``"bf16"``: the attacks craft their examples under
             bfloat16 autocast (faster on a GPU); every verdict is still the float32 model's prediction
             on the crafted images. Recorded as ``model_info["attack_precision"]``.
+        state_dir: where AutoAttack saves its per-sample state after every stage
+            (:mod:`robustlab.stages`), so an interrupted evaluation resumes; the file is removed when
+            the evaluation finishes. None: no state is kept.
 
     Under ``torchrun`` every rank calls this with the same arguments; each attacks its share of the
     batches (on its own GPU) and every rank returns the whole, gathered result.
@@ -438,17 +497,33 @@ def evaluate_model(
         rng_devices = [device] if device.type == "cuda" else []
         columns: dict[str, dict[int, tuple[np.ndarray, ...]]] = {}
         seconds: dict[str, float] = {}
-        for index, (label, attack, _) in enumerate([("clean", None, None), *built]):
+        staged: dict[str, dict[str, Any]] = {}
+        fingerprint = {"model": model_digest(model), "samples": split.digest(), "passes": passes} if state_dir else None
+        finished_states: list[Path] = []
+        for index, (label, attack, record) in enumerate([("clean", None, None), *built]):
             bar.set_postfix_str(label)
             tic = time.perf_counter()
             results: dict[int, tuple[torch.Tensor, ...]] = {}  # on the device until the attack is done
             outside = torch.zeros((), dtype=torch.bool, device=device)
             with torch.random.fork_rng(devices=rng_devices):
+                if record is not None and record["name"] == "autoattack":
+                    path = None if state_dir is None else state_file(
+                        Path(state_dir), threat_key(norm, eps), label, group.rank, group.world_size)
+                    run = run_autoattack(model, grad_model, split, mine, batch_size, device,
+                                         parse_attack_spec(record["spec"])[1], eps=eps, norm=norm, seed=seed,
+                                         stream=index, label=label, state_path=path, fingerprint=fingerprint,
+                                         progress=progress and group.is_main)
+                    staged[label] = {"masks": run.masks, "seconds": run.seconds}
+                    finished_states += [path] if path is not None else []
+                found = run.x_adv if label in staged else None
                 for batch, (x, y) in zip(mine, iterate(split, batch_size, device, mine), strict=True):
                     torch.manual_seed(distributed.batch_seed(seed, index, batch))
-                    if attack is not None:
+                    if found is not None:
+                        x_adv = found[batch].to(device)
+                    elif attack is not None:
                         with bf16_autocast(device, attack_precision == "bf16"):
                             x_adv = attack(grad_model, x, y)
+                    if attack is not None:
                         outside = outside | _outside_budget(x_adv, x, eps, norm, label)
                         x = x_adv
                     results[batch] = _classify(model, x, y, passes)
@@ -463,18 +538,23 @@ def evaluate_model(
     finally:
         model.train(was_training)
     if group.enabled:  # each rank attacked every world_size-th batch: put the batches back in order
-        columns, seconds = _merge_ranks(distributed.gather((columns, seconds)))
+        columns, seconds, staged = _merge_ranks(distributed.gather((columns, seconds, staged)))
+    for path in finished_states:
+        path.unlink(missing_ok=True)
 
     def measurement(label: str, record: dict | None) -> tuple[Measurement, np.ndarray]:
         batches = [columns[label][batch] for batch in sorted(columns[label])]
         correct, confidence, p_true = (np.concatenate(c, axis=1) for c in zip(*batches, strict=True))
         m = Measurement(label, record, correct, confidence.astype(np.float32), seconds[label])
         m.ci95 = bootstrap_ci(m.per_sample, n_boot, seed)
+        if label in staged:
+            m.stages = _stage_summary(staged[label])
         return m, p_true
 
     clean, _ = measurement("clean", None)
     measured = {label: measurement(label, record) for label, _, record in built}
     worst, worst_index = _worst_case(measured, n_boot, seed)
+    grade = AUTOATTACK_GRADE if any(is_full_autoattack(record) for _, _, record in built) else UPPER_BOUND
     return EvaluationResult(
         threat={"norm": norm, "eps": eps},
         labels=split.labels.numpy(),
@@ -490,18 +570,40 @@ def evaluate_model(
         seed=seed,
         n_boot=n_boot,
         seconds=time.perf_counter() - started,
+        strength=grade,
         extra={"versions": _versions()},
     )
 
 
-def _merge_ranks(
-    parts: list[tuple[dict[str, dict[int, tuple[np.ndarray, ...]]], dict[str, float]]],
-) -> tuple[dict[str, dict[int, tuple[np.ndarray, ...]]], dict[str, float]]:
-    """Every rank's per-batch results in one mapping; an attack's time is its slowest rank's."""
-    columns = {label: {b: r for part, _ in parts for b, r in part.get(label, {}).items()}  # a rank may have none
+def _merge_ranks(parts: list[tuple[dict, dict[str, float], dict[str, dict[str, Any]]]]) -> tuple[dict, dict, dict]:
+    """Every rank's per-batch results in one mapping; an attack's (or stage's) time is its slowest rank's."""
+    columns = {label: {b: r for part, _, _ in parts for b, r in part.get(label, {}).items()}  # a rank may have none
                for label in parts[0][0]}
-    seconds = {label: max(times[label] for _, times in parts) for label in parts[0][1]}
-    return columns, seconds
+    seconds = {label: max(times[label] for _, times, _ in parts) for label in parts[0][1]}
+    staged = {
+        label: {
+            "masks": {stage: {b: m for _, _, part in parts for b, m in part[label]["masks"][stage].items()}
+                      for stage in entry["masks"]},
+            "seconds": {stage: max(part[label]["seconds"].get(stage, 0.0) for _, _, part in parts)
+                        for stage in entry["seconds"]},
+        }
+        for label, entry in parts[0][2].items()
+    }
+    return columns, seconds, staged
+
+
+def _stage_summary(staged: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{stage: {accuracy, seconds}}``: the robust accuracy left after each AutoAttack stage, in order.
+
+    The accuracy is judged by one forward pass of the model the attack differentiated (for a random
+    model, one EOT average), as AutoAttack judges it; the measurement's own accuracy re-classifies the
+    final images like every other attack.
+    """
+    out = {}
+    for stage, masks in staged["masks"].items():
+        robust = np.concatenate([masks[b] for b in sorted(masks)])
+        out[stage] = {"accuracy": float(robust.mean()), "seconds": round(staged["seconds"].get(stage, 0.0), 3)}
+    return out
 
 
 def _worst_case(
@@ -558,7 +660,7 @@ def evaluate_run(
     run_dir: str | Path,
     *,
     attacks: Sequence[AttackSpec] = DEFAULT_ATTACKS,
-    suite: str | None = None,
+    suite: str | None = DEFAULT_SUITE,
     eps: float | None = None,
     norm: str | None = None,
     n: int | None = None,
@@ -587,6 +689,7 @@ def evaluate_run(
         loaded.model, loaded.data.test, eps=eps, norm=norm, attacks=attacks, suite=suite,
         batch_size=batch_size, seed=seed, n=n, eot_samples=eot_samples, random_passes=random_passes,
         n_boot=n_boot, progress=progress, attack_precision=attack_precision,
+        state_dir=Path(run_dir) / "evaluation" if write else None,
     )
     result.cost = previous.get("cost")
     result.model_info["weights_sha256"] = _sha256(run.weights)
@@ -625,7 +728,8 @@ def evaluate_checkpoint(
     data = load_dataset(dataset, data_dir, val_size=1)
     model = build_model(model_name, data.num_classes, data.channels, data.image_size)
     load_foreign_checkpoint(path, model)
-    result = evaluate_model(model, data.test, eps=eps, device=select_device(device), **options)
+    state_dir = None if out_dir is None else Path(out_dir) / "evaluation"
+    result = evaluate_model(model, data.test, eps=eps, device=select_device(device), state_dir=state_dir, **options)
     result.model_info["weights_sha256"] = _sha256(path)
     result.extra.update(run_config={"dataset": dataset, "model": model_name, "checkpoint": str(path)})
     if out_dir is not None and distributed.from_environment().is_main:
@@ -653,7 +757,8 @@ def format_table(result: EvaluationResult) -> Any:
     from rich.table import Table
 
     norm, eps = result.threat["norm"], result.threat["eps"]
-    table = Table(title=f"{result.samples['n']} test samples, {norm} eps={eps:.4g}: accuracy (%)")
+    bound = "" if result.strength == AUTOATTACK_GRADE else " (quick suite: robust numbers are upper bounds)"
+    table = Table(title=f"{result.samples['n']} test samples, {norm} eps={eps:.4g}: accuracy (%){bound}")
     for column in ("measure", "attack", "accuracy [95% CI]", "conf.", "ECE", "s"):
         table.add_column(column, justify="left" if column in ("measure", "attack") else "right")
     for m in (result.clean, *result.attacks.values(), result.worst_case):
@@ -669,11 +774,15 @@ def format_table(result: EvaluationResult) -> Any:
 
 
 def summary_lines(result: EvaluationResult) -> list[str]:
-    """Plain-text lines under the table: robust accuracy, gaps, adaptive mode, cost."""
+    """Plain-text lines under the table: robust accuracy and its strength, evidence, gaps, adaptive mode, cost."""
     w = result.worst_case
+    graded = result.strength == AUTOATTACK_GRADE
     lines = [
-        f"robust accuracy (per-sample worst case, {_attack_text(w.attack)}): {100 * w.accuracy:.2f}% "
-        f"[{100 * w.ci95[0]:.1f}, {100 * w.ci95[1]:.1f}]",
+        f"robust accuracy{'' if graded else ' UPPER BOUND'} (per-sample worst case, {_attack_text(w.attack)}): "
+        f"{100 * w.accuracy:.2f}% [{100 * w.ci95[0]:.1f}, {100 * w.ci95[1]:.1f}]"
+        + ("; AutoAttack-grade" if graded else f"; {UPPER_BOUND_NOTE}"),
+        *stage_lines(result),
+        evidence_line(result),
         f"robustness gap clean - worst case: {100 * result.gap:.2f} points"
         + (f"; paper's gap clean - CW ({result.cw_label}): {100 * result.paper_gap:.2f} points"
            if result.paper_gap is not None else "; paper's gap clean - CW: not measured (add cw_linf)"),
@@ -688,6 +797,52 @@ def summary_lines(result: EvaluationResult) -> list[str]:
         lines.append(f"training cost: {c.get('train_seconds')} s, {c.get('seconds_per_epoch')} s/epoch, "
                      f"peak memory {c.get('peak_memory_mb')} MB on {c.get('device')}")
     return lines
+
+
+def stage_lines(result: EvaluationResult) -> list[str]:
+    """One line per AutoAttack run: the robust accuracy left after each of its stages."""
+    lines = []
+    for label, m in result.attacks.items():
+        if m.stages:
+            steps = " -> ".join(f"{stage} {100 * s['accuracy']:.2f}%" for stage, s in m.stages.items())
+            lines.append(f"{label} stages (robust after each): {steps}")
+    return lines
+
+
+def evidence_line(result: EvaluationResult) -> str:
+    """The strongest evidence behind the worst case, and how a preprocessing / random defence was attacked.
+
+    Counts, per attack, the test points classified correctly when clean that it broke (for a random
+    model: correct in most passes, wrong in most passes).
+    """
+    clean = result.clean.per_sample >= 0.5
+    broke = {label: clean & (m.per_sample < 0.5) for label, m in result.attacks.items()}
+    best = max(broke, key=lambda label: int(broke[label].sum()))
+    others = np.zeros_like(clean)
+    for label, mask in broke.items():
+        if label != best:
+            others |= mask
+    extra = int((others & ~broke[best]).sum())
+    text = f"strongest evidence: {best} broke {int(broke[best].sum())} of {int(clean.sum())} correctly classified"
+    stages = result.attacks[best].stages
+    if stages:  # which AutoAttack stage did most of it
+        names, accuracies = list(stages), [s["accuracy"] for s in stages.values()]
+        drops = {names[i]: accuracies[i - 1] - accuracies[i] for i in range(1, len(names))}
+        top = max(drops, key=drops.__getitem__)
+        text += f" points (most in its {top} stage: {round(drops[top] * result.samples['n'])})"
+    else:
+        text += " points"
+    text += f"; the other attacks broke {extra} more" if extra else "; no other attack broke a point it missed"
+    info = result.model_info
+    how = []
+    if info.get("differentiable") is False:
+        how.append("BPDA (straight-through gradients past the non-differentiable preprocessing)")
+    if info.get("random"):
+        how.append(f"EOT over {info.get('eot_samples')} random draws per gradient, accuracy over "
+                   f"{info.get('random_passes')} passes")
+    if how:
+        text += "; the defence was attacked through " + " and ".join(how)
+    return text
 
 
 def read_evaluation(run_dir: str | Path, eps: float | None = None, norm: str | None = None) -> dict[str, Any]:
@@ -724,19 +879,27 @@ def read_samples(
 
 
 __all__ = [
+    "AUTOATTACK_GRADE",
     "DEFAULT_ATTACKS",
+    "DEFAULT_SUITE",
     "SUITES",
+    "UPPER_BOUND",
+    "UPPER_BOUND_NOTE",
     "EvaluationResult",
     "Measurement",
     "confidence_summary",
     "evaluate_checkpoint",
     "evaluate_model",
     "evaluate_run",
+    "evidence_line",
     "format_table",
+    "is_full_autoattack",
     "read_evaluation",
     "read_samples",
     "resolve_attacks",
     "save_evaluation",
+    "stage_lines",
+    "strength",
     "summary_lines",
     "threat_key",
 ]

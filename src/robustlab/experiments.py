@@ -110,7 +110,8 @@ class GridAxes(_Strict):
 class EvaluationSettings(_Strict):
     """What ``evaluate_run`` is asked to measure for every cell.
 
-    ``attacks``, ``suite`` and ``n`` are the common knobs; ``options`` passes further keywords of
+    ``attacks``, ``suite`` and ``n`` are the common knobs (``suite`` unset: ``standard``, AutoAttack-grade,
+    as for ``robustlab evaluate``; ``quick``: upper bounds only); ``options`` passes further keywords of
     ``evaluate_run`` (e.g. ``eot_samples``). ``audit`` runs ``robustlab.audit.audit_run`` (when that
     module exists) with ``audit_options`` (e.g. ``n``, ``surrogate_epochs``, ``square_queries``).
     All names are checked before any training starts.
@@ -169,7 +170,8 @@ class ExperimentConfig(_Strict):
 
 
 #: Paper section 4.5: "a learning rate of 0.01, batch size of 128, and 50 training epochs ... eps 0.03".
-#: ``quick`` is this project's 2-CPU-core budget: subsets, two epochs, cheap attacks, no AutoAttack.
+#: ``quick`` is this project's 2-CPU-core budget: subsets, two epochs, cheap attacks, no AutoAttack (its
+#: robust numbers are upper bounds, and say so).
 BUILTIN_PROFILES: dict[str, Profile] = {
     "paper": Profile(
         base={
@@ -190,7 +192,7 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             "train": {"epochs": 2, "val_robust_size": 200, "val_attack_steps": 5},
             "data": {"train_subset": 2000, "val_size": 500, "test_subset": 500},
         },
-        evaluation={"attacks": ["fgsm", "pgd-10", "cw_linf-10"], "suite": None},
+        evaluation={"attacks": ["fgsm", "pgd-10", "cw_linf-10"], "suite": "quick"},
     ),
 }
 
@@ -914,6 +916,8 @@ def cell_row(cell: Cell) -> dict[str, Any]:
     Robust columns are named ``acc:<attack label>`` (e.g. ``acc:pgd-20``) so a number always names the
     attack that produced it. The full evaluation entry stays in ``results.json`` under ``evaluation``.
     """
+    from robustlab.evaluation import strength
+
     run = RunDir(cell.run_dir)
     row: dict[str, Any] = {"cell": cell.id, **cell.axes, "run_dir": str(Path("runs") / cell.id)}
     state = _read_state(cell)
@@ -932,6 +936,7 @@ def cell_row(cell: Cell) -> dict[str, Any]:
         for label, measurement in entry["attacks"].items():
             row[f"acc:{label}"] = measurement["accuracy"]
         row["worst_case"] = entry["worst_case"]["accuracy"]
+        row["strength"] = strength(entry)
         row["gap_worst_case"] = entry["gap"]["clean_minus_worst_case"]
         row["gap_cw"] = entry["gap"]["clean_minus_cw"]
     elif "clean_accuracy" in metrics:

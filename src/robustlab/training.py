@@ -238,8 +238,17 @@ def stalled_at_chance(history: list[dict[str, Any]], num_classes: int, epochs: i
 
 
 def _selection_rule(objective: Objective, config: RunConfig) -> str:
-    """``train.select``, unless the objective imposes its own rule (the hybrid's best-robust checkpoint)."""
-    return objective.select or config.train.select
+    """``train.select``, unless the objective imposes its own rule (the hybrid's best-robust checkpoint).
+
+    ``auto`` keeps the best validation robust accuracy for adversarial objectives (an adversarially
+    trained model is kept for its robustness: its best clean epoch is often an early, weakly robust
+    one) and the best validation clean accuracy for the others.
+    """
+    if objective.select:
+        return objective.select
+    if config.train.select == "auto":
+        return "val_robust" if objective.adversarial else "val_clean"
+    return config.train.select
 
 
 def _measures_val_robust(objective: Objective, config: RunConfig) -> bool:
@@ -411,7 +420,10 @@ class Trainer:
     def _select(self) -> str:
         return _selection_rule(self.objective, self.config)
 
-    def _score(self, metrics: dict[str, float]) -> float:
+    def _score(self, metrics: dict[str, float], epoch: int) -> float:
+        """The selection score of an epoch; an eps warm-up epoch scores below every full-budget one."""
+        if epoch < self.objective.full_budget_epoch:
+            return -math.inf
         select = self._select()
         if select == "last":
             return math.inf
@@ -492,7 +504,7 @@ class Trainer:
                 progress_line(f"warning: {self.run.path}: {state.log[-1]}", file=sys.stderr)
             if state.log:
                 row["events"] = " | ".join(state.log)
-            score = self._score(val)
+            score = self._score(val, epoch)
             if score >= self.best_score or epoch == 0:
                 self.best_score = max(score, self.best_score)
                 if main:

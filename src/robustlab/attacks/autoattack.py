@@ -25,6 +25,9 @@ from robustlab.attacks.wrappers import EOT, EOT_SAMPLES
 from robustlab.errors import InputError
 
 Stage = tuple[str, Callable[..., torch.Tensor], dict[str, Any]]
+#: The full-strength budgets (the paper's and RobustBench's): fewer steps or queries make a weaker attack.
+FULL_STEPS = 100
+FULL_QUERIES = 5000
 
 
 @dataclass
@@ -40,7 +43,7 @@ class AutoAttackResult:
         return float(self.robust.float().mean())
 
 
-def autoattack_stages(version: str, steps: int = 100, queries: int = 5000) -> list[Stage]:
+def autoattack_stages(version: str, steps: int = FULL_STEPS, queries: int = FULL_QUERIES) -> list[Stage]:
     """The (name, attack, kwargs) sequence of an AutoAttack ``version``."""
     if version == "standard":
         return [
@@ -65,32 +68,57 @@ def autoattack(
     eps: float,
     norm: str = "linf",
     version: str = "standard",
-    steps: int = 100,
-    queries: int = 5000,
+    steps: int = FULL_STEPS,
+    queries: int = FULL_QUERIES,
     eot_samples: int = EOT_SAMPLES,
     generator: torch.Generator | None = None,
 ) -> AutoAttackResult:
     """Run AutoAttack ``version`` at budget ``eps``; see the module docstring."""
     check_attack_inputs(model, x, y, eps, norm)
     stages = autoattack_stages(version, steps, queries)
-    attacked = EOT(model, eot_samples) if version == "rand" else model  # type: ignore[arg-type]
+    attacked = attacked_model(model, version, eot_samples)
     x = x.detach()
     x_adv = x.clone()
     with frozen(model), torch.no_grad():
         robust = model(x).argmax(1) == y
     accuracy = {"clean": float(robust.float().mean())}
-    for name, attack, kwargs in stages:
-        todo = robust.nonzero().squeeze(1)
-        if todo.numel():
-            candidate = attack(
-                attacked, x[todo], y[todo], eps=eps, norm=norm, generator=generator, validate=False, **kwargs
-            )
-            with frozen(model), torch.no_grad():
-                broken = model(candidate).argmax(1) != y[todo]
-            x_adv[todo[broken]] = candidate[broken]
-            robust[todo[broken]] = False
-        accuracy[name] = float(robust.float().mean())
+    for stage in stages:
+        run_stage(stage, model, attacked, x, y, x_adv, robust, eps=eps, norm=norm, generator=generator)
+        accuracy[stage[0]] = float(robust.float().mean())
     return AutoAttackResult(x_adv, robust, accuracy)
+
+
+def attacked_model(model: Model, version: str, eot_samples: int = EOT_SAMPLES) -> Model:
+    """The model the stages differentiate: an EOT average for the ``rand`` version, else ``model``."""
+    return EOT(model, eot_samples) if version == "rand" else model  # type: ignore[arg-type]
+
+
+def run_stage(
+    stage: Stage,
+    model: Model,
+    attacked: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_adv: torch.Tensor,
+    robust: torch.Tensor,
+    *,
+    eps: float,
+    norm: str,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Run one stage on the still-robust points; update ``x_adv`` and ``robust`` in place where it succeeds.
+
+    The stage differentiates ``attacked``; success is judged by ``model``'s prediction.
+    """
+    _, attack, kwargs = stage
+    todo = robust.nonzero().squeeze(1)
+    if not todo.numel():
+        return
+    candidate = attack(attacked, x[todo], y[todo], eps=eps, norm=norm, generator=generator, validate=False, **kwargs)
+    with frozen(model), torch.no_grad():
+        broken = model(candidate).argmax(1) != y[todo]
+    x_adv[todo[broken]] = candidate[broken]
+    robust[todo[broken]] = False
 
 
 def autoattack_x(

@@ -156,6 +156,12 @@ class AdversarialObjective(Objective):
     """
 
     Params = PGDParams
+    adversarial = True
+
+    @property
+    def full_budget_epoch(self) -> float:
+        """Epochs of the eps warm-up (``eps_warmup``) come first: they trained below the run's eps."""
+        return float(getattr(self.params, "eps_warmup", 0.0))
 
     def eps_t(self, state: TrainState) -> float:
         """The budget of this iteration: the run's eps, after ``eps_warmup`` epochs of linear growth from 0."""

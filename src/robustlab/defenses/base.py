@@ -84,12 +84,15 @@ class Objective:
     ``uses_eps``: whether the loss reads the threat budget (``TrainState.eps``); an objective that does
     not is trained once for all the eps values of an experiment grid.
     ``select``: a checkpoint rule the objective imposes (``"val_robust"``) instead of ``train.select``.
+    ``adversarial``: trains on adversarial examples, so ``train.select: auto`` keeps the checkpoint with
+    the best validation *robust* accuracy (the best clean epoch is often an early, non-robust one).
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
     needs_val_robust: ClassVar[bool] = False
     uses_eps: ClassVar[bool] = True
+    adversarial: ClassVar[bool] = False
 
     def __init__(self, params: ObjectiveParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -97,6 +100,11 @@ class Objective:
     @property
     def select(self) -> str | None:
         return None
+
+    @property
+    def full_budget_epoch(self) -> float:
+        """The first epoch (0-based) trained entirely at the run's eps; earlier ones are never selected."""
+        return 0.0
 
     def input_transform(self, channels: int) -> InputTransform | None:
         """The preprocessing transform the model is wrapped in (``Defended``), or None."""

@@ -15,7 +15,11 @@ Contents, per (dataset, model, eps) group of the grid:
 * McNemar's test (:func:`robustlab.stats.mcnemar`) of the hybrid defence against every other defence, and
   of standard training against every defence, on the same test samples, for clean and worst-case
   correctness, with Holm-adjusted p-values (:func:`robustlab.stats.holm`).
-* Figure 1 (confidence under PGD), Figure 2 (defences under PGD), accuracy vs eps, training curves.
+* Figure 1 (confidence on the worst-case adversarials), Figure 2 (clean and worst-case accuracy per
+  defence), accuracy vs eps (worst case), training curves. Figures plot the per-sample worst case, which
+  is AutoAttack-grade when the grid evaluated with the default suite, and name eps and the attacks in
+  their titles; an evaluation without a full AutoAttack is labelled an upper bound in Table 1's source
+  column and in every figure title.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from robustlab.report.data import (
     STANDARD,
     Results,
     Stat,
-    attack_columns,
     audit_sweep,
     grouped,
     history,
@@ -203,6 +206,8 @@ def table1(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
             source = f"measured (robustlab, attack={attacks})"
         else:
             source = "measured (robustlab; no attack evaluated)"
+        if "upper-bound" in s.get("strengths", []):
+            source += "; UPPER BOUND on robustness: no full AutoAttack ran"
         if s["failed"]:
             source += f"; failed: {len(s['failed'])} cell(s)"
         rows.append(
@@ -352,13 +357,13 @@ def mcnemar_table(
     )
 
 
-def _pgd_label(by_defense: dict[str, list[dict[str, Any]]]) -> str | None:
-    for rows in by_defense.values():
-        for row in rows:
-            found = attack_columns(row.get("evaluation")).get("pgd")
-            if found:
-                return found[0]
-    return None
+def _worst_case_text(stats: dict[str, dict[str, Any]]) -> str:
+    """"worst case over fgsm, pgd-20, autoattack", and "UPPER BOUND" when any evaluation lacks AutoAttack."""
+    over = list(dict.fromkeys(label for s in stats.values() for label in s.get("worst_case_over", [])))
+    text = "worst case over " + (", ".join(over) or "the attacks run")
+    if any("upper-bound" in s.get("strengths", []) for s in stats.values()):
+        text += " (UPPER BOUND: no full AutoAttack)"
+    return text
 
 
 def group_section(
@@ -403,29 +408,31 @@ def group_section(
         test = mcnemar_table(results, by_defense, reference)
         doc.add(test if isinstance(test, Table) else Paragraph(test))
 
-    pgd = _pgd_label(by_defense)
-    if pgd:
-        confidences = {}
-        for defense, rows in by_defense.items():
-            entry = (rows[0].get("evaluation") or {}).get("attacks", {}).get(pgd)
-            if entry and (entry.get("confidence") or {}).get("histogram"):
-                confidences[defense] = entry["confidence"]
-        if confidences:
-            doc.add(
-                Figure(
-                    f"{slug}-fig1-confidence",
-                    figures.confidence_figure(confidences, pgd, f"{dataset}/{model}"),
-                    f"Figure 1: max-softmax confidence on {pgd} adversarial test images (measured, "
-                    f"first seed), eps = {eps:.4g}.",
-                )
+    worst = _worst_case_text(stats)
+    where = f"{norm} eps = {_eps_text(eps)}"
+    confidences = {}
+    for defense, rows in by_defense.items():
+        entry = (rows[0].get("evaluation") or {}).get("worst_case")
+        if entry and (entry.get("confidence") or {}).get("histogram"):
+            confidences[defense] = entry["confidence"]
+    if confidences:
+        doc.add(
+            Figure(
+                f"{slug}-fig1-confidence",
+                figures.confidence_figure(confidences, "the worst case", f"{dataset}/{model}, {where}: {worst}"),
+                f"Figure 1: max-softmax confidence on the per-sample worst-case adversarial test images "
+                f"({worst}; measured, first seed), {where}.",
             )
-        clean = {d: s["clean"] for d, s in stats.items()}
-        robust = {d: s.get("pgd") for d, s in stats.items()}
+        )
+    clean = {d: s["clean"] for d, s in stats.items()}
+    robust = {d: s.get("worst_case") for d, s in stats.items()}
+    if any(robust.values()):
         doc.add(
             Figure(
                 f"{slug}-fig2-defenses",
-                figures.defenses_figure(clean, robust, pgd, f"{dataset}/{model}"),
-                f"Figure 2: clean and {pgd} accuracy per defence (measured; error bars: std over seeds).",
+                figures.defenses_figure(clean, robust, "worst case", f"{dataset}/{model}, {where}: {worst}"),
+                f"Figure 2: clean and per-sample worst-case accuracy per defence ({worst}; measured; error bars: "
+                "std over seeds).",
             )
         )
     curves = {
@@ -453,17 +460,19 @@ def eps_section(results: Results, doc: Document, rows: list[dict[str, Any]], ind
         attack = None
         grid_eps = sorted({float(r["eps"]) for r in members})
         if len(grid_eps) > 1:
+            seen: dict[str, dict[str, Any]] = {}
             for defense in dict.fromkeys(r["defense"] for r in members):
                 points = []
                 for eps in grid_eps:
                     stat = seed_stats(
                         [r for r in members if r["defense"] == defense and float(r["eps"]) == eps]
                     )
-                    if stat.get("pgd"):
-                        points.append((eps, stat["pgd"].mean))
-                        attack = attack or stat["attack_labels"]["pgd"]
+                    if stat.get("worst_case"):
+                        points.append((eps, stat["worst_case"].mean))
+                        seen[f"{defense}@{eps}"] = stat
                 if points:
                     curves[defense] = ([p[0] for p in points], [p[1] for p in points])
+            attack = _worst_case_text(seen) if seen else None
             source = "one point per eps of the grid (each model trained at that eps), seed mean"
         else:
             for row in members:
@@ -476,7 +485,8 @@ def eps_section(results: Results, doc: Document, rows: list[dict[str, Any]], ind
             doc.add(
                 Figure(
                     f"{index:02d}-{dataset}-{model}-eps-curves",
-                    figures.eps_curves_figure(curves, attack or "PGD", f"{dataset}/{model}"),
+                    figures.eps_curves_figure(curves, "the worst case" if len(grid_eps) > 1 else attack or "PGD",
+                                              f"{dataset}/{model}: accuracy vs eps, {attack or 'PGD'}"),
                     f"Accuracy vs eps under {attack or 'PGD'} ({source}).",
                 )
             )

@@ -139,7 +139,14 @@ class Stat:
 
 
 def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Seed-averaged Table 1 and Table 2 quantities of one defence in one group, with attack labels."""
+    """Seed-averaged Table 1 and Table 2 quantities of one defence in one group, with attack labels.
+
+    ``strengths`` lists the evaluations' strengths (``autoattack-grade`` / ``upper-bound``, inferred
+    from the attacks for entries that predate the field) and ``worst_case_over`` the attacks behind
+    the worst case.
+    """
+    from robustlab.evaluation import strength
+
     finished = [r for r in rows if r.get("status") == "finished"]
     per_attack: dict[str, list[float]] = defaultdict(list)
     labels: dict[str, set[str]] = defaultdict(set)
@@ -160,6 +167,11 @@ def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "shared_training": sorted({str(r["training_shared_with"]) for r in finished if r.get("training_shared_with")}),
         "audit": sorted({str(r["audit_verdict"]) for r in finished if r.get("audit_verdict")}),
         "attack_labels": {k: ", ".join(sorted(v)) for k, v in labels.items()},
+        "strengths": sorted({strength(r["evaluation"]) for r in finished if r.get("evaluation")}),
+        "worst_case_over": list(dict.fromkeys(
+            label for r in finished if r.get("evaluation")
+            for label in ((r["evaluation"]["worst_case"].get("attack") or {}).get("over") or [])
+        )),
         "failed": [r["cell"] for r in rows if r.get("status") == "failed"],
         "statuses": sorted({str(r.get("status")) for r in rows}),
         "progress": [f"{r['epochs_done']}/{r['epochs']} epochs" for r in rows if "epochs_done" in r],

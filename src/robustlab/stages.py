@@ -1,0 +1,235 @@
+"""AutoAttack inside an evaluation: stage by stage over all batches, shown as it goes, resumable.
+
+:func:`robustlab.attacks.autoattack` runs its stages (APGD-CE, APGD-T, FAB-T, Square) on one batch.
+An evaluation of thousands of images runs for hours on a CPU, so here the loop is turned around: each
+stage attacks the still-robust points of every batch before the next stage starts. That gives
+
+- a progress bar per stage with an ETA (on a terminal), and one line per finished stage with the
+  robust accuracy left after it (always, so a log file shows it too);
+- the per-stage robust accuracy in the result, not only the final one;
+- a state file written (atomically) after every stage: which points are still robust and the
+  adversarial images of the points already broken, in the spirit of auto-attack's ``state.py``. An
+  interrupted evaluation that is started again with the same model, samples, attack and seed skips the
+  finished stages; one with anything different ignores the file. Every batch's random draws are seeded
+  from ``(seed, stream, batch, stage)``, so a resumed evaluation gives exactly the uninterrupted result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robustlab.attacks.autoattack import (
+    FULL_QUERIES,
+    FULL_STEPS,
+    attacked_model,
+    autoattack,
+    autoattack_stages,
+    run_stage,
+)
+from robustlab.attacks.core import frozen
+from robustlab.attacks.wrappers import EOT_SAMPLES
+from robustlab.data import Split
+from robustlab.distributed import batch_seed
+from robustlab.errors import ConfigError
+from robustlab.memory import split_on_oom
+from robustlab.metrics import iterate
+from robustlab.rundir import atomic_write_bytes
+
+Batches = Callable[[], Any]  # yields (x, y) device batches of the evaluated samples, in `mine` order
+
+
+@dataclass
+class StagedResult:
+    """Per batch: the adversarial images; per stage: the still-robust mask of every batch and its seconds."""
+
+    x_adv: dict[int, torch.Tensor]
+    masks: dict[str, dict[int, np.ndarray]]  # "clean", then each stage name
+    seconds: dict[str, float]
+    resumed_stages: int
+
+
+def stage_params(params: dict[str, Any]) -> dict[str, Any]:
+    """AutoAttack's ``version``, ``steps``, ``queries``, ``eot_samples`` from a record; unknown keys are errors."""
+    accepted = {"version", "steps", "queries", "eot_samples"}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        names = ", ".join(k for k in inspect.signature(autoattack).parameters if k in accepted)
+        raise ConfigError(f"attack 'autoattack' has no parameter {', '.join(unknown)}; accepted: {names}")
+    return {"version": "standard", "steps": FULL_STEPS, "queries": FULL_QUERIES, "eot_samples": EOT_SAMPLES,
+            **params}
+
+
+def model_digest(model: nn.Module) -> str:
+    """A hash of every parameter and buffer: a state file only resumes the very same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def state_file(state_dir: Path, key: str, label: str, rank: int, world_size: int) -> Path:
+    """``STATE_DIR/<threat key>.<label>.partial.npz`` (one per rank under torchrun)."""
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
+    suffix = f".rank{rank}of{world_size}" if world_size > 1 else ""
+    return state_dir / f"{key}.{slug}{suffix}.partial.npz"
+
+
+def run_autoattack(
+    model: nn.Module,
+    grad_model: nn.Module,
+    split: Split,
+    mine: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    params: dict[str, Any],
+    *,
+    eps: float,
+    norm: str,
+    seed: int,
+    stream: int,
+    label: str,
+    state_path: Path | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> StagedResult:
+    """AutoAttack on the batches ``mine`` of ``split``, stage by stage; see the module docstring.
+
+    ``grad_model`` is what the stages differentiate and what judges success (the evaluation's adaptive
+    model, as :func:`robustlab.attacks.autoattack` would be given it). ``fingerprint`` describes
+    everything else the result depends on; a state file written under another one is not resumed.
+    """
+    p = stage_params(params)
+    # each stage's attack retries an out-of-memory batch in halves, as the evaluation's other attacks do
+    stages = [(name, split_on_oom(fn), kw)
+              for name, fn, kw in autoattack_stages(p["version"], p["steps"], p["queries"])]
+    attacked = attacked_model(grad_model, p["version"], p["eot_samples"])
+    tag = json.dumps({**(fingerprint or {}), "params": p, "eps": eps, "norm": norm, "seed": seed,
+                      "stream": stream, "batches": list(mine), "batch_size": batch_size}, sort_keys=True,
+                     default=str)
+
+    def batches() -> Any:
+        return zip(mine, iterate(split, batch_size, device, mine), strict=True)
+
+    saved = _load(state_path, tag) if state_path is not None else None
+    if saved is not None:
+        masks, seconds, x_adv = _restore(saved, batches(), [s[0] for s in stages])
+    else:
+        masks, seconds, x_adv = {"clean": {}}, {}, {}
+        for batch, (x, y) in batches():
+            torch.manual_seed(batch_seed(seed, stream, batch, 0))
+            with frozen(grad_model), torch.no_grad():
+                masks["clean"][batch] = (grad_model(x).argmax(1) == y).cpu().numpy()
+            x_adv[batch] = x.cpu()
+    done = len(masks) - 1
+    total = sum(len(m) for m in masks["clean"].values())
+    if progress and done:
+        tqdm.write(f"{label}: resuming after stage {done}/{len(stages)} ({stages[done - 1][0]}) from {state_path}",
+                   file=sys.stderr)
+    try:
+        _run_stages(stages, done, masks, seconds, x_adv, batches, grad_model, attacked, device, eps=eps, norm=norm,
+                    seed=seed, stream=stream, label=label, tag=tag, state_path=state_path, progress=progress,
+                    total=total, n_batches=len(mine))
+    except KeyboardInterrupt:
+        if state_path is not None and state_path.exists():
+            print(f"\ninterrupted: {label}'s finished stages are kept in {state_path}; rerun the same command to "
+                  "resume", file=sys.stderr)
+        raise
+    return StagedResult(x_adv, masks, seconds, done)
+
+
+def _run_stages(
+    stages: list, done: int, masks: dict[str, dict[int, np.ndarray]], seconds: dict[str, float],
+    x_adv: dict[int, torch.Tensor], batches: Callable[[], Any], grad_model: nn.Module, attacked: nn.Module,
+    device: torch.device, *, eps: float, norm: str, seed: int, stream: int, label: str, tag: str,
+    state_path: Path | None, progress: bool, total: int, n_batches: int,
+) -> None:
+    """Stages ``done`` onwards over every batch, saving the state after each; updates the mappings in place."""
+    show_bar = progress and sys.stderr.isatty()
+    for k, stage in enumerate(stages[done:], start=done):
+        name = stage[0]
+        previous = masks[stages[k - 1][0]] if k else masks["clean"]
+        masks[name] = {}
+        tic = time.perf_counter()
+        bar = tqdm(total=n_batches, desc=f"{label} {k + 1}/{len(stages)} {name}", unit="batch",
+                   disable=not show_bar, leave=False)
+        for batch, (x, y) in batches():
+            torch.manual_seed(batch_seed(seed, stream, batch, k + 1))
+            robust = torch.from_numpy(previous[batch].copy()).to(device)
+            adv = x_adv[batch].to(device)
+            run_stage(stage, grad_model, attacked, x, y, adv, robust, eps=eps, norm=norm)
+            x_adv[batch], masks[name][batch] = adv.cpu(), robust.cpu().numpy()
+            bar.update(1)
+        bar.close()
+        seconds[name] = time.perf_counter() - tic
+        if state_path is not None:
+            _save(state_path, tag, masks, seconds, x_adv)
+        if progress:
+            left = sum(int(m.sum()) for m in masks[name].values())
+            tqdm.write(f"{label} stage {k + 1}/{len(stages)} {name}: {left} of {total} still robust "
+                       f"({100 * left / max(total, 1):.2f}%), {seconds[name]:.1f} s", file=sys.stderr)
+
+
+def _save(path: Path, tag: str, masks: dict[str, dict[int, np.ndarray]], seconds: dict[str, float],
+          x_adv: dict[int, torch.Tensor]) -> None:
+    """Masks per stage, seconds per stage, and only the adversarial images of the points broken so far."""
+    order = sorted(masks["clean"])
+    names = list(masks)
+    stacked = np.stack([np.concatenate([masks[n][b] for b in order]) for n in names])
+    broken = stacked[0] & ~stacked[-1]
+    images = torch.cat([x_adv[b] for b in order]).numpy()[broken]
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, tag=np.array(tag), names=np.array(names), masks=stacked,
+                        seconds=np.array([seconds.get(n, 0.0) for n in names]), broken=images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load(path: Path, tag: str) -> dict[str, np.ndarray] | None:
+    """The saved state if it belongs to this very evaluation (same tag), else None."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            state = {key: archive[key] for key in archive.files}
+    except (FileNotFoundError, ValueError, OSError, KeyError):
+        return None
+    return state if str(state.get("tag")) == tag else None
+
+
+def _restore(
+    state: dict[str, np.ndarray], batches: Any, stage_names: list[str]
+) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, float], dict[int, torch.Tensor]]:
+    names = [str(n) for n in state["names"]]
+    if names[0] != "clean" or names[1:] != stage_names[: len(names) - 1]:
+        raise ConfigError("AutoAttack state file does not match the stages of this version")
+    masks: dict[str, dict[int, np.ndarray]] = {n: {} for n in names}
+    seconds = {n: float(s) for n, s in zip(names, state["seconds"], strict=True) if n != "clean"}
+    x_adv: dict[int, torch.Tensor] = {}
+    broken = state["masks"][0] & ~state["masks"][-1]
+    images = torch.from_numpy(state["broken"])
+    start, taken = 0, 0
+    for batch, (x, _) in batches:
+        stop = start + len(x)
+        for i, n in enumerate(names):
+            masks[n][batch] = state["masks"][i][start:stop]
+        adv = x.cpu().clone()
+        here = torch.from_numpy(broken[start:stop])
+        count = int(here.sum())
+        adv[here] = images[taken : taken + count]
+        x_adv[batch] = adv
+        start, taken = stop, taken + count
+    return masks, seconds, x_adv
