@@ -101,18 +101,51 @@ HISTOGRAM_BINS = 20
 _INTERNAL_ARGS = {"model", "x", "y", "eps", "norm", "targeted", "target", "generator", "validate"}
 
 
-def subset(split: Split, n: int | None) -> tuple[Split, torch.Tensor]:
-    """The evaluated samples: all of ``split``, or ``n`` of them drawn with the fixed ``SUBSET_SEED``.
+#: How ``n`` of a split's samples are chosen: ``random`` (a fixed-seed random ``n``; a prefix of a folder
+#: dataset, sorted by class, would test a few classes only) or ``first`` (the first ``n`` in the split's
+#: order: RobustBench's convention on CIFAR-10, whose test batch is not sorted by class).
+SUBSETS = ("random", "first")
 
-    A random subset, not the first ``n``: folder datasets are sorted by class, so a prefix would test a
-    few classes only. The seed is fixed (independent of the attack seed) so that every evaluation of
-    the same split with the same ``n`` sees the same samples, which paired tests (McNemar) require.
+
+def choose_samples(split: Split, n: int | None, how: str = "random") -> tuple[Split, torch.Tensor]:
+    """The evaluated samples: all of ``split``, or ``n`` of them chosen as ``how`` says (:data:`SUBSETS`).
+
+    Both choices are fixed (the random one by ``SUBSET_SEED``, independent of the attack seed), so every
+    evaluation of the same split with the same ``n`` sees the same samples, which paired tests
+    (McNemar) require.
     """
+    if how not in SUBSETS:
+        raise ConfigError(f"unknown subset '{how}'; valid: {', '.join(SUBSETS)}")
     if n is None or n >= len(split):
         return split, torch.arange(len(split))
-    generator = torch.Generator().manual_seed(SUBSET_SEED)
-    indices = torch.randperm(len(split), generator=generator)[:n].sort().values
+    if how == "first":
+        indices = torch.arange(n)
+    else:
+        generator = torch.Generator().manual_seed(SUBSET_SEED)
+        indices = torch.randperm(len(split), generator=generator)[:n].sort().values
     return Split(split.images[indices], split.labels[indices]), indices
+
+
+#: The samples :func:`evaluate_model` attacks for a given ``n`` (default: the fixed random subset).
+subset = choose_samples
+
+
+def subset_name(n: int, total: int, how: str) -> str:
+    """The name every output gives the evaluated samples: ``all``, ``first-1000``, ``random-1000-seed0``."""
+    if n >= total:
+        return "all"
+    return f"first-{n}" if how == "first" else f"random-{n}-seed{SUBSET_SEED}"
+
+
+def subset_text(samples: dict[str, Any]) -> str:
+    """Readable sample description from an entry's ``samples``: "the first 1000 of 10000 test images"."""
+    n, total, split = samples.get("n"), samples.get("of"), samples.get("split", "test")
+    name = samples.get("subset") or ("all" if n == total else f"random-{n}-seed{SUBSET_SEED}")
+    if name == "all":
+        return f"all {n} {split} images"
+    if name.startswith("first-"):
+        return f"the first {n} of {total} {split} images"
+    return f"a fixed random {n} of {total} {split} images (seed {name.rsplit('seed', 1)[-1]})"
 
 
 def threat_key(norm: str, eps: float) -> str:
@@ -356,15 +389,18 @@ def evaluate_model(
     batch_size: int = 256,
     seed: int = 0,
     n: int | None = None,
+    subset: str = "random",
     device: torch.device | str | None = None,
     eot_samples: int = EOT_SAMPLES,
     random_passes: int = 5,
     n_boot: int = 1000,
     progress: bool = False,
 ) -> EvaluationResult:
-    """Clean, per-attack and worst-case accuracy of ``model`` on the first ``n`` samples of ``split``.
+    """Clean, per-attack and worst-case accuracy of ``model`` on ``n`` samples of ``split`` (all by default).
 
     Args:
+        n, subset: attack ``n`` samples chosen as ``subset`` says (:data:`SUBSETS`: ``random``
+            or ``first``); clean accuracy is then also measured on the whole split (``clean_all``).
         attacks: registry specs (``"pgd-40"``, ``{"name": "pgd", "steps": 50, "restarts": 5}``).
         suite: ``"standard"`` adds AutoAttack, ``"rand"`` its version for random defences. A random
             model always gets ``rand`` (APGD-CE + APGD-DLR through EOT), AutoAttack's own protocol for
@@ -388,7 +424,8 @@ def evaluate_model(
             raise InputError(f"{name} must be >= 1, got {value}")
     plan = resolve_attacks(attacks, suite)
     total = len(split)
-    split, indices = subset(split, n)
+    whole = split
+    split, indices = choose_samples(split, n, subset)
     if len(split) == 0:
         raise InputError("the evaluation split is empty")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -429,6 +466,11 @@ def evaluate_model(
                     bar.update(1)
             seconds[label] = time.perf_counter() - tic
         bar.close()
+        clean_all = None
+        if len(split) < total:
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(seed)
+                clean_all = _clean_all(model, whole, batch_size, device, passes, n_boot, seed)
     finally:
         model.train(was_training)
     if group.enabled:  # each rank attacked every world_size-th batch: put the batches back in order
@@ -453,14 +495,28 @@ def evaluate_model(
         worst_case_attack=worst_index,
         model_info=info,
         samples={"split": "test", "n": len(split), "of": total,
-                 "selection": "all" if len(split) == total else f"random subset (seed {SUBSET_SEED})",
+                 "subset": subset_name(len(split), total, subset),
+                 "selection": "all" if len(split) == total else f"{subset} subset"
+                 + (f" (seed {SUBSET_SEED})" if subset == "random" else ""),
                  "digest": split.digest()},
         indices=indices.numpy(),
         seed=seed,
         n_boot=n_boot,
         seconds=time.perf_counter() - started,
-        extra={"versions": _versions()},
+        extra={"versions": _versions(), **({"clean_all": clean_all} if clean_all else {})},
     )
+
+
+def _clean_all(
+    model: nn.Module, split: Split, batch_size: int, device: torch.device, passes: int, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Clean accuracy on every sample of ``split`` (cheap beside the attacks, which see a subset of it)."""
+    correct = np.concatenate(
+        [_classify(model, x, y, passes)[0] for x, y in iterate(split, batch_size, device)], axis=1
+    )
+    per_sample = correct.mean(axis=0)
+    low, high = bootstrap_ci(per_sample, n_boot, seed)
+    return {"accuracy": float(per_sample.mean()), "ci95": [low, high], "n": len(split), "split": "test"}
 
 
 def _merge_ranks(
@@ -532,6 +588,7 @@ def evaluate_run(
     eps: float | None = None,
     norm: str | None = None,
     n: int | None = None,
+    subset: str = "random",
     batch_size: int = 256,
     seed: int = 0,
     device: str = "auto",
@@ -551,7 +608,8 @@ def evaluate_run(
     eps = loaded.config.threat.eps if eps is None else eps
     result = evaluate_model(
         loaded.model, loaded.data.test, eps=eps, norm=norm, attacks=attacks, suite=suite,
-        batch_size=batch_size, seed=seed, n=n, eot_samples=eot_samples, random_passes=random_passes,
+        batch_size=batch_size, seed=seed, n=n, subset=subset, eot_samples=eot_samples,
+        random_passes=random_passes,
         n_boot=n_boot, progress=progress,
     )
     run = RunDir(run_dir)
@@ -619,7 +677,7 @@ def format_table(result: EvaluationResult) -> Any:
     from rich.table import Table
 
     norm, eps = result.threat["norm"], result.threat["eps"]
-    table = Table(title=f"{result.samples['n']} test samples, {norm} eps={eps:.4g}: accuracy (%)")
+    table = Table(title=f"{subset_text(result.samples)}, {norm} eps={eps:.4g}: accuracy (%)")
     for column in ("measure", "attack", "accuracy [95% CI]", "conf.", "ECE", "s"):
         table.add_column(column, justify="left" if column in ("measure", "attack") else "right")
     for m in (result.clean, *result.attacks.values(), result.worst_case):
@@ -637,7 +695,13 @@ def format_table(result: EvaluationResult) -> Any:
 def summary_lines(result: EvaluationResult) -> list[str]:
     """Plain-text lines under the table: robust accuracy, gaps, adaptive mode, cost."""
     w = result.worst_case
-    lines = [
+    lines = []
+    clean_all = result.extra.get("clean_all")
+    if clean_all:
+        lines.append(f"clean accuracy on all {clean_all['n']} test images: {100 * clean_all['accuracy']:.2f}% "
+                     f"[{100 * clean_all['ci95'][0]:.1f}, {100 * clean_all['ci95'][1]:.1f}]; "
+                     f"attacks on {subset_text(result.samples)} ({result.samples['subset']})")
+    lines += [
         f"robust accuracy (per-sample worst case, {_attack_text(w.attack)}): {100 * w.accuracy:.2f}% "
         f"[{100 * w.ci95[0]:.1f}, {100 * w.ci95[1]:.1f}]",
         f"robustness gap clean - worst case: {100 * result.gap:.2f} points"
@@ -692,6 +756,7 @@ def read_samples(
 __all__ = [
     "DEFAULT_ATTACKS",
     "SUITES",
+    "SUBSETS",
     "EvaluationResult",
     "Measurement",
     "confidence_summary",
@@ -703,6 +768,10 @@ __all__ = [
     "read_samples",
     "resolve_attacks",
     "save_evaluation",
+    "choose_samples",
+    "subset",
+    "subset_name",
+    "subset_text",
     "summary_lines",
     "threat_key",
 ]

@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -101,7 +101,9 @@ class GridAxes(_Strict):
 class EvaluationSettings(_Strict):
     """What ``evaluate_run`` is asked to measure for every cell.
 
-    ``attacks``, ``suite`` and ``n`` are the common knobs; ``options`` passes further keywords of
+    ``attacks``, ``suite``, ``n`` and ``subset`` (which ``n`` test images the attacks see: ``random``, a
+    fixed-seed random ``n``, or ``first``, RobustBench's convention) are the common knobs; clean
+    accuracy is measured on every test image either way. ``options`` passes further keywords of
     ``evaluate_run`` (e.g. ``eot_samples``). ``audit`` runs ``robustlab.audit.audit_run`` (when that
     module exists) with ``audit_options`` (e.g. ``n``, ``surrogate_epochs``, ``square_queries``).
     All names are checked before any training starts.
@@ -110,6 +112,7 @@ class EvaluationSettings(_Strict):
     attacks: list[str | dict[str, Any]] | None = None
     suite: str | None = None
     n: int | None = Field(default=None, ge=1)
+    subset: Literal["random", "first"] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     audit: bool = True
     audit_options: dict[str, Any] = Field(default_factory=dict)
@@ -916,7 +919,13 @@ def cell_row(cell: Cell) -> dict[str, Any]:
     entry = _evaluation_entry(cell)
     if entry is not None:
         row["test_n"] = entry["samples"]["n"]
-        row["clean"] = entry["clean"]["accuracy"]
+        row["test_of"] = entry["samples"].get("of")
+        row["test_subset"] = entry["samples"].get("subset")
+        clean_all = entry.get("clean_all")  # the attacks saw a subset; clean accuracy covers every test image
+        row["clean"] = clean_all["accuracy"] if clean_all else entry["clean"]["accuracy"]
+        row["clean_n"] = clean_all["n"] if clean_all else entry["samples"]["n"]
+        if clean_all:
+            row["clean_attacked"] = entry["clean"]["accuracy"]
         for label, measurement in entry["attacks"].items():
             row[f"acc:{label}"] = measurement["accuracy"]
         row["worst_case"] = entry["worst_case"]["accuracy"]
