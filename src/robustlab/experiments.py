@@ -533,7 +533,7 @@ def _read_state(cell: Cell) -> dict[str, Any]:
 
 def _evaluation_kwargs(settings: EvaluationSettings, device: str) -> dict[str, Any]:
     """Keyword arguments for :func:`robustlab.evaluation.evaluate_run` (validated by ``check_evaluation``)."""
-    common = {"attacks": settings.attacks, "suite": settings.suite, "n": settings.n}
+    common = {"attacks": settings.attacks, "suite": settings.suite, "n": settings.n, "subset": settings.subset}
     return {**{k: v for k, v in common.items() if v is not None}, **settings.options, "device": device}
 
 
