@@ -648,6 +648,7 @@ def run_cell(
 ) -> bool:
     """Train (or resume), evaluate and audit one cell; returns False when everything was already done."""
     from robustlab.evaluation import evaluate_run
+    from robustlab.training import restore_selected_weights
 
     run = RunDir(cell.run_dir)
     did_work = False
@@ -665,6 +666,8 @@ def run_cell(
         log(f"[{cell.id}] training{' (resuming)' if run.exists() else ''}")
         _train(cell, data, progress, isolate)
         did_work = True
+    if restore_selected_weights(cell.run_dir):
+        log(f"[{cell.id}] model.safetensors restored from resume.pt (trained on another machine)")
     state = _read_state(cell)
     state.pop("error", None)  # an earlier failure of this cell is resolved once it trains
     kwargs = _evaluation_kwargs(settings, cell.config.train.device)
@@ -682,6 +685,8 @@ def run_cell(
         state.update(audited=True)
         write_json(cell.state_path, state)
         did_work = True
+    if run.resume.exists():  # done: its resume state (weights included) must not stay in a committed results dir
+        run.resume.unlink()
     return did_work
 
 
