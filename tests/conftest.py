@@ -18,6 +18,10 @@ requires_mnist = pytest.mark.skipif(
     not (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists(),
     reason="MNIST not present under ../shared/data",
 )
+requires_cifar10 = pytest.mark.skipif(
+    not (SHARED_DATA / "cifar-10-batches-py" / "test_batch").exists(),
+    reason="CIFAR-10 not present under ../shared/data",
+)
 requires_imagenet_subset = pytest.mark.skipif(
     not (SHARED_DATA / "imagenet-subset" / "train").is_dir(), reason="imagenet-subset not present under ../shared/data"
 )

@@ -137,14 +137,30 @@ def test_paper_configs_cover_the_papers_matrix(tmp_path, name, dataset, model, s
     assert paper.cells[0].config.train.epochs == 50
 
 
-def test_seed_config_trains_the_paper_grids_cells_with_other_seeds(tmp_path):
-    """configs/paper/mnist_seeds.yaml must differ from the MNIST paper grid's cells by the seed alone, or its
+def test_cifar10_cpu_profile_is_the_whole_matrix_at_a_narrower_resnet18(tmp_path):
+    spec = load_experiment(CONFIGS / "cifar10.yaml")
+    cpu = plan_experiment(spec, tmp_path, profile="cpu")
+    mnist = plan_experiment(load_experiment(CONFIGS / "mnist.yaml"), tmp_path, profile="paper")
+    assert {c.axes["defense"] for c in cpu.cells} == {c.axes["defense"] for c in mnist.cells}
+    assert sorted({round(c.config.threat.eps, 6) for c in cpu.cells}) == [0.03, round(8 / 255, 6)]
+    for cell in cpu.cells:
+        data, model = cell.config.data, cell.config.model
+        assert (data.train_subset, data.test_subset, data.val_size) == (None, None, 5000)
+        assert (model.name, model.depth) == ("resnet18", None) and model.width < 64
+    assert (cpu.evaluation.n, cpu.evaluation.subset, cpu.evaluation.suite) == (1000, "first", "standard")
+    paper = plan_experiment(spec, tmp_path, profile="paper")
+    assert {(c.config.model.name, c.config.model.width) for c in paper.cells} == {("resnet18", None)}
+
+
+@pytest.mark.parametrize(("name", "profile", "n_cells"), [("mnist", "paper", 4), ("cifar10", "cpu", 6)])
+def test_seed_config_trains_the_paper_grids_cells_with_other_seeds(tmp_path, name, profile, n_cells):
+    """configs/paper/<name>_seeds.yaml must differ from the paper grid's cells by the seed alone, or its
     seeds would not pair with the grid's seed 0."""
-    grid = plan_experiment(load_experiment(CONFIGS / "mnist.yaml"), tmp_path, profile="paper")
-    seeds = plan_experiment(load_experiment(CONFIGS / "mnist_seeds.yaml"), tmp_path, profile="paper")
+    grid = plan_experiment(load_experiment(CONFIGS / f"{name}.yaml"), tmp_path, profile=profile)
+    seeds = plan_experiment(load_experiment(CONFIGS / f"{name}_seeds.yaml"), tmp_path, profile=profile)
     assert seeds.evaluation == grid.evaluation
     by_id = {c.id: c.config.model_dump() for c in grid.cells}
-    assert sorted(c.config.seed for c in seeds.cells) == [1, 1, 2, 2]
+    assert sorted(c.config.seed for c in seeds.cells) == sorted([1, 2] * (n_cells // 2))
     for cell in seeds.cells:
         twin = by_id[cell.id.rsplit("-s", 1)[0] + "-s0"]
         assert {**cell.config.model_dump(), "seed": 0} == twin, cell.id

@@ -736,9 +736,12 @@ def audit_run(
         surrogate=source,
         **options,
     )
+    from robustlab.evaluation import subset_name
+
     report.settings.update(
         run_dir=str(loaded.path),
         split="test",
+        subset=subset_name(int(report.settings["n"]), len(loaded.data.test), "first"),  # audit_model takes the first n
         surrogate=f"standard {loaded.config.model.name}, {surrogate_epochs} epochs" if surrogate else None,
     )
     if distributed.from_environment().is_main:

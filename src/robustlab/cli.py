@@ -137,8 +137,10 @@ def evaluate(
     )] = "standard",
     eps: Annotated[str | None, typer.Option(help="pixel budget(s): 0.3 or 8/255,16/255 (default: run's)")] = None,
     norm: Annotated[str | None, typer.Option(help="linf or l2 (default: the run's)")] = None,
-    n: Annotated[int | None, typer.Option("--n", "--samples", help="evaluate N test samples (a fixed-seed random "
-                                          "subset); under torchrun write --samples: torchrun takes --n")] = None,
+    n: Annotated[int | None, typer.Option("--n", "--samples", help="attack N test samples (see --subset; clean "
+                                          "accuracy also on all); under torchrun write --samples")] = None,
+    subset: Annotated[str, typer.Option(help="which N: random (fixed seed) or first (RobustBench's CIFAR-10 "
+                                        "convention)")] = "random",
     batch_size: Annotated[int, typer.Option(help="attack batch size")] = 256,
     seed: Annotated[int, typer.Option(help="seed of the attacks' random starts and of the bootstrap")] = 0,
     eot_samples: Annotated[int, typer.Option(help="EOT gradient samples per step for random defences")] = 20,
@@ -170,7 +172,8 @@ def evaluate(
 
     specs = list(DEFAULT_ATTACKS) if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
     options = {
-        "attacks": specs, "suite": suite, "n": n, "batch_size": batch_size, "seed": seed, "n_boot": n_boot,
+        "attacks": specs, "suite": suite, "n": n, "subset": subset, "batch_size": batch_size, "seed": seed,
+        "n_boot": n_boot,
         "eot_samples": eot_samples, "random_passes": random_passes, "progress": progress,
         "attack_precision": attack_precision,
     }

@@ -95,13 +95,22 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: str = "lenet5"
     depth: int | None = Field(default=None, ge=10, le=106)
-    width: int | None = Field(default=None, ge=1, le=20)
+    width: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="wide_resnet: widening factor (<= 20); resnet18 / preact_resnet18: first-stage channels (64)",
+    )
 
     @model_validator(mode="after")
     def _known_model(self) -> ModelConfig:
-        from robustlab.models import validate_model_name
+        from robustlab.models import WIDTH_MODELS, validate_model_name
 
         validate_model_name(self.name)
+        if self.width is not None:
+            if self.name == "wide_resnet" and self.width > 20:
+                raise ValueError(f"width={self.width}: wide_resnet's widening factor must be <= 20")
+            if self.name not in (*WIDTH_MODELS, "wide_resnet"):
+                raise ValueError(f"model '{self.name}' takes no width (models with one: wide_resnet, "
+                                 f"{', '.join(WIDTH_MODELS)})")
         return self
 
 

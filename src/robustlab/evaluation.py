@@ -124,18 +124,51 @@ HISTOGRAM_BINS = 20
 _INTERNAL_ARGS = {"model", "x", "y", "eps", "norm", "targeted", "target", "generator", "validate"}
 
 
-def subset(split: Split, n: int | None) -> tuple[Split, torch.Tensor]:
-    """The evaluated samples: all of ``split``, or ``n`` of them drawn with the fixed ``SUBSET_SEED``.
+#: How ``n`` of a split's samples are chosen: ``random`` (a fixed-seed random ``n``; a prefix of a folder
+#: dataset, sorted by class, would test a few classes only) or ``first`` (the first ``n`` in the split's
+#: order: RobustBench's convention on CIFAR-10, whose test batch is not sorted by class).
+SUBSETS = ("random", "first")
 
-    A random subset, not the first ``n``: folder datasets are sorted by class, so a prefix would test a
-    few classes only. The seed is fixed (independent of the attack seed) so that every evaluation of
-    the same split with the same ``n`` sees the same samples, which paired tests (McNemar) require.
+
+def choose_samples(split: Split, n: int | None, how: str = "random") -> tuple[Split, torch.Tensor]:
+    """The evaluated samples: all of ``split``, or ``n`` of them chosen as ``how`` says (:data:`SUBSETS`).
+
+    Both choices are fixed (the random one by ``SUBSET_SEED``, independent of the attack seed), so every
+    evaluation of the same split with the same ``n`` sees the same samples, which paired tests
+    (McNemar) require.
     """
+    if how not in SUBSETS:
+        raise ConfigError(f"unknown subset '{how}'; valid: {', '.join(SUBSETS)}")
     if n is None or n >= len(split):
         return split, torch.arange(len(split))
-    generator = torch.Generator().manual_seed(SUBSET_SEED)
-    indices = torch.randperm(len(split), generator=generator)[:n].sort().values
+    if how == "first":
+        indices = torch.arange(n)
+    else:
+        generator = torch.Generator().manual_seed(SUBSET_SEED)
+        indices = torch.randperm(len(split), generator=generator)[:n].sort().values
     return Split(split.images[indices], split.labels[indices]), indices
+
+
+#: The samples :func:`evaluate_model` attacks for a given ``n`` (default: the fixed random subset).
+subset = choose_samples
+
+
+def subset_name(n: int, total: int, how: str) -> str:
+    """The name every output gives the evaluated samples: ``all``, ``first-1000``, ``random-1000-seed0``."""
+    if n >= total:
+        return "all"
+    return f"first-{n}" if how == "first" else f"random-{n}-seed{SUBSET_SEED}"
+
+
+def subset_text(samples: dict[str, Any]) -> str:
+    """Readable sample description from an entry's ``samples``: "the first 1000 of 10000 test images"."""
+    n, total, split = samples.get("n"), samples.get("of"), samples.get("split", "test")
+    name = samples.get("subset") or ("all" if n == total else f"random-{n}-seed{SUBSET_SEED}")
+    if name == "all":
+        return f"all {n} {split} images"
+    if name.startswith("first-"):
+        return f"the first {n} of {total} {split} images"
+    return f"a fixed random {n} of {total} {split} images (seed {name.rsplit('seed', 1)[-1]})"
 
 
 def threat_key(norm: str, eps: float) -> str:
@@ -426,6 +459,7 @@ def evaluate_model(
     batch_size: int = 256,
     seed: int = 0,
     n: int | None = None,
+    subset: str = "random",
     device: torch.device | str | None = None,
     eot_samples: int = EOT_SAMPLES,
     random_passes: int = 5,
@@ -434,9 +468,11 @@ def evaluate_model(
     attack_precision: str = "fp32",
     state_dir: str | Path | None = None,
 ) -> EvaluationResult:
-    """Clean, per-attack and worst-case accuracy of ``model`` on the first ``n`` samples of ``split``.
+    """Clean, per-attack and worst-case accuracy of ``model`` on ``n`` samples of ``split`` (all by default).
 
     Args:
+        n, subset: attack ``n`` samples chosen as ``subset`` says (:data:`SUBSETS`: ``random``
+            or ``first``); clean accuracy is then also measured on the whole split (``clean_all``).
         attacks: registry specs (``"pgd-40"``, ``{"name": "pgd", "steps": 50, "restarts": 5}``).
         suite: ``"standard"`` (default) adds AutoAttack, ``"rand"`` its version for random defences,
             ``"quick"`` (or None) nothing: the result's ``strength`` is then ``upper-bound``. A random
@@ -469,7 +505,8 @@ def evaluate_model(
         raise InputError(f"attack_precision must be 'fp32' or 'bf16', got {attack_precision!r}")
     plan = resolve_attacks(attacks, suite)
     total = len(split)
-    split, indices = subset(split, n)
+    whole = split
+    split, indices = choose_samples(split, n, subset)
     if len(split) == 0:
         raise InputError("the evaluation split is empty")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -535,6 +572,11 @@ def evaluate_model(
             if bar.disable:  # no live bar (a log, not a terminal): one line per attack instead
                 progress_line(f"evaluate: {label} done in {seconds[label]:.1f}s", speak, sys.stderr)
         bar.close()
+        clean_all = None
+        if len(split) < total:
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(seed)
+                clean_all = _clean_all(model, whole, batch_size, device, passes, n_boot, seed)
     finally:
         model.train(was_training)
     if group.enabled:  # each rank attacked every world_size-th batch: put the batches back in order
@@ -564,15 +606,28 @@ def evaluate_model(
         worst_case_attack=worst_index,
         model_info=info,
         samples={"split": "test", "n": len(split), "of": total,
-                 "selection": "all" if len(split) == total else f"random subset (seed {SUBSET_SEED})",
+                 "subset": subset_name(len(split), total, subset),
+                 "selection": "all" if len(split) == total else f"{subset} subset"
+                 + (f" (seed {SUBSET_SEED})" if subset == "random" else ""),
                  "digest": split.digest()},
         indices=indices.numpy(),
         seed=seed,
         n_boot=n_boot,
         seconds=time.perf_counter() - started,
         strength=grade,
-        extra={"versions": _versions()},
+        extra={"versions": _versions(), **({"clean_all": clean_all} if clean_all else {})},
     )
+
+
+def _clean_all(
+    model: nn.Module, split: Split, batch_size: int, device: torch.device, passes: int, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Clean accuracy on every sample of ``split`` (cheap beside the attacks, which see a subset of it)."""
+    correct = torch.cat([_classify(model, x, y, passes)[0] for x, y in iterate(split, batch_size, device)], dim=1)
+    correct = correct.cpu().numpy()  # one device-to-host copy
+    per_sample = correct.mean(axis=0)
+    low, high = bootstrap_ci(per_sample, n_boot, seed)
+    return {"accuracy": float(per_sample.mean()), "ci95": [low, high], "n": len(split), "split": "test"}
 
 
 def _merge_ranks(parts: list[tuple[dict, dict[str, float], dict[str, dict[str, Any]]]]) -> tuple[dict, dict, dict]:
@@ -664,6 +719,7 @@ def evaluate_run(
     eps: float | None = None,
     norm: str | None = None,
     n: int | None = None,
+    subset: str = "random",
     batch_size: int = 256,
     seed: int = 0,
     device: str = "auto",
@@ -687,8 +743,8 @@ def evaluate_run(
     eps = loaded.config.threat.eps if eps is None else eps
     result = evaluate_model(
         loaded.model, loaded.data.test, eps=eps, norm=norm, attacks=attacks, suite=suite,
-        batch_size=batch_size, seed=seed, n=n, eot_samples=eot_samples, random_passes=random_passes,
-        n_boot=n_boot, progress=progress, attack_precision=attack_precision,
+        batch_size=batch_size, seed=seed, n=n, subset=subset, eot_samples=eot_samples,
+        random_passes=random_passes, n_boot=n_boot, progress=progress, attack_precision=attack_precision,
         state_dir=Path(run_dir) / "evaluation" if write else None,
     )
     result.cost = previous.get("cost")
@@ -758,7 +814,7 @@ def format_table(result: EvaluationResult) -> Any:
 
     norm, eps = result.threat["norm"], result.threat["eps"]
     bound = "" if result.strength == AUTOATTACK_GRADE else " (quick suite: robust numbers are upper bounds)"
-    table = Table(title=f"{result.samples['n']} test samples, {norm} eps={eps:.4g}: accuracy (%){bound}")
+    table = Table(title=f"{subset_text(result.samples)}, {norm} eps={eps:.4g}: accuracy (%){bound}")
     for column in ("measure", "attack", "accuracy [95% CI]", "conf.", "ECE", "s"):
         table.add_column(column, justify="left" if column in ("measure", "attack") else "right")
     for m in (result.clean, *result.attacks.values(), result.worst_case):
@@ -777,7 +833,13 @@ def summary_lines(result: EvaluationResult) -> list[str]:
     """Plain-text lines under the table: robust accuracy and its strength, evidence, gaps, adaptive mode, cost."""
     w = result.worst_case
     graded = result.strength == AUTOATTACK_GRADE
-    lines = [
+    lines = []
+    clean_all = result.extra.get("clean_all")
+    if clean_all:
+        lines.append(f"clean accuracy on all {clean_all['n']} test images: {100 * clean_all['accuracy']:.2f}% "
+                     f"[{100 * clean_all['ci95'][0]:.1f}, {100 * clean_all['ci95'][1]:.1f}]; "
+                     f"attacks on {subset_text(result.samples)} ({result.samples['subset']})")
+    lines += [
         f"robust accuracy{'' if graded else ' UPPER BOUND'} (per-sample worst case, {_attack_text(w.attack)}): "
         f"{100 * w.accuracy:.2f}% [{100 * w.ci95[0]:.1f}, {100 * w.ci95[1]:.1f}]"
         + ("; AutoAttack-grade" if graded else f"; {UPPER_BOUND_NOTE}"),
@@ -885,6 +947,7 @@ __all__ = [
     "SUITES",
     "UPPER_BOUND",
     "UPPER_BOUND_NOTE",
+    "SUBSETS",
     "EvaluationResult",
     "Measurement",
     "confidence_summary",
@@ -900,6 +963,10 @@ __all__ = [
     "save_evaluation",
     "stage_lines",
     "strength",
+    "choose_samples",
+    "subset",
+    "subset_name",
+    "subset_text",
     "summary_lines",
     "threat_key",
 ]

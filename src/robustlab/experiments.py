@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -110,8 +110,10 @@ class GridAxes(_Strict):
 class EvaluationSettings(_Strict):
     """What ``evaluate_run`` is asked to measure for every cell.
 
-    ``attacks``, ``suite`` and ``n`` are the common knobs (``suite`` unset: ``standard``, AutoAttack-grade,
-    as for ``robustlab evaluate``; ``quick``: upper bounds only); ``options`` passes further keywords of
+    ``attacks``, ``suite``, ``n`` and ``subset`` (which ``n`` test images the attacks see: ``random``, a
+    fixed-seed random ``n``, or ``first``, RobustBench's convention) are the common knobs (``suite`` unset:
+    ``standard``, AutoAttack-grade, as for ``robustlab evaluate``; ``quick``: upper bounds only); clean
+    accuracy is measured on every test image either way. ``options`` passes further keywords of
     ``evaluate_run`` (e.g. ``eot_samples``). ``audit`` runs ``robustlab.audit.audit_run`` (when that
     module exists) with ``audit_options`` (e.g. ``n``, ``surrogate_epochs``, ``square_queries``).
     All names are checked before any training starts.
@@ -120,6 +122,7 @@ class EvaluationSettings(_Strict):
     attacks: list[str | dict[str, Any]] | None = None
     suite: str | None = None
     n: int | None = Field(default=None, ge=1)
+    subset: Literal["random", "first"] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     audit: bool = True
     audit_options: dict[str, Any] = Field(default_factory=dict)
@@ -544,7 +547,7 @@ def _read_state(cell: Cell) -> dict[str, Any]:
 
 def _evaluation_kwargs(settings: EvaluationSettings, device: str) -> dict[str, Any]:
     """Keyword arguments for :func:`robustlab.evaluation.evaluate_run` (validated by ``check_evaluation``)."""
-    common = {"attacks": settings.attacks, "suite": settings.suite, "n": settings.n}
+    common = {"attacks": settings.attacks, "suite": settings.suite, "n": settings.n, "subset": settings.subset}
     return {**{k: v for k, v in common.items() if v is not None}, **settings.options, "device": device}
 
 
@@ -659,6 +662,7 @@ def run_cell(
 ) -> bool:
     """Train (or resume), evaluate and audit one cell; returns False when everything was already done."""
     from robustlab.evaluation import evaluate_run
+    from robustlab.training import restore_selected_weights
 
     run = RunDir(cell.run_dir)
     did_work = False
@@ -676,6 +680,8 @@ def run_cell(
         log(f"[{cell.id}] training{' (resuming)' if run.exists() else ''}")
         _train(cell, data, progress, isolate)
         did_work = True
+    if restore_selected_weights(cell.run_dir):
+        log(f"[{cell.id}] model.safetensors restored from resume.pt (trained on another machine)")
     state = _read_state(cell)
     state.pop("error", None)  # an earlier failure of this cell is resolved once it trains
     kwargs = _evaluation_kwargs(settings, cell.config.train.device)
@@ -693,6 +699,8 @@ def run_cell(
         state.update(audited=True)
         write_json(cell.state_path, state)
         did_work = True
+    if run.resume.exists():  # done: its resume state (weights included) must not stay in a committed results dir
+        run.resume.unlink()
     return did_work
 
 
@@ -932,7 +940,13 @@ def cell_row(cell: Cell) -> dict[str, Any]:
     entry = _evaluation_entry(cell)
     if entry is not None:
         row["test_n"] = entry["samples"]["n"]
-        row["clean"] = entry["clean"]["accuracy"]
+        row["test_of"] = entry["samples"].get("of")
+        row["test_subset"] = entry["samples"].get("subset")
+        clean_all = entry.get("clean_all")  # the attacks saw a subset; clean accuracy covers every test image
+        row["clean"] = clean_all["accuracy"] if clean_all else entry["clean"]["accuracy"]
+        row["clean_n"] = clean_all["n"] if clean_all else entry["samples"]["n"]
+        if clean_all:
+            row["clean_attacked"] = entry["clean"]["accuracy"]
         for label, measurement in entry["attacks"].items():
             row[f"acc:{label}"] = measurement["accuracy"]
         row["worst_case"] = entry["worst_case"]["accuracy"]

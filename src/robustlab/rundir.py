@@ -7,7 +7,9 @@ Layout of ``RUN_DIR/``::
     history.csv         one row per epoch
     model.safetensors   the selected (best-validation) weights
     last.safetensors    weights at the end of the last finished epoch  } what an interrupted
-    resume.pt           optimiser / scheduler / RNG / objective state  } run resumes from
+    resume.pt           optimiser / scheduler / RNG / objective state  } run resumes from; resume.pt
+                        alone suffices (it holds the last and the selected weights too), so an
+                        unfinished run carried to another machine without its .safetensors resumes
     metrics.json        final evaluation
 
 Every file is written to a temporary sibling, fsynced, then renamed over the target, so a crash or
@@ -192,7 +194,12 @@ def _number(text: str | None) -> Any:
 
 def save_weights(path: str | Path, model: nn.Module) -> None:
     """Save a model's state dict as safetensors, atomically."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_state_dict(path, model.state_dict())
+
+
+def save_state_dict(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """Save a state dict (tensors only) as safetensors, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write_bytes(path, save_safetensors_bytes(tensors))
 
 

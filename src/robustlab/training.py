@@ -45,8 +45,10 @@ from robustlab.rundir import (
     load_resume_state,
     load_weights,
     read_csv,
+    read_json,
     remove_temp_files,
     save_resume_state,
+    save_state_dict,
     save_weights,
     write_csv,
 )
@@ -323,6 +325,8 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, config, len(self.loader))
         self.history: list[dict[str, Any]] = []
         self.best_score = -math.inf
+        #: the selected epoch's weights (also in model.safetensors), kept for resume.pt
+        self.selected: dict[str, torch.Tensor] = {}
         self.start_epoch = 0
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         if self.dist.rank:
@@ -354,7 +358,9 @@ class Trainer:
         """Write the epoch's files; ``resume.pt`` (written last, atomically) is the one consistent snapshot.
 
         It holds the weights too: a kill between two of these writes must not pair one epoch's weights
-        with the previous epoch's optimiser state. ``last.safetensors`` is the shareable copy.
+        with the previous epoch's optimiser state. ``last.safetensors`` is the shareable copy. It also
+        holds the selected weights, so ``resume.pt`` alone carries an unfinished run to another machine
+        (an experiment's results directory commits it; weight files stay out of git).
         """
         save_weights(self.run.last_weights, self.model)
         write_csv(self.run.history, self.history)
@@ -369,6 +375,7 @@ class Trainer:
                 "generator": self.generator.get_state(),
                 "best_score": self.best_score,
                 "objective": self.objective.state_dict(),
+                "selected": self.selected,
             },
         )
 
@@ -387,6 +394,9 @@ class Trainer:
             raise CheckpointError(
                 f"{self.run.resume} does not fit this run ({reason}); pass --overwrite to start again"
             ) from None
+        self.selected = state.get("selected") or {}
+        if not self.run.weights.exists() and self.dist.is_main:
+            restore_selected_weights(self.run.path)
         self.start_epoch = int(state["epoch"]) + 1
         if self.dist.rank:  # the checkpoint holds rank 0's random state
             self._draw_apart_from_rank_0(self.start_epoch)
@@ -451,6 +461,9 @@ class Trainer:
         main = self.dist.is_main
         if self.resuming:
             self._resume()
+            if main:  # epochs may now be timed on another machine: say where each stretch ran
+                resumes = read_json(run.metadata).get("resumes", []) if run.metadata.exists() else []
+                run.update_metadata(resumes=[*resumes, {"from_epoch": self.start_epoch + 1, **environment()}])
         elif main:
             run.update_metadata(
                 status="running", seed=config.seed, environment=environment(), device=str(self.device),
@@ -509,6 +522,7 @@ class Trainer:
                 self.best_score = max(score, self.best_score)
                 if main:
                     save_weights(run.weights, self.model)
+                    self.selected = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                 row["selected"] = 1
             if main:
                 self._save_checkpoint(epoch)
@@ -593,6 +607,22 @@ class Trainer:
         run.update_metrics(**metrics)
         run.update_metadata(status="finished")
         return metrics
+
+
+def restore_selected_weights(run_dir: str | Path) -> bool:
+    """Write ``model.safetensors`` from ``resume.pt`` when only the latter came along (a fresh clone).
+
+    Returns whether it wrote the file: False when the weights are there already or ``resume.pt`` is
+    absent or older than the selected weights it should hold.
+    """
+    run = RunDir(run_dir)
+    if run.weights.exists() or not run.resume.exists():
+        return False
+    selected = load_resume_state(run.resume).get("selected")
+    if not selected:
+        return False
+    save_state_dict(run.weights, selected)
+    return True
 
 
 def train(

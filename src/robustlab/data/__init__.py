@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,6 +90,8 @@ class DatasetSplits:
     std: tuple[float, ...]
     default_augment: str
     split_seed: int
+    #: the source's own identity (:attr:`RawDataset.source`), e.g. CIFAR-10's files and md5s
+    source: dict[str, object] = field(default_factory=dict)
 
     @property
     def channels(self) -> int:
@@ -108,6 +110,7 @@ class DatasetSplits:
             "split_seed": self.split_seed,
             "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
             "hashes": {"train": self.train.digest(), "val": self.val.digest(), "test": self.test.digest()},
+            **({"source": self.source} if self.source else {}),
         }
 
 
@@ -160,4 +163,6 @@ def load_dataset(
     default_augment = DATASETS[name][1] if name in DATASETS else "none"
     num_classes = raw.num_classes
     names = raw.class_names or [str(i) for i in range(num_classes)]
-    return DatasetSplits(name, train, val, test, num_classes, names, mean, std, default_augment, split_seed)
+    return DatasetSplits(
+        name, train, val, test, num_classes, names, mean, std, default_augment, split_seed, raw.source
+    )

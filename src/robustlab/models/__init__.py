@@ -33,6 +33,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+#: Models whose ``width`` is the first stage's channel count (the others take no width, or a widening factor).
+WIDTH_MODELS = ("resnet18", "preact_resnet18")
+
+
 def validate_model_name(name: str) -> None:
     if name not in MODELS:
         raise ConfigError(f"unknown model '{name}'; valid: {', '.join(MODELS)}")
@@ -53,6 +57,8 @@ def build_model(
     factory = MODELS[name]
     if name == "wide_resnet":
         net = factory(num_classes, in_channels, image_size, depth, width)
+    elif name in WIDTH_MODELS:
+        net = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
     else:
         net = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     mean = mean if mean is not None else [0.0] * in_channels

@@ -85,12 +85,26 @@ class ResNet(nn.Module):
         return self.fc(out)
 
 
-def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> ResNet:
-    return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes, in_channels)
+#: Channels of ResNet-18's first stage; each later stage doubles them (64, 128, 256, 512).
+RESNET18_WIDTH = 64
 
 
-def preact_resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> ResNet:
-    return ResNet(PreActBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes, in_channels, preact=True)
+def _stage_widths(width: int | None) -> list[int]:
+    """ResNet-18's four stage widths scaled from the first one (``width``, default 64): same depth, same shape."""
+    base = RESNET18_WIDTH if width is None else width
+    return [base, 2 * base, 4 * base, 8 * base]
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int | None = None) -> ResNet:
+    """ResNet-18 (CIFAR stem); ``width`` sets the first stage's channels (64 = the original, 16 = a quarter)."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], _stage_widths(width), num_classes, in_channels)
+
+
+def preact_resnet18(
+    num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int | None = None
+) -> ResNet:
+    """PreAct ResNet-18 (CIFAR stem); ``width`` as for :func:`resnet18`."""
+    return ResNet(PreActBlock, [2, 2, 2, 2], _stage_widths(width), num_classes, in_channels, preact=True)
 
 
 class WideResNet(nn.Module):

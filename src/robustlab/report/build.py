@@ -492,6 +492,22 @@ def eps_section(results: Results, doc: Document, rows: list[dict[str, Any]], ind
             )
 
 
+def samples_text(rows: list[dict[str, Any]]) -> str:
+    """Which test images the measured numbers are on, e.g. clean on all 10000, attacks on the first 1000."""
+    from robustlab.evaluation import subset_text
+
+    kinds = {(r.get("clean_n"), r.get("test_n"), r.get("test_of"), r.get("test_subset"))
+             for r in rows if r.get("test_n")}
+    parts = []
+    for clean_n, n, of, name in sorted(kinds, key=str):
+        attacked = subset_text({"n": n, "of": of, "subset": name}) + (f" ({name})" if name and name != "all" else "")
+        if n != of and clean_n == of:
+            parts.append(f"clean accuracy on all {of} test images; attacks, worst case and gaps on {attacked}")
+        else:
+            parts.append(f"every number on {attacked}")
+    return ("Samples: " + "; ".join(parts) + ".") if parts else ""
+
+
 def build_document(results_dir: str | Path) -> Document:
     """Assemble the whole report for a results directory."""
     results = load_results(results_dir)
@@ -523,6 +539,9 @@ def build_document(results_dir: str | Path) -> Document:
         doc.add(
             Paragraph("Evaluation settings: " + ", ".join(f"{k}={v}" for k, v in evaluation.items() if v))
         )
+    samples = samples_text(finished)
+    if samples:
+        doc.add(Paragraph(samples))
     for rule in results.settings.get("where") or []:
         doc.add(Paragraph(rule_text(rule)))
     failed = [r for r in results.rows if r.get("status") == "failed"]
