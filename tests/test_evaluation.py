@@ -373,3 +373,18 @@ def test_autoattack_stage_by_stage_agrees_with_autoattack_on_each_batch(trained_
     ]).numpy()
     test_result = mcnemar(staged, direct)
     assert test_result.b + test_result.c <= 6 and test_result.p_value > 0.05, test_result
+
+
+def test_state_file_digest_covers_models_with_scalar_buffers():
+    """BatchNorm's 0-d ``num_batches_tracked`` cannot be viewed as bytes without a reshape; the digest
+    must still see it change."""
+    from torch import nn
+
+    from robustlab.models import build_model
+    from robustlab.stages import model_digest
+
+    model = build_model("resnet18", 10, 3, 8, width=8)
+    before = model_digest(model)
+    batch_norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    batch_norm.num_batches_tracked += 1
+    assert model_digest(model) != before
