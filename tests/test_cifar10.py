@@ -29,7 +29,8 @@ TORCHVISION_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch
 
 def test_first_n_subset_is_named_and_clean_covers_every_test_image(digits):
     model = build_model("lenet5", digits.num_classes, digits.channels, digits.image_size).eval()
-    result = evaluate_model(model, digits.test, eps=0.1, attacks=["fgsm"], n=30, subset="first", n_boot=50)
+    result = evaluate_model(model, digits.test, eps=0.1, attacks=["fgsm"], n=30, subset="first", n_boot=50,
+                            suite="quick")
     assert result.indices.tolist() == list(range(30))
     assert result.samples["subset"] == "first-30"
     assert result.samples["n"] == 30 and result.samples["of"] == len(digits.test)
@@ -42,9 +43,9 @@ def test_first_n_subset_is_named_and_clean_covers_every_test_image(digits):
     assert f"the first 30 of {len(digits.test)} test images" in text and "first-30" in text
     assert "first 30" in format_table(result).title
 
-    random = evaluate_model(model, digits.test, eps=0.1, attacks=["fgsm"], n=30, n_boot=50)
+    random = evaluate_model(model, digits.test, eps=0.1, attacks=["fgsm"], n=30, n_boot=50, suite="quick")
     assert random.samples["subset"] == "random-30-seed0" and random.indices.tolist() != list(range(30))
-    whole = evaluate_model(model, digits.test, eps=0.1, attacks=["fgsm"], subset="first", n_boot=50)
+    whole = evaluate_model(model, digits.test, eps=0.1, attacks=["fgsm"], subset="first", n_boot=50, suite="quick")
     assert whole.samples["subset"] == "all" and "clean_all" not in whole.to_dict()
     assert subset_text(whole.samples) == f"all {len(digits.test)} test images"
 

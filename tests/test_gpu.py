@@ -127,9 +127,9 @@ def test_evaluation_agrees_between_cuda_and_cpu(trained_digits):
     test = trained_digits.data.test
     attacks = ["fgsm", "pgd-20", "cw_linf", {"name": "autoattack", "steps": 20, "queries": 300}]
     cpu = evaluate_model(copy.deepcopy(trained_digits.model), test, eps=0.1, attacks=attacks, n_boot=10,
-                         device="cpu")
+                         device="cpu", suite="quick")
     gpu = evaluate_model(copy.deepcopy(trained_digits.model), test, eps=0.1, attacks=attacks, n_boot=10,
-                         device=CUDA)
+                         device=CUDA, suite="quick")
     for label in ["clean", *cpu.attacks, "worst_case"]:
         a = cpu.clean if label == "clean" else cpu.worst_case if label == "worst_case" else cpu.attacks[label]
         b = gpu.clean if label == "clean" else gpu.worst_case if label == "worst_case" else gpu.attacks[label]
@@ -141,9 +141,10 @@ def test_evaluation_agrees_between_cuda_and_cpu(trained_digits):
 def test_bf16_attacks_on_cuda_agree_with_fp32(trained_digits):
     model = copy.deepcopy(trained_digits.model)
     attacks = ["pgd-20", {"name": "apgd_ce", "steps": 20}]
-    fp32 = evaluate_model(model, trained_digits.data.test, eps=0.05, attacks=attacks, n_boot=10, device=CUDA)
+    fp32 = evaluate_model(model, trained_digits.data.test, eps=0.05, attacks=attacks, n_boot=10, device=CUDA,
+                          suite="quick")
     bf16 = evaluate_model(model, trained_digits.data.test, eps=0.05, attacks=attacks, n_boot=10, device=CUDA,
-                          attack_precision="bf16")
+                          attack_precision="bf16", suite="quick")
     a, b = fp32.robust_accuracy, bf16.robust_accuracy
     assert abs(a - b) <= noise_tolerance(a, b, len(trained_digits.data.test)), (a, b)
 

@@ -161,7 +161,8 @@ def test_evaluation_loops_read_per_attack_not_per_batch(trained_digits):
 
     def reads(batch_size: int) -> int:
         with count_host_reads() as counted:
-            evaluate_model(model, test, eps=0.1, attacks=["fgsm", "pgd-3"], batch_size=batch_size, n_boot=10)
+            evaluate_model(model, test, eps=0.1, attacks=["fgsm", "pgd-3"], batch_size=batch_size, n_boot=10,
+                           suite="quick")
             accuracy(model, test, batch_size=batch_size)
             robust_accuracy(model, test, attacks[2], batch_size=batch_size)
         return sum(counted.values())
@@ -175,7 +176,7 @@ def test_evaluation_loops_read_per_attack_not_per_batch(trained_digits):
 
 def test_bf16_attack_precision_is_recorded_and_validated(trained_digits):
     model, test = trained_digits.model, trained_digits.data.test.head(32)
-    result = evaluate_model(model, test, eps=0.1, attacks=["fgsm"], n_boot=10, attack_precision="bf16")
+    result = evaluate_model(model, test, eps=0.1, attacks=["fgsm"], n_boot=10, attack_precision="bf16", suite="quick")
     assert result.model_info["attack_precision"] == "bf16"
     with pytest.raises(RobustlabError, match="attack_precision"):
         evaluate_model(model, test, eps=0.1, attacks=["fgsm"], attack_precision="fp16")

@@ -115,7 +115,8 @@ def test_bf16_attacks_agree_with_fp32_within_noise(trained_digits):
     attacks = ["fgsm", "pgd-20", "cw_linf", {"name": "apgd_ce", "steps": 20}]
 
     def run(precision: str):
-        return evaluate_model(model, test, eps=0.05, attacks=attacks, n_boot=10, attack_precision=precision)
+        return evaluate_model(model, test, eps=0.05, attacks=attacks, n_boot=10, attack_precision=precision,
+                              suite="quick")
 
     fp32, bf16 = run("fp32"), run("bf16")
     a, b = fp32.robust_accuracy, bf16.robust_accuracy

@@ -46,7 +46,7 @@ def test_training_and_evaluation_write_one_line_per_step_to_a_log(digits, tmp_pa
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch ")] == [
         "epoch 1", "epoch 2", "epoch 3"
     ]
-    evaluate_run(tmp_path / "run", attacks=["fgsm", "pgd-2"], n=40, n_boot=20, progress=True)
+    evaluate_run(tmp_path / "run", attacks=["fgsm", "pgd-2"], n=40, n_boot=20, progress=True, suite="quick")
     out, err = capsys.readouterr()
     assert "\r" not in out + err
     assert [line.split(" done")[0] for line in err.splitlines()] == [

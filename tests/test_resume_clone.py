@@ -35,7 +35,7 @@ EXPERIMENT = {
         "threat": {"eps": 0.1},
     },
     "grid": {"defenses": ["standard"]},
-    "evaluation": {"attacks": ["fgsm"], "n": 50, "subset": "first", "audit": False},
+    "evaluation": {"attacks": ["fgsm"], "suite": "quick", "n": 50, "subset": "first", "audit": False},
 }
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
