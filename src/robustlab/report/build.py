@@ -20,24 +20,23 @@ Contents, per (dataset, model, eps) group of the grid:
   is AutoAttack-grade when the grid evaluated with the default suite, and name eps and the attacks in
   their titles; an evaluation without a full AutoAttack is labelled an upper bound in Table 1's source
   column and in every figure title.
+
+Modules: :mod:`~robustlab.report.document` (the blocks), :mod:`~robustlab.report.tables` (Tables 1, 2 and
+McNemar), :mod:`~robustlab.report.figures`, :mod:`~robustlab.report.render` (Markdown and HTML); this module
+assembles the sections and writes the files.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from robustlab.report import figures
 from robustlab.report.data import (
-    ATTACK_COLUMNS,
     HYBRID,
     STANDARD,
     Results,
-    Stat,
     audit_sweep,
     grouped,
     history,
@@ -45,71 +44,11 @@ from robustlab.report.data import (
     load_results,
     seed_stats,
 )
+from robustlab.report.document import Document, Figure, Heading, Paragraph, Table
+from robustlab.report.render import render_html, render_markdown
+from robustlab.report.tables import mcnemar_table, table1, table2
+from robustlab.report.tables import pct as pct
 from robustlab.rundir import atomic_write_bytes, atomic_write_text
-
-if TYPE_CHECKING:
-    from robustlab.stats import McNemarResult
-
-# --- document model -----------------------------------------------------------------------------
-
-
-@dataclass
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass
-class Paragraph:
-    text: str
-
-
-@dataclass
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-    caption: str = ""
-
-
-@dataclass
-class Figure:
-    name: str
-    png: bytes
-    caption: str
-
-
-@dataclass
-class Document:
-    title: str
-    blocks: list[Any] = field(default_factory=list)
-
-    def add(self, *blocks: Any) -> None:
-        self.blocks.extend(b for b in blocks if b is not None)
-
-
-# --- formatting -----------------------------------------------------------------------------------
-def pct(stat: Stat | float | None) -> str:
-    """Accuracy in percent; ``mean ± std (n seeds)`` when several seeds were run."""
-    if stat is None:
-        return "-"
-    if isinstance(stat, float | int):
-        return f"{100 * stat:.1f}"
-    if stat.std is None:
-        return f"{100 * stat.mean:.1f}"
-    return f"{100 * stat.mean:.1f} ± {100 * stat.std:.1f}"
-
-
-def _number(stat: Stat | None, fmt: str = "{:.1f}", unit: str = "") -> str:
-    if stat is None:
-        return "-"
-    text = fmt.format(stat.mean)
-    return (text if stat.std is None else f"{text} ± {fmt.format(stat.std)}") + unit
-
-
-def _ratio(value: Stat | None, reference: Stat | None) -> str:
-    if value is None or reference is None or reference.mean == 0:
-        return "-"
-    return f"{value.mean / reference.mean:.2f}x"
 
 
 def _eps_text(eps: float) -> str:
@@ -120,7 +59,6 @@ def _eps_text(eps: float) -> str:
     return f"{eps:.4g}"
 
 
-# --- sections -------------------------------------------------------------------------------------
 def _dotted(settings: dict[str, Any], prefix: str = "") -> list[str]:
     """``{defense: {eps_warmup: 5}}`` -> ``["defense.eps_warmup=5"]``."""
     out = []
@@ -145,12 +83,6 @@ def rule_text(rule: dict[str, Any]) -> str:
     )
 
 
-def _not_measured(stats: dict[str, Any]) -> str:
-    """``not measured (cell running: 22/50 epochs)``: a defence with no finished cell, and how far it got."""
-    progress = f": {', '.join(stats['progress'])}" if stats.get("progress") else ""
-    return f"not measured (cell {'/'.join(stats['statuses'])}{progress})"
-
-
 def _claims_for(claims: dict[str, Any], table: str, dataset: str, model: str) -> list[dict[str, Any]]:
     return [r for r in claims[table]["rows"] if r["dataset"] == dataset and r["model"] == model]
 
@@ -158,203 +90,6 @@ def _claims_for(claims: dict[str, Any], table: str, dataset: str, model: str) ->
 def _is_paper_eps(claims: dict[str, Any], eps: float, norm: str) -> bool:
     setting = claims["setting"]
     return norm == setting["norm"] and abs(eps - float(setting["eps"])) < 1e-9
-
-
-def table1(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Table:
-    """Table 1 of one group: claimed (paper) rows first, then one measured row per defence.
-
-    An attack column appears when some row has a number in it (AutoAttack only when it was measured).
-    """
-    columns = [
-        (key, heading)
-        for key, heading, _ in ATTACK_COLUMNS
-        if any(key in c for c in claims) or any(s.get(key) is not None for s in stats.values())
-    ]
-    header = [
-        "defence",
-        "source",
-        "clean",
-        *[h for _, h in columns],
-        "worst case",
-        "gap (clean - worst)",
-        "gap (clean - CW)",
-        "audit",
-        "seeds",
-    ]
-    rows = []
-    for claim in claims:
-        rows.append(
-            [
-                f"{claim['label']} ({claim['defense']})",
-                "claimed (paper)",
-                f"{claim['clean']:.1f}",
-                *[f"{claim[k]:.1f}" if k in claim else "-" for k, _ in columns],
-                "-",
-                "-",
-                f"{claim['gap']:.1f}" + (" *" if claim.get("note") else ""),
-                "-",
-                "-",
-            ]
-        )
-    for defense, s in stats.items():
-        attacks = ", ".join(
-            f"{h}={s['attack_labels'][k]}" for k, h, _ in ATTACK_COLUMNS if k in s["attack_labels"]
-        )
-        if not s["seeds"]:
-            source = _not_measured(s)
-        elif attacks:
-            source = f"measured (robustlab, attack={attacks})"
-        else:
-            source = "measured (robustlab; no attack evaluated)"
-        if "upper-bound" in s.get("strengths", []):
-            source += "; UPPER BOUND on robustness: no full AutoAttack ran"
-        if s["failed"]:
-            source += f"; failed: {len(s['failed'])} cell(s)"
-        rows.append(
-            [
-                defense,
-                source,
-                pct(s["clean"]),
-                *[pct(s.get(k)) for k, _ in columns],
-                pct(s["worst_case"]),
-                pct(s["gap_worst_case"]),
-                pct(s["gap_cw"]),
-                "/".join(s["audit"]) or "-",
-                str(s["seeds"]),
-            ]
-        )
-    return Table(header, rows)
-
-
-def table2(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Table:
-    """Table 2 of one group: cost and ratio to standard training, claimed beside measured."""
-    header = [
-        "defence",
-        "source",
-        "training time",
-        "s / epoch",
-        "peak memory",
-        "time ratio",
-        "memory ratio",
-        "device",
-    ]
-    rows = []
-    baseline = next((c for c in claims if c["defense"] == "baseline"), None)
-    for claim in claims:
-        time_ratio = f"{claim['train_hours'] / baseline['train_hours']:.2f}x vs baseline" if baseline else "-"
-        memory_ratio = f"{claim['memory_gb'] / baseline['memory_gb']:.2f}x vs baseline" if baseline else "-"
-        rows.append(
-            [
-                f"{claim['label']} ({claim['defense']})",
-                "claimed (paper)",
-                f"{claim['train_hours']:.1f} h",
-                "-",
-                f"{claim['memory_gb']:.1f} GB",
-                time_ratio,
-                memory_ratio,
-                "A100 (paper)",
-            ]
-        )
-    reference = stats.get(STANDARD)
-    for defense, s in stats.items():
-        source = "measured (robustlab)" if s["seeds"] else _not_measured(s)
-        if s.get("shared_training"):  # eps-independent training, run once for the grid's first eps
-            source += f"; training shared with {', '.join(s['shared_training'])}"
-        rows.append(
-            [
-                defense,
-                source,
-                _number(s["train_seconds"], unit=" s"),
-                _number(s["seconds_per_epoch"], "{:.2f}"),
-                _number(s["peak_memory_mb"], "{:.0f}", " MB"),
-                _ratio(s["train_seconds"], reference and reference["train_seconds"]),
-                _ratio(s["peak_memory_mb"], reference and reference["peak_memory_mb"]),
-                ", ".join(s["devices"]) or "-",
-            ]
-        )
-    return Table(header, rows)
-
-
-def mcnemar_table(
-    results: Results, by_defense: dict[str, list[dict[str, Any]]], reference: str = HYBRID
-) -> Table | str:
-    """McNemar's test of ``reference`` vs each other defence on the same test samples (clean and worst
-    case), with Holm-adjusted p-values over the comparisons of one seed and correctness.
-
-    ``reference`` is the hybrid (the paper's claim: better than each baseline) or standard training (does a
-    defence change anything at all?).
-    """
-    from robustlab.errors import RobustlabError
-    from robustlab.evaluation import read_samples
-    from robustlab.stats import holm, mcnemar
-
-    if reference not in by_defense:
-        return f"No {reference} cell in this group: McNemar's test of {reference} vs the others is not applicable."
-    tests: list[tuple[str, str, str, McNemarResult]] = []  # (other defence, seed, correctness, test)
-    finished = [r for r in by_defense[reference] if r.get("status") == "finished"]
-    unfinished = sorted({str(r.get("status")) for r in by_defense[reference]} - {"finished"})
-    for reference_row in finished:
-        try:
-            mine = read_samples(results.path / reference_row["run_dir"], reference_row["eps"], reference_row["norm"])
-        except RobustlabError as error:
-            return f"McNemar's test not available: {error}"
-        for defense, others in by_defense.items():
-            other = next((r for r in others if r["seed"] == reference_row["seed"]), None)
-            if defense == reference or other is None:
-                continue
-            try:
-                theirs = read_samples(results.path / other["run_dir"], other["eps"], other["norm"])
-            except RobustlabError:
-                continue
-            if not (
-                mine["labels"].shape == theirs["labels"].shape and (mine["labels"] == theirs["labels"]).all()
-            ):
-                continue
-            for what in ("clean", "worst_case"):
-                key = f"correct:{what}"
-                if key in mine and key in theirs:
-                    tests.append((defense, str(reference_row["seed"]), what, mcnemar(mine[key][0], theirs[key][0])))
-    if not tests and unfinished:
-        return f"McNemar's test not available yet: the {reference} cell is {'/'.join(unfinished)}."
-    if not tests:
-        return f"McNemar's test not available: no other defence evaluated on the same test samples as {reference}."
-    families: dict[tuple[str, str], list[int]] = {}
-    for index, (_, seed, what, _) in enumerate(tests):
-        families.setdefault((seed, what), []).append(index)
-    adjusted: dict[int, float] = {}
-    for members in families.values():
-        adjusted.update(zip(members, holm([tests[i][3].p_value for i in members]), strict=True))
-    rows = [
-        [
-            f"{reference} vs {defense}",
-            seed,
-            what.replace("_", " "),
-            str(test.b),
-            str(test.c),
-            f"{test.statistic:.2f}",
-            f"{test.p_value:.3g}",
-            f"{adjusted[index]:.3g}",
-            test.method,
-        ]
-        for index, (defense, seed, what, test) in enumerate(tests)
-    ]
-    return Table(
-        [
-            "comparison",
-            "seed",
-            "correctness",
-            f"only {reference} right (b)",
-            "only the other right (c)",
-            "statistic",
-            "p-value",
-            "p (Holm)",
-            "method",
-        ],
-        rows,
-        caption="McNemar (1947) on paired per-sample correctness (first pass of a random defence). "
-        "p (Holm): adjusted for the comparisons of one seed and correctness (Holm 1979); a difference is "
-        "significant at 5% across the family only where it is below 0.05.",
-    )
 
 
 def _worst_case_text(stats: dict[str, dict[str, Any]]) -> str:
@@ -374,6 +109,7 @@ def group_section(
     claims: dict[str, Any],
     index: int,
 ) -> None:
+    """One (dataset, model, eps) group of the grid: Tables 1 and 2, McNemar's tests and the figures."""
     dataset, model, eps, norm = key
     slug = f"{index:02d}-{dataset}-{model}-{norm}-{eps:.4g}".replace("/", "_").replace(":", "_")
     doc.add(Heading(f"{dataset} / {model} / {norm} eps = {_eps_text(eps)}", 2))
@@ -407,7 +143,19 @@ def group_section(
         doc.add(Heading(f"McNemar's test: {title}", 3))
         test = mcnemar_table(results, by_defense, reference)
         doc.add(test if isinstance(test, Table) else Paragraph(test))
+    _group_figures(results, doc, key, by_defense, stats, slug)
 
+
+def _group_figures(
+    results: Results,
+    doc: Document,
+    key: tuple[str, str, float, str],
+    by_defense: dict[str, list[dict[str, Any]]],
+    stats: dict[str, dict[str, Any]],
+    slug: str,
+) -> None:
+    """Figures 1 and 2 and the training curves of one group; each figure names eps and the attacks."""
+    dataset, model, eps, norm = key
     worst = _worst_case_text(stats)
     where = f"{norm} eps = {_eps_text(eps)}"
     confidences = {}
@@ -552,85 +300,6 @@ def build_document(results_dir: str | Path) -> Document:
     doc.add(Heading("Accuracy vs eps", 2))
     eps_section(results, doc, finished, 0)
     return doc
-
-
-# --- rendering ------------------------------------------------------------------------------------
-def _md(text: str) -> str:
-    """Text for markdown: raw HTML escaped, since viewers that render HTML in markdown would run it.
-
-    Names and labels come from the experiment file (an experiment called ``<script>...</script>``);
-    ``&lt;`` displays as ``<`` in every viewer.
-    """
-    return html.escape(text, quote=False)
-
-
-def _md_cell(text: str) -> str:
-    return _md(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(doc: Document, figure_dir: str = "figures") -> str:
-    lines = [f"# {_md(doc.title)}", ""]
-    for block in doc.blocks:
-        if isinstance(block, Heading):
-            lines += ["#" * block.level + " " + _md(block.text), ""]
-        elif isinstance(block, Paragraph):
-            lines += [_md(block.text), ""]
-        elif isinstance(block, Table):
-            lines.append("| " + " | ".join(map(_md_cell, block.header)) + " |")
-            lines.append("|" + "---|" * len(block.header))
-            lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows]
-            lines += ["", *([f"_{_md(block.caption)}_", ""] if block.caption else [])]
-        elif isinstance(block, Figure):
-            caption = _md(block.caption)
-            alt = caption.replace("[", "\\[").replace("]", "\\]")
-            lines += [f"![{alt}]({figure_dir}/{block.name}.png)", "", f"_{caption}_", ""]
-    return "\n".join(lines)
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f0f0f0}td:first-child,td:nth-child(2){text-align:left}
-tr.claimed{background:#fff6e0}figure{margin:1em 0}figcaption,.caption{font-size:12px;color:#555}
-img{max-width:100%}
-"""
-
-
-def render_html(doc: Document) -> str:
-    """One self-contained page: inline CSS, figures as base64 PNG data URIs, no script, no external URL."""
-    esc = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{esc(doc.title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{esc(doc.title)}</h1>",
-    ]
-    for block in doc.blocks:
-        if isinstance(block, Heading):
-            parts.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
-        elif isinstance(block, Paragraph):
-            parts.append(f"<p>{esc(block.text)}</p>")
-        elif isinstance(block, Table):
-            parts.append(
-                "<table><thead><tr>"
-                + "".join(f"<th>{esc(h)}</th>" for h in block.header)
-                + "</tr></thead><tbody>"
-            )
-            for row in block.rows:
-                css = ' class="claimed"' if len(row) > 1 and row[1] == "claimed (paper)" else ""
-                parts.append(f"<tr{css}>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
-            parts.append("</tbody></table>")
-            if block.caption:
-                parts.append(f'<p class="caption">{esc(block.caption)}</p>')
-        elif isinstance(block, Figure):
-            data = base64.b64encode(block.png).decode("ascii")
-            parts.append(
-                f'<figure><img alt="{esc(block.caption)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{esc(block.caption)}</figcaption></figure>"
-            )
-    parts.append("</body></html>")
-    return "\n".join(parts)
 
 
 def write_report(results_dir: str | Path) -> dict[str, Path]:
