@@ -13,11 +13,6 @@ each batch, rank 0 validates, writes the run directory and tests.
 from __future__ import annotations
 
 import math
-import platform
-import random
-import resource
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -25,13 +20,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from robustlab import distributed
 from robustlab.attacks import pgd
-from robustlab.config import RunConfig, build_config, config_to_dict
+from robustlab.config import RunConfig, build_config
 from robustlab.data import DatasetSplits, TensorLoader
 from robustlab.defenses import Objective, TrainState, build_objective
 from robustlab.defenses.preprocessing import auxiliary_loss
@@ -46,13 +40,32 @@ from robustlab.rundir import (
     load_weights,
     read_csv,
     read_json,
-    remove_temp_files,
     save_resume_state,
-    save_state_dict,
     save_weights,
     write_csv,
 )
 from robustlab.runs import prepare_data, prepare_model, seed_everything, select_device
+
+# Names that moved to training_recipe / training_state stay importable from here, as before.
+from robustlab.training_recipe import (  # noqa: F401
+    STALL_EPOCHS,
+    _measures_val_robust,
+    _selection_rule,
+    make_optimizer,
+    make_scheduler,
+    stalled_at_chance,
+    training_uses_eps,
+)
+from robustlab.training_state import (  # noqa: F401
+    _flatten,
+    _prepare_run_dir,
+    _restore_rng,
+    _rng_state,
+    environment,
+    git_state,
+    peak_memory_mb,
+    restore_selected_weights,
+)
 
 
 @dataclass
@@ -62,123 +75,6 @@ class TrainResult:
     metrics: dict[str, Any]
     model: nn.Module
     data: DatasetSplits
-
-
-def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    t = config.train
-    if t.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-iteration lr schedule: constant, piecewise (milestones as fractions), cosine, or one-cycle."""
-    t = config.train
-    total = t.epochs * steps_per_epoch
-    if t.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=total, pct_start=0.4)
-    if t.schedule == "cosine":
-        factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
-    elif t.schedule == "piecewise":
-        bounds = [int(m * total) for m in t.milestones]
-        factor = lambda step: t.gamma ** sum(step >= b for b in bounds)  # noqa: E731
-    else:
-        factor = lambda step: 1.0  # noqa: E731
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated memory, or the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-def git_state(directory: Path = Path(__file__).parent) -> dict[str, Any]:
-    """``git_commit`` (HEAD) and ``git_dirty`` (uncommitted changes under ``directory``) of the code that ran.
-
-    A result produced by a modified package is not reproducible from the commit alone, so the
-    run's metadata says so. Both are None outside a git checkout (an installed wheel).
-    """
-    if shutil.which("git") is None:
-        return {"git_commit": None, "git_dirty": None}
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=directory)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD") or None
-    status = git("status", "--porcelain", "--", ".") if commit else None
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
-
-
-def environment() -> dict[str, Any]:
-    import robustlab
-
-    return {
-        "robustlab": robustlab.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        **git_state(),
-    }
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(_flatten(random.getstate()))}
-    np_state = np.random.get_state()
-    state["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-    state["numpy_pos"] = int(np_state[2])
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _flatten(python_state: tuple) -> list[int]:
-    version, internal, gauss = python_state
-    return [version, *internal, -1 if gauss is None else 0]
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    flat = state["python"]
-    random.setstate((flat[0], tuple(flat[1:-1]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
-    """Create or validate the run directory; returns True when an unfinished run should resume."""
-    if run.path.exists() and any(run.path.iterdir()) and not run.exists():
-        raise RobustlabError(f"{run.path} exists and is not a robustlab run; choose another --out")
-    if run.exists():
-        if overwrite:  # empty it, keep the directory: its lock (held by this process) stays valid
-            run.clear()
-        elif run.is_finished():
-            raise RobustlabError(f"{run.path} holds a finished run; pass --overwrite to replace it")
-        else:
-            remove_temp_files(run.path)
-            previous = build_config(run.read_config_dict())
-            if config_to_dict(previous) != config_to_dict(config):
-                if run.resume.exists():
-                    raise RobustlabError(
-                        f"{run.path} holds an unfinished run with a different config; "
-                        "resume it with the same config or pass --overwrite"
-                    )
-                # no epoch finished (e.g. the data failed to load): nothing to lose, start with the new config
-                run.write_config(config_to_dict(config))
-            return run.resume.exists()
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(config_to_dict(config))
-    return False
 
 
 #: Steps between two host reads of the running training statistics (progress bar, non-finite check).
@@ -222,50 +118,6 @@ class RunningStats:
                 else:
                     sums[name] = sums.get(name, 0.0) + value
         return loss, {**sums, **self._floats}
-
-
-#: Epochs in a row at chance-level validation accuracy after which the Trainer says training stalled.
-STALL_EPOCHS = 3
-
-
-def stalled_at_chance(history: list[dict[str, Any]], num_classes: int, epochs: int = STALL_EPOCHS) -> bool:
-    """Whether each of the last ``epochs`` epochs left clean validation accuracy below 1.5x chance.
-
-    The signature of adversarial training that never left its first plateau (PGD-AT at MNIST eps 0.3
-    from the first batch: loss 2.30, one class predicted): worth a warning while it runs, not after
-    50 epochs.
-    """
-    recent = [row.get("val_clean_acc") for row in history[-epochs:]]
-    return len(recent) == epochs and all(isinstance(a, int | float) and a < 1.5 / num_classes for a in recent)
-
-
-def _selection_rule(objective: Objective, config: RunConfig) -> str:
-    """``train.select``, unless the objective imposes its own rule (the hybrid's best-robust checkpoint).
-
-    ``auto`` keeps the best validation robust accuracy for adversarial objectives (an adversarially
-    trained model is kept for its robustness: its best clean epoch is often an early, weakly robust
-    one) and the best validation clean accuracy for the others.
-    """
-    if objective.select:
-        return objective.select
-    if config.train.select == "auto":
-        return "val_robust" if objective.adversarial else "val_clean"
-    return config.train.select
-
-
-def _measures_val_robust(objective: Objective, config: RunConfig) -> bool:
-    return objective.needs_val_robust or _selection_rule(objective, config) == "val_robust"
-
-
-def training_uses_eps(config: RunConfig) -> bool:
-    """Whether ``threat.eps`` can change what training ``config`` produces (weights or history).
-
-    False only when the objective ignores the budget (``Objective.uses_eps``) and no validation PGD
-    runs (it attacks at ``threat.eps`` and may pick the checkpoint): then runs that differ only in
-    eps are the same training, which an experiment grid runs once.
-    """
-    objective = build_objective(config.defense.name, config.defense.params)
-    return objective.uses_eps or _measures_val_robust(objective, config)
 
 
 class Trainer:
@@ -607,22 +459,6 @@ class Trainer:
         run.update_metrics(**metrics)
         run.update_metadata(status="finished")
         return metrics
-
-
-def restore_selected_weights(run_dir: str | Path) -> bool:
-    """Write ``model.safetensors`` from ``resume.pt`` when only the latter came along (a fresh clone).
-
-    Returns whether it wrote the file: False when the weights are there already or ``resume.pt`` is
-    absent or older than the selected weights it should hold.
-    """
-    run = RunDir(run_dir)
-    if run.weights.exists() or not run.resume.exists():
-        return False
-    selected = load_resume_state(run.resume).get("selected")
-    if not selected:
-        return False
-    save_state_dict(run.weights, selected)
-    return True
 
 
 def train(
