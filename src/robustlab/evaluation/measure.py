@@ -69,8 +69,9 @@ def evaluate_model(
     """Clean, per-attack and worst-case accuracy of ``model`` on ``n`` samples of ``split`` (all by default).
 
     Args:
-        n, subset: attack ``n`` samples chosen as ``subset`` says (:data:`SUBSETS`: ``random``
-            or ``first``); clean accuracy is then also measured on the whole split (``clean_all``).
+        n: how many samples the attacks see (all by default); with fewer than the whole split, clean
+            accuracy is also measured on every sample of it (``clean_all``).
+        subset: which ``n`` samples (:data:`SUBSETS`): ``random`` (a fixed-seed draw) or ``first``.
         attacks: registry specs (``"pgd-40"``, ``{"name": "pgd", "steps": 50, "restarts": 5}``).
         suite: ``"standard"`` (default) adds AutoAttack, ``"rand"`` its version for random defences,
             ``"quick"`` (or None) nothing: the result's ``strength`` is then ``upper-bound``. A random
