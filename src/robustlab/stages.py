@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from robustlab.attacks.autoattack import (
     FULL_QUERIES,
@@ -48,6 +47,7 @@ from robustlab.distributed import batch_seed
 from robustlab.errors import ConfigError
 from robustlab.memory import split_on_oom
 from robustlab.metrics import iterate
+from robustlab.progress import progress_bar, progress_line
 from robustlab.rundir import atomic_write_bytes
 
 Batches = Callable[[], Any]  # yields (x, y) device batches of the evaluated samples, in `mine` order
@@ -138,9 +138,9 @@ def run_autoattack(
             x_adv[batch] = x.cpu()
     done = len(masks) - 1
     total = sum(len(m) for m in masks["clean"].values())
-    if progress and done:
-        tqdm.write(f"{label}: resuming after stage {done}/{len(stages)} ({stages[done - 1][0]}) from {state_path}",
-                   file=sys.stderr)
+    if done:
+        progress_line(f"{label}: resuming after stage {done}/{len(stages)} ({stages[done - 1][0]}) from {state_path}",
+                      progress, sys.stderr)
     try:
         _run_stages(stages, done, masks, seconds, x_adv, batches, grad_model, attacked, device, eps=eps, norm=norm,
                     seed=seed, stream=stream, label=label, tag=tag, state_path=state_path, progress=progress,
@@ -160,14 +160,12 @@ def _run_stages(
     state_path: Path | None, progress: bool, total: int, n_batches: int,
 ) -> None:
     """Stages ``done`` onwards over every batch, saving the state after each; updates the mappings in place."""
-    show_bar = progress and sys.stderr.isatty()
     for k, stage in enumerate(stages[done:], start=done):
         name = stage[0]
         previous = masks[stages[k - 1][0]] if k else masks["clean"]
         masks[name] = {}
         tic = time.perf_counter()
-        bar = tqdm(total=n_batches, desc=f"{label} {k + 1}/{len(stages)} {name}", unit="batch",
-                   disable=not show_bar, leave=False)
+        bar = progress_bar(total=n_batches, desc=f"{label} {k + 1}/{len(stages)} {name}", enabled=progress)
         for batch, (x, y) in batches():
             torch.manual_seed(batch_seed(seed, stream, batch, k + 1))
             robust = torch.from_numpy(previous[batch].copy()).to(device)
@@ -179,10 +177,9 @@ def _run_stages(
         seconds[name] = time.perf_counter() - tic
         if state_path is not None:
             _save(state_path, tag, masks, seconds, x_adv)
-        if progress:
-            left = sum(int(m.sum()) for m in masks[name].values())
-            tqdm.write(f"{label} stage {k + 1}/{len(stages)} {name}: {left} of {total} still robust "
-                       f"({100 * left / max(total, 1):.2f}%), {seconds[name]:.1f} s", file=sys.stderr)
+        left = sum(int(m.sum()) for m in masks[name].values())
+        progress_line(f"{label} stage {k + 1}/{len(stages)} {name}: {left} of {total} still robust "
+                      f"({100 * left / max(total, 1):.2f}%), {seconds[name]:.1f} s", progress, sys.stderr)
 
 
 def _save(path: Path, tag: str, masks: dict[str, dict[int, np.ndarray]], seconds: dict[str, float],
