@@ -127,3 +127,14 @@ def test_a_defended_model_is_attacked_through_its_fused_classifier(trained_resne
     assert result.model_info["attack_model"] == FUSED_LABEL
     assert result.model_info["adaptive"] == "BPDA"
     assert any(isinstance(m, nn.BatchNorm2d) for m in trained_resnet.modules())  # the classifier itself kept
+
+
+def test_the_audit_through_the_fused_copy_reaches_the_same_verdicts(trained_resnet, digits):
+    from robustlab.audit import audit_model
+
+    options = {"eps": 0.1, "n": 64, "steps": 5, "square_queries": 50}
+    fast = audit_model(trained_resnet, digits.test, **options)
+    exact = audit_model(trained_resnet, digits.test, fuse=False, **options)
+    assert fast.settings["fused"] and not exact.settings["fused"]
+    assert [(c.name, c.status) for c in fast.checks] == [(c.name, c.status) for c in exact.checks]
+    assert not trained_resnet.training

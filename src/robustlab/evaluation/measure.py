@@ -24,7 +24,6 @@ from robustlab import distributed
 from robustlab.attacks.registry import parse_attack_spec
 from robustlab.attacks.wrappers import EOT_SAMPLES
 from robustlab.data import Split
-from robustlab.defenses.preprocessing import Defended
 from robustlab.devices import bf16_autocast
 from robustlab.errors import ConfigError, InputError
 from robustlab.evaluation.plan import DEFAULT_ATTACKS, DEFAULT_SUITE, AttackSpec, _attack_record, resolve_attacks
@@ -38,7 +37,7 @@ from robustlab.evaluation.result import (
 )
 from robustlab.evaluation.samples import SUBSET_SEED, choose_samples, subset_name
 from robustlab.metrics import iterate
-from robustlab.models.fused import ChannelsLastInput, fused_copy
+from robustlab.models.fused import fused_classifier, is_fused
 from robustlab.progress import progress_bar, progress_line
 from robustlab.stages import model_digest, run_autoattack, state_file
 from robustlab.stats import bootstrap_ci
@@ -216,7 +215,7 @@ def _attack_all(
     staged: dict[str, dict[str, Any]] = {}
     fingerprint = (
         {"model": model_digest(job.model), "samples": job.split.digest(), "passes": job.passes,
-         "fused": _has_fused_classifier(job.grad_model)}
+         "fused": is_fused(job.grad_model)}
         if job.state_dir else None
     )
     finished_states: list[Path] = []
@@ -327,7 +326,7 @@ def _adaptive(model: nn.Module, eot_samples: int, fuse: bool) -> tuple[nn.Module
     """
     differentiable = getattr(model, "differentiable", None)
     random = getattr(model, "random", None)
-    attacked = _with_fused_classifier(model) if fuse else model
+    attacked = fused_classifier(model) if fuse else model
     fused = attacked is not model
     label = FUSED_LABEL if fused else "the model itself"
     if differentiable is None and random is None:
@@ -338,19 +337,6 @@ def _adaptive(model: nn.Module, eot_samples: int, fuse: bool) -> tuple[nn.Module
     info = {"adaptive": str(description), "differentiable": differentiable is not False, "random": bool(random),
             "attack_model": label}
     return grad_model, info
-
-
-def _with_fused_classifier(model: nn.Module) -> nn.Module:
-    """``model`` with its classifier replaced by a fused copy; ``model`` itself when there is none to fuse."""
-    if isinstance(model, Defended):
-        return Defended(fused_copy(model.model), model.transform)
-    if getattr(model, "differentiable", None) is None and getattr(model, "random", None) is None:
-        return fused_copy(model)
-    return model  # an adaptive model of another kind: attacked as given
-
-
-def _has_fused_classifier(model: nn.Module) -> bool:
-    return any(isinstance(m, ChannelsLastInput) for m in model.modules())
 
 
 @torch.no_grad()

@@ -60,3 +60,24 @@ def fused_copy(model: nn.Module) -> nn.Module:
     for parameter in fast.parameters():
         parameter.requires_grad_(False)
     return ChannelsLastInput(fast).eval()
+
+
+def fused_classifier(model: nn.Module) -> nn.Module:
+    """``model`` with the classifier that attacks differentiate replaced by its :func:`fused_copy`.
+
+    - a plain classifier (one that declares neither ``differentiable`` nor ``random``): fused whole;
+    - a model that puts a classifier ``.model`` behind an input transform and can rebuild itself
+      around another one (``with_classifier``, as :class:`~robustlab.defenses.preprocessing.Defended`
+      does): the classifier is fused, the transform kept as it is;
+    - anything else: returned as given.
+    """
+    if hasattr(model, "with_classifier") and isinstance(getattr(model, "model", None), nn.Module):
+        return model.with_classifier(fused_copy(model.model))
+    if getattr(model, "differentiable", None) is None and getattr(model, "random", None) is None:
+        return fused_copy(model)
+    return model
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether ``model`` attacks through a fused copy somewhere inside."""
+    return any(isinstance(m, ChannelsLastInput) for m in model.modules())
