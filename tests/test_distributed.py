@@ -130,6 +130,32 @@ def test_two_ranks_evaluate_exactly_what_one_process_evaluates(tmp_path):
     assert accuracy == {k: v["accuracy"] for k, v in read_evaluation(double)["attacks"].items()}
 
 
+def test_two_ranks_run_autoattack_within_noise_of_one_process(tmp_path):
+    """AutoAttack's stages pack each rank's still-robust points into full batches, so its random draws
+    depend on the number of ranks: the verdicts agree with one process within seed noise, not bit for bit."""
+    from robustlab.stats import mcnemar
+
+    single = tmp_path / "single"
+    assert _train(single).returncode == 0
+    double = tmp_path / "double"
+    shutil.copytree(single, double)
+    options = ["--attacks", "fgsm,autoattack-5", "--eps", "0.03", "--samples", "100", "--batch-size", "16",
+               "--no-progress", "--suite", "quick"]
+    one = _robustlab("evaluate", str(single), *options)
+    assert one.returncode == 0, one.stderr
+    two = _robustlab("evaluate", str(double), *options, nproc=2)
+    assert two.returncode == 0, two.stderr
+    a, b = read_samples(single, eps=0.03), read_samples(double, eps=0.03)
+    np.testing.assert_array_equal(a["correct:fgsm"], b["correct:fgsm"])
+    ours, theirs = a["correct:autoattack-5"][0], b["correct:autoattack-5"][0]
+    assert 0 < ours.sum() < ours.size and 0 < theirs.sum() < theirs.size
+    test = mcnemar(ours, theirs)
+    assert test.b + test.c <= 6 and test.p_value > 0.05, test
+    stages = read_evaluation(double, eps=0.03)["attacks"]["autoattack-5"]["stages"]
+    assert {"apgd-ce", "apgd-t", "fab-t", "square"} <= set(stages)
+    assert not list(double.glob("evaluation/*.partial.npz")), "every rank's state file removed when done"
+
+
 def test_two_ranks_audit_exactly_what_one_process_audits(tmp_path):
     """Each rank runs every check on every other batch (draws seeded per batch); rank 0 prints and writes."""
     single = tmp_path / "single"

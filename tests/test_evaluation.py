@@ -280,7 +280,7 @@ def test_autoattack_stages_are_recorded_and_an_interrupted_evaluation_resumes_id
 
     def dies_in_stage_three(*args, **kwargs):
         calls.append(args[0][0])
-        if calls.count("fab-t") == 2:  # the second of three batches of FAB-T
+        if calls.count("fab-t") == 1:  # FAB-T's first packed batch
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -298,6 +298,27 @@ def test_autoattack_stages_are_recorded_and_an_interrupted_evaluation_resumes_id
             again = getattr(resumed.attacks.get(m, resumed.clean if m == "clean" else resumed.worst_case), name)
             assert np.array_equal(first, again), (name, m)
     assert [s["accuracy"] for s in resumed.attacks[label].stages.values()] == accuracies
+
+
+def test_each_stage_attacks_full_batches_of_the_still_robust_points(trained_digits, monkeypatch):
+    import robustlab.stages as stages
+
+    real, sizes = stages.run_stage, {}
+
+    def spy(stage, grad_model, attacked, x, y, adv, robust, **kwargs):
+        sizes.setdefault(stage[0], []).append(len(x))
+        assert bool(robust.all()), "only still-robust points are packed"
+        return real(stage, grad_model, attacked, x, y, adv, robust, **kwargs)
+
+    monkeypatch.setattr(stages, "run_stage", spy)
+    result = _small_autoattack(trained_digits.model, trained_digits.data.test)
+    recorded = result.attacks["autoattack(queries=20,steps=3)"].stages
+    names = list(recorded)  # clean, then the stages in order
+    for before, name in zip(names, names[1:], strict=False):
+        calls = sizes.get(name, [])
+        assert sum(calls) == round(recorded[before]["accuracy"] * 60), "every still-robust point is attacked once"
+        assert all(size == 20 for size in calls[:-1]), f"packed into batches of 20: {calls}"
+    assert len(sizes["apgd-t"]) < 3, "the robust points left after APGD-CE fill fewer batches than the 60 images"
 
 
 def test_a_state_file_of_another_evaluation_is_not_resumed(trained_digits, tmp_path):

@@ -14,7 +14,7 @@ from robustlab.data import DATASETS, TensorLoader, load_dataset  # noqa: E402
 from robustlab.defenses import DEFENSES, Objective, build_objective  # noqa: E402
 from robustlab.errors import RobustlabError  # noqa: E402
 from robustlab.evaluation import EvaluationResult, evaluate_model, evaluate_run  # noqa: E402
-from robustlab.models import MODELS, build_model  # noqa: E402
+from robustlab.models import MODELS, build_model, fused_copy  # noqa: E402
 from robustlab.runs import load_run  # noqa: E402
 from robustlab.training import TrainResult, train  # noqa: E402
 
@@ -38,6 +38,7 @@ __all__ = [
     "evaluate_model",
     "evaluate_run",
     "fgsm",
+    "fused_copy",
     "load_config",
     "load_dataset",
     "load_run",

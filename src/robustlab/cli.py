@@ -154,6 +154,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
     attack_precision: Annotated[str, typer.Option(help="fp32, or bf16: craft under bfloat16 autocast "
                                                   "(verdicts stay fp32)")] = "fp32",
+    fuse: Annotated[bool, typer.Option(help="attacks differentiate a fused copy of the model (BatchNorm folded, "
+                                       "channels_last; same function, faster); verdicts stay the model's")] = True,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Clean, per-attack and worst-case robust accuracy with 95% CIs; writes metrics.json.
@@ -175,7 +177,7 @@ def evaluate(
         "attacks": specs, "suite": suite, "n": n, "subset": subset, "batch_size": batch_size, "seed": seed,
         "n_boot": n_boot,
         "eot_samples": eot_samples, "random_passes": random_passes, "progress": progress,
-        "attack_precision": attack_precision,
+        "attack_precision": attack_precision, "fuse": fuse,
     }
     budgets = [None] if eps is None else [check_eps(parse_number(e), norm or "l2", "--eps") for e in eps.split(",")]
     if checkpoint is not None:

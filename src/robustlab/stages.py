@@ -10,8 +10,12 @@ stage attacks the still-robust points of every batch before the next stage start
 - a state file written (atomically) after every stage: which points are still robust and the
   adversarial images of the points already broken, in the spirit of auto-attack's ``state.py``. An
   interrupted evaluation that is started again with the same model, samples, attack and seed skips the
-  finished stages; one with anything different ignores the file. Every batch's random draws are seeded
-  from ``(seed, stream, batch, stage)``, so a resumed evaluation gives exactly the uninterrupted result.
+  finished stages; one with anything different ignores the file.
+
+Each stage packs the points still robust in every batch into full batches before attacking them (as
+the official AutoAttack does), so late stages, which see few robust points per original batch, still
+run on full batches. Every packed batch's random draws are seeded from ``(seed, stream, packed batch,
+stage)``, so a resumed evaluation gives exactly the uninterrupted result.
 """
 
 from __future__ import annotations
@@ -144,7 +148,7 @@ def run_autoattack(
     try:
         _run_stages(stages, done, masks, seconds, x_adv, batches, grad_model, attacked, device, eps=eps, norm=norm,
                     seed=seed, stream=stream, label=label, tag=tag, state_path=state_path, progress=progress,
-                    total=total, n_batches=len(mine))
+                    total=total, batch_size=batch_size)
     except KeyboardInterrupt:
         if state_path is not None and state_path.exists():
             print(f"\ninterrupted: {label}'s finished stages are kept in {state_path}; rerun the same command to "
@@ -157,29 +161,66 @@ def _run_stages(
     stages: list, done: int, masks: dict[str, dict[int, np.ndarray]], seconds: dict[str, float],
     x_adv: dict[int, torch.Tensor], batches: Callable[[], Any], grad_model: nn.Module, attacked: nn.Module,
     device: torch.device, *, eps: float, norm: str, seed: int, stream: int, label: str, tag: str,
-    state_path: Path | None, progress: bool, total: int, n_batches: int,
+    state_path: Path | None, progress: bool, total: int, batch_size: int,
 ) -> None:
     """Stages ``done`` onwards over every batch, saving the state after each; updates the mappings in place."""
     for k, stage in enumerate(stages[done:], start=done):
         name = stage[0]
         previous = masks[stages[k - 1][0]] if k else masks["clean"]
-        masks[name] = {}
         tic = time.perf_counter()
-        bar = progress_bar(total=n_batches, desc=f"{label} {k + 1}/{len(stages)} {name}", enabled=progress)
-        for batch, (x, y) in batches():
-            torch.manual_seed(batch_seed(seed, stream, batch, k + 1))
-            robust = torch.from_numpy(previous[batch].copy()).to(device)
-            adv = x_adv[batch].to(device)
-            run_stage(stage, grad_model, attacked, x, y, adv, robust, eps=eps, norm=norm)
-            x_adv[batch], masks[name][batch] = adv.cpu(), robust.cpu().numpy()
+        x, y, owners = _still_robust(batches, previous, device)
+        robust = torch.ones(len(y), dtype=torch.bool, device=device)
+        adv = x.clone()  # a still-robust point's adversarial image so far is the point itself
+        chunks = range(0, len(y), batch_size)
+        bar = progress_bar(total=len(chunks), desc=f"{label} {k + 1}/{len(stages)} {name}", enabled=progress)
+        for chunk, start in enumerate(chunks):
+            torch.manual_seed(batch_seed(seed, stream, chunk, k + 1))
+            part = slice(start, start + batch_size)
+            run_stage(stage, grad_model, attacked, x[part], y[part], adv[part], robust[part], eps=eps, norm=norm)
             bar.update(1)
         bar.close()
+        masks[name] = _scatter(owners, previous, robust.cpu(), adv.cpu(), x_adv)
         seconds[name] = time.perf_counter() - tic
         if state_path is not None:
             _save(state_path, tag, masks, seconds, x_adv)
         left = sum(int(m.sum()) for m in masks[name].values())
         progress_line(f"{label} stage {k + 1}/{len(stages)} {name}: {left} of {total} still robust "
                       f"({100 * left / max(total, 1):.2f}%), {seconds[name]:.1f} s", progress, sys.stderr)
+
+
+def _still_robust(
+    batches: Batches, robust: dict[int, np.ndarray], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    """The still-robust points of every batch packed together, and (batch, positions) to put them back.
+
+    A stage then attacks full batches of robust points, as the official AutoAttack does: one call on
+    256 robust points costs far less than three calls on ~85 (per-call overhead on a CPU, occupancy on
+    a GPU), and the points a stage sees no longer depend on how the evaluation was batched.
+    """
+    xs, ys, owners = [], [], []
+    for batch, (x, y) in batches():
+        where = torch.from_numpy(robust[batch]).nonzero().squeeze(1)
+        xs.append(x[where.to(x.device)])
+        ys.append(y[where.to(y.device)])
+        owners.append((batch, where))
+    if not xs:
+        return torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device), owners
+    return torch.cat(xs), torch.cat(ys), owners
+
+
+def _scatter(
+    owners: list[tuple[int, torch.Tensor]], previous: dict[int, np.ndarray], robust: torch.Tensor,
+    adv: torch.Tensor, x_adv: dict[int, torch.Tensor],
+) -> dict[int, np.ndarray]:
+    """Each batch's robust mask after the stage; writes the packed adversarial images back into ``x_adv``."""
+    masks, start = {}, 0
+    for batch, where in owners:
+        stop = start + len(where)
+        mask = previous[batch].copy()
+        mask[where.numpy()] = robust[start:stop].numpy()
+        x_adv[batch][where] = adv[start:stop]
+        masks[batch], start = mask, stop
+    return masks
 
 
 def _save(path: Path, tag: str, masks: dict[str, dict[int, np.ndarray]], seconds: dict[str, float],

@@ -12,6 +12,7 @@ from robustlab import distributed
 from robustlab.attacks import input_gradient, pgd
 from robustlab.attacks.wrappers import BPDA, EOT
 from robustlab.errors import InputError
+from robustlab.models.fused import fused_classifier
 
 
 def _declares(model: nn.Module) -> tuple[bool, bool]:
@@ -54,12 +55,13 @@ class _Auditor:
         eot: int,
         batch_size: int,
         group: distributed.Distributed,
+        fuse: bool = True,
     ) -> None:
         self.model, self.x, self.y = model, x, y
         self.n = int(y.shape[0])
         self.eps, self.norm, self.seed, self.steps = eps, norm, seed, steps
         self.bpda, self.eot, self.batch_size, self.group = bpda, eot, batch_size, group
-        self.attacked = _adapted(model, bpda, eot)
+        self.attacked = _adapted(fused_classifier(model) if fuse else model, bpda, eot)
         self._cache: dict[str, torch.Tensor] = {}
 
     def per_batch(

@@ -46,6 +46,7 @@ def audit_model(
     eot: int | None = None,
     square_queries: int = 1000,
     batch_size: int = 256,
+    fuse: bool = True,
 ) -> AuditReport:
     """Run the gradient-masking checklist on the first ``n`` images of ``data`` at budget ``eps``.
 
@@ -60,6 +61,9 @@ def audit_model(
             ``Defended`` whose transform declares ``differentiable=False``.
         eot: EOT passes per gradient. ``None`` follows the same protocol: ``EOT_SAMPLES`` passes iff
             the model declares ``random=True``. ``eot=1`` means no EOT.
+        fuse: the checks differentiate a fused copy of the classifier, as evaluation does
+            (:func:`robustlab.models.fused.fused_classifier`; the same function, faster); verdicts and
+            the randomness check still use the model itself.
     Returns:
         An :class:`AuditReport`; the model's mode and ``requires_grad`` flags are left as found.
 
@@ -87,6 +91,7 @@ def audit_model(
         "eot_samples": eot_samples,
         "square_queries": square_queries,
         "surrogate": surrogate is not None,
+        "fused": bool(fuse),
         "noise": f"{Z:g} Agresti-Coull binomial standard errors",
     }
     modes = [m.training for m in model.modules()]
@@ -97,7 +102,7 @@ def audit_model(
             if surrogate is not None:
                 surrogate.eval()
             auditor = _Auditor(model, x.to(device), y.to(device), eps=float(eps), norm=norm, seed=seed, steps=steps,
-                               bpda=use_bpda, eot=eot_samples, batch_size=batch_size, group=group)
+                               bpda=use_bpda, eot=eot_samples, batch_size=batch_size, group=group, fuse=fuse)
             checks = _run_checks(auditor, surrogate, square_queries)
     finally:
         for m, mode in zip(model.modules(), modes, strict=True):

@@ -56,6 +56,10 @@ class Defended(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.transform(x))
 
+    def with_classifier(self, model: nn.Module) -> Defended:
+        """The same transform in front of another classifier (attacks use it for a fused copy)."""
+        return Defended(model, self.transform)
+
 
 class FeatureSqueezing(InputTransform):
     """Bit-depth reduction + median smoothing (Xu et al. 2018, "Feature Squeezing", §3-4).

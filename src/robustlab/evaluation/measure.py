@@ -37,11 +37,14 @@ from robustlab.evaluation.result import (
 )
 from robustlab.evaluation.samples import SUBSET_SEED, choose_samples, subset_name
 from robustlab.metrics import iterate
+from robustlab.models.fused import fused_classifier, is_fused
 from robustlab.progress import progress_bar, progress_line
 from robustlab.stages import model_digest, run_autoattack, state_file
 from robustlab.stats import bootstrap_ci
 from robustlab.validation import check_eps
 
+#: ``model_info["attack_model"]`` when the attacks differentiate a fused copy.
+FUSED_LABEL = "fused copy (BatchNorm folded into convolutions, channels_last); verdicts from the model"
 #: One attack as :func:`_attack_all` runs it: (label, attack callable, record).
 Built = tuple[str, Any, dict[str, Any]]
 
@@ -65,6 +68,7 @@ def evaluate_model(
     progress: bool = False,
     attack_precision: str = "fp32",
     state_dir: str | Path | None = None,
+    fuse: bool = True,
 ) -> EvaluationResult:
     """Clean, per-attack and worst-case accuracy of ``model`` on ``n`` samples of ``split`` (all by default).
 
@@ -89,6 +93,10 @@ def evaluate_model(
         state_dir: where AutoAttack saves its per-sample state after every stage
             (:mod:`robustlab.stages`), so an interrupted evaluation resumes; the file is removed when
             the evaluation finishes. None: no state is kept.
+        fuse: the attacks differentiate a faster copy of the classifier (BatchNorm folded into its
+            convolutions, channels_last: :func:`robustlab.models.fused.fused_copy`; the same function to
+            float rounding); every verdict is still the model's own prediction. ``False``: the attacks
+            differentiate the model itself. Recorded as ``model_info["attack_model"]``.
 
     Under ``torchrun`` every rank calls this with the same arguments; each attacks its share of the
     batches (on its own GPU) and every rank returns the whole, gathered result.
@@ -106,7 +114,7 @@ def evaluate_model(
     started = time.perf_counter()
     try:
         grad_model, info, passes, built = _prepare(model, attacks, suite, plan, eps, norm, eot_samples,
-                                                   random_passes, attack_precision)
+                                                   random_passes, attack_precision, fuse)
         job = _Job(model, grad_model, split, distributed.my_batches(math.ceil(len(split) / batch_size), group),
                    batch_size, device, group, eps, norm, seed, passes, attack_precision, state_dir,
                    progress and group.is_main)
@@ -151,13 +159,13 @@ def _place(model: nn.Module, device: torch.device | str | None) -> tuple[torch.d
 
 def _prepare(
     model: nn.Module, attacks: Sequence[AttackSpec], suite: str | None, plan: list[tuple[str, AttackSpec]],
-    eps: float, norm: str, eot_samples: int, random_passes: int, attack_precision: str,
+    eps: float, norm: str, eot_samples: int, random_passes: int, attack_precision: str, fuse: bool,
 ) -> tuple[nn.Module, dict[str, Any], int, list[Built]]:
     """The model attacks differentiate, the model record, forward passes per input, and the built attacks.
 
     A random model asked for the ``standard`` suite gets ``rand`` (see :func:`evaluate_model`).
     """
-    grad_model, info = _adaptive(model, eot_samples)
+    grad_model, info = _adaptive(model, eot_samples, fuse)
     if info["random"] and suite == "standard":
         plan = resolve_attacks(attacks, "rand")
         info["suite"] = "rand (standard asked for; the model is random)"
@@ -206,7 +214,8 @@ def _attack_all(
     seconds: dict[str, float] = {}
     staged: dict[str, dict[str, Any]] = {}
     fingerprint = (
-        {"model": model_digest(job.model), "samples": job.split.digest(), "passes": job.passes}
+        {"model": model_digest(job.model), "samples": job.split.digest(), "passes": job.passes,
+         "fused": is_fused(job.grad_model)}
         if job.state_dir else None
     )
     finished_states: list[Path] = []
@@ -309,15 +318,24 @@ def _result(
     )
 
 
-def _adaptive(model: nn.Module, eot_samples: int) -> tuple[nn.Module, dict[str, Any]]:
-    """The model attacks differentiate, and a record of the adaptive mode (BPDA / EOT) chosen."""
+def _adaptive(model: nn.Module, eot_samples: int, fuse: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """The model attacks differentiate, and a record of the adaptive mode (BPDA / EOT) chosen.
+
+    With ``fuse``, the classifier inside is a :func:`~robustlab.models.fused.fused_copy` (a plain model,
+    or the classifier behind a :class:`~robustlab.defenses.preprocessing.Defended` transform).
+    """
     differentiable = getattr(model, "differentiable", None)
     random = getattr(model, "random", None)
+    attacked = fused_classifier(model) if fuse else model
+    fused = attacked is not model
+    label = FUSED_LABEL if fused else "the model itself"
     if differentiable is None and random is None:
-        return model, {"adaptive": "none (plain model)", "differentiable": True, "random": False}
+        return attacked, {"adaptive": "none (plain model)", "differentiable": True, "random": False,
+                          "attack_model": label}
     # looked up on the package, so that replacing ``robustlab.evaluation.adaptive_model`` reaches here
-    grad_model, description = _package.adaptive_model(model, eot_samples=eot_samples)
-    info = {"adaptive": str(description), "differentiable": differentiable is not False, "random": bool(random)}
+    grad_model, description = _package.adaptive_model(attacked, eot_samples=eot_samples)
+    info = {"adaptive": str(description), "differentiable": differentiable is not False, "random": bool(random),
+            "attack_model": label}
     return grad_model, info
 
 

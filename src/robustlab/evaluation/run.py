@@ -36,6 +36,7 @@ def evaluate_run(
     progress: bool = False,
     write: bool = True,
     attack_precision: str = "fp32",
+    fuse: bool = True,
 ) -> EvaluationResult:
     """Evaluate a run's selected weights on its test split at the run's threat (or ``eps``/``norm``).
 
@@ -52,7 +53,7 @@ def evaluate_run(
         loaded.model, loaded.data.test, eps=eps, norm=norm, attacks=attacks, suite=suite,
         batch_size=batch_size, seed=seed, n=n, subset=subset, eot_samples=eot_samples,
         random_passes=random_passes, n_boot=n_boot, progress=progress, attack_precision=attack_precision,
-        state_dir=Path(run_dir) / "evaluation" if write else None,
+        state_dir=Path(run_dir) / "evaluation" if write else None, fuse=fuse,
     )
     result.cost = previous.get("cost")
     result.model_info["weights_sha256"] = _sha256(run.weights)

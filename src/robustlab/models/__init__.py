@@ -12,11 +12,13 @@ from torch import nn
 
 from robustlab.errors import ConfigError
 from robustlab.models.efficientnet import efficientnet_b0
+from robustlab.models.fused import fused_classifier, fused_copy
 from robustlab.models.normalize import Normalize, NormalizedModel
 from robustlab.models.resnet import WideResNet, preact_resnet18, resnet18
 from robustlab.models.small import LeNet5, SmallCNN
 
-__all__ = ["MODELS", "Normalize", "NormalizedModel", "build_model", "validate_model_name"]
+__all__ = ["MODELS", "Normalize", "NormalizedModel", "build_model", "fused_classifier", "fused_copy",
+           "validate_model_name"]
 
 
 def _wide_resnet(num_classes: int, in_channels: int, image_size: int, depth: int | None, width: int | None):
