@@ -108,13 +108,13 @@ def trained_resnet(digits, tmp_path_factory):
 
 def test_evaluation_through_the_fused_copy_gives_the_same_per_sample_verdicts(trained_resnet, digits):
     """AutoAttack (shortened), PGD and CW through the fused copy and through the model agree per sample."""
-    options = {"eps": 0.1, "n": 120, "subset": "first", "n_boot": 10, "suite": "quick",
+    options = {"eps": 0.05, "n": 120, "subset": "first", "n_boot": 10, "suite": "quick",
                "attacks": ["pgd-10", "cw_linf-10", {"name": "autoattack", "steps": 15, "queries": 150}]}
     fast = evaluate_model(trained_resnet, digits.test, **options)
     exact = evaluate_model(trained_resnet, digits.test, fuse=False, **options)
     assert fast.model_info["attack_model"] == FUSED_LABEL
     assert exact.model_info["attack_model"] == "the model itself"
-    assert 0.05 < exact.worst_case.accuracy < exact.clean.accuracy  # some points robust, some broken
+    assert 0.1 < exact.worst_case.accuracy < exact.clean.accuracy - 0.1  # many points robust, many broken
     for label, measured in exact.attacks.items():
         differ = int(np.sum(measured.correct != fast.attacks[label].correct))
         assert differ <= 2, f"{label}: {differ} of 120 verdicts differ"
