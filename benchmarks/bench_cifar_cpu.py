@@ -41,9 +41,13 @@ DEFENCES = ("standard", "pgd_at", "trades", "mart", "fast_at", "lipschitz", "hyb
 
 
 def candidate(spec: str, data) -> tuple[str, torch.nn.Module]:
-    name, _, width = spec.partition(":")
+    """``name[:width][+cl]``: ``+cl`` lays the weights out channels_last (``train.channels_last``)."""
+    base, _, layout = spec.partition("+")
+    name, _, width = base.partition(":")
     model = build_model(name, data.num_classes, data.channels, data.image_size, data.mean, data.std,
                         width=int(width) if width else None)
+    if layout == "cl":
+        model = model.to(memory_format=torch.channels_last)
     return spec, model
 
 
@@ -86,9 +90,10 @@ def bench_train(data, specs: list[str], rounds: int, batches: int, size: int) ->
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         state = TrainState(epochs=1, steps_per_epoch=100, eps=8 / 255, norm="linf")
 
-        def job(i, model=model, objective=objective, optimizer=optimizer, state=state):
+        def job(i, model=model, objective=objective, optimizer=optimizer, state=state, cl=spec.endswith("+cl")):
             x, y = batch_at(data, i, size)
-            train_step(model, objective, optimizer, x, y, state)
+            train_step(model, objective, optimizer, x.contiguous(memory_format=torch.channels_last) if cl else x, y,
+                       state)
 
         jobs[spec] = job
     seconds = timed_rounds(jobs, rounds, batches)

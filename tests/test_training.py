@@ -146,6 +146,22 @@ def test_unfinished_run_with_other_config_is_refused(tmp_path, digits, monkeypat
         train(tiny_config(epochs=2), tmp_path / "run", progress=False, data=digits)
 
 
+def test_an_unfinished_run_resumes_across_a_change_of_memory_layout(tmp_path, digits, monkeypatch):
+    """``train.channels_last``, like ``train.device``, changes how a run executes, not what it trains."""
+    import robustlab.training as training
+    from robustlab.config import build_config, trained_identity
+
+    monkeypatch.setattr(training.Trainer, "_finish", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(epochs=2), tmp_path / "run", progress=False, data=digits)
+    monkeypatch.undo()
+    resumed = train(tiny_config(epochs=2, channels_last=True), tmp_path / "run", progress=False, data=digits)
+    assert RunDir(resumed.run_dir).is_finished() and len(resumed.history) == 2
+    same = trained_identity(build_config(tiny_config(channels_last=True, device="cpu")))
+    assert same == trained_identity(build_config(tiny_config()))
+    assert trained_identity(build_config(tiny_config(lr=0.01))) != trained_identity(build_config(tiny_config()))
+
+
 def test_best_checkpoint_is_selected_on_validation(tmp_path, digits):
     result = train(tiny_config(epochs=3, select="val_clean"), tmp_path / "run", progress=False, data=digits)
     rows = read_csv(result.run_dir / "history.csv")

@@ -331,3 +331,16 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
     """A plain, YAML-serialisable dict of the config (defence parameters inlined)."""
     return config.model_dump(mode="json")
+
+
+#: Settings that change how a run executes, not what it trains: the same model up to float rounding,
+#: as on another machine. A run resumes, and a grid keeps a finished cell, across a change of these.
+EXECUTION_SETTINGS = (("train", "device"), ("train", "channels_last"))
+
+
+def trained_identity(config: RunConfig) -> dict[str, Any]:
+    """:func:`config_to_dict` without :data:`EXECUTION_SETTINGS`: equal for runs that train the same model."""
+    identity = config_to_dict(config)
+    for section, key in EXECUTION_SETTINGS:
+        identity[section].pop(key, None)
+    return identity

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustlab.config import RunConfig, build_config, config_to_dict
+from robustlab.config import RunConfig, build_config, config_to_dict, trained_identity
 from robustlab.errors import RobustlabError
 from robustlab.rundir import (
     RunDir,
@@ -107,7 +107,7 @@ def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
         else:
             remove_temp_files(run.path)
             previous = build_config(run.read_config_dict())
-            if config_to_dict(previous) != config_to_dict(config):
+            if trained_identity(previous) != trained_identity(config):
                 if run.resume.exists():
                     raise RobustlabError(
                         f"{run.path} holds an unfinished run with a different config; "

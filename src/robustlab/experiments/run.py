@@ -22,7 +22,7 @@ from typing import Any
 
 from filelock import Timeout
 
-from robustlab.config import RunConfig, build_config, config_to_dict
+from robustlab.config import RunConfig, build_config, config_to_dict, trained_identity
 from robustlab.data import DatasetSplits
 from robustlab.errors import ConfigError, RobustlabError
 from robustlab.experiments.collect import collect_results
@@ -74,7 +74,7 @@ def _config_matches(cell: Cell) -> bool:
         previous = build_config(RunDir(cell.run_dir).read_config_dict())
     except RobustlabError:
         return False
-    return config_to_dict(previous) == config_to_dict(cell.config)
+    return trained_identity(previous) == trained_identity(cell.config)
 
 
 def _exit_with_parent(parent: int) -> None:
