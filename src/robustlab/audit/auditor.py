@@ -61,7 +61,9 @@ class _Auditor:
         self.n = int(y.shape[0])
         self.eps, self.norm, self.seed, self.steps = eps, norm, seed, steps
         self.bpda, self.eot, self.batch_size, self.group = bpda, eot, batch_size, group
-        self.attacked = _adapted(fused_classifier(model) if fuse else model, bpda, eot)
+        # the classifier every check differentiates (through BPDA / EOT as each asks): the fused copy
+        self.classifier = fused_classifier(model) if fuse else model
+        self.attacked = _adapted(self.classifier, bpda, eot)
         self._cache: dict[str, torch.Tensor] = {}
 
     def per_batch(

@@ -235,7 +235,7 @@ def _check_randomness(a: _Auditor) -> AuditCheck:
         return AuditCheck("randomness", "pass", evidence, f"{text}; attacked with EOT over {a.eot} samples")
     plain = _acc(a.pgd_correct(a.eps, a.steps))
     with_eot = _acc(
-        a.pgd_correct(a.eps, a.steps, stream=2, model=_adapted(a.model, a.bpda, EOT_SAMPLES), key="eot")
+        a.pgd_correct(a.eps, a.steps, stream=2, model=_adapted(a.classifier, a.bpda, EOT_SAMPLES), key="eot")
     )
     evidence.update({"pgd_accuracy_without_eot": plain, f"pgd_accuracy_with_eot{EOT_SAMPLES}": with_eot})
     hint = "" if declared else "; declare the transform random=True so evaluation uses EOT"
@@ -283,7 +283,7 @@ def _check_bpda(a: _Auditor) -> AuditCheck:
         )
     if declared and not a.bpda:
         plain = _acc(a.pgd_correct(a.eps, a.steps))
-        with_bpda = _acc(a.pgd_correct(a.eps, a.steps, model=_adapted(a.model, True, a.eot), key="bpda"))
+        with_bpda = _acc(a.pgd_correct(a.eps, a.steps, model=_adapted(a.classifier, True, a.eot), key="bpda"))
         evidence.update({"pgd_accuracy_without_bpda": plain, "pgd_accuracy_with_bpda": with_bpda})
         return AuditCheck(
             "bpda",

@@ -62,8 +62,8 @@ def audit_model(
         eot: EOT passes per gradient. ``None`` follows the same protocol: ``EOT_SAMPLES`` passes iff
             the model declares ``random=True``. ``eot=1`` means no EOT.
         fuse: the checks differentiate a fused copy of the classifier, as evaluation does
-            (:func:`robustlab.models.fused.fused_classifier`; the same function, faster); verdicts and
-            the randomness check still use the model itself.
+            (:func:`robustlab.models.fused.fused_classifier`; the same function, faster), the EOT and
+            BPDA checks included; verdicts and the randomness check still use the model itself.
     Returns:
         An :class:`AuditReport`; the model's mode and ``requires_grad`` flags are left as found.
 

@@ -327,15 +327,13 @@ def _adaptive(model: nn.Module, eot_samples: int, fuse: bool) -> tuple[nn.Module
     differentiable = getattr(model, "differentiable", None)
     random = getattr(model, "random", None)
     attacked = fused_classifier(model) if fuse else model
-    fused = attacked is not model
-    label = FUSED_LABEL if fused else "the model itself"
     if differentiable is None and random is None:
-        return attacked, {"adaptive": "none (plain model)", "differentiable": True, "random": False,
-                          "attack_model": label}
-    # looked up on the package, so that replacing ``robustlab.evaluation.adaptive_model`` reaches here
-    grad_model, description = _package.adaptive_model(attacked, eot_samples=eot_samples)
-    info = {"adaptive": str(description), "differentiable": differentiable is not False, "random": bool(random),
-            "attack_model": label}
+        grad_model, info = attacked, {"adaptive": "none (plain model)", "differentiable": True, "random": False}
+    else:
+        # looked up on the package, so that replacing ``robustlab.evaluation.adaptive_model`` reaches here
+        grad_model, description = _package.adaptive_model(attacked, eot_samples=eot_samples)
+        info = {"adaptive": str(description), "differentiable": differentiable is not False, "random": bool(random)}
+    info["attack_model"] = FUSED_LABEL if is_fused(attacked) else "the model itself"
     return grad_model, info
 
 
