@@ -21,21 +21,25 @@ from robustlab.report.data import Stat
 DEFENCES = [d for d in ("standard", "hybrid") if d in DEFENSES]
 
 
-@pytest.fixture(scope="module")
-def results_dir(tmp_path_factory) -> Path:
-    """A finished 2-seed digits grid (standard, and hybrid when registered), evaluated with 3 attacks."""
-    out = tmp_path_factory.mktemp("experiment") / "results"
-    spec = {
-        "name": "report-test",
+def _digits_grid(name: str, seeds: list[int]) -> dict:
+    return {
+        "name": name,
         "base": {
             "data": {"dataset": "digits", "val_size": 100, "train_subset": 400, "test_subset": 60},
             "train": {"epochs": 2, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0,
                       "val_robust_size": 50, "val_attack_steps": 2},
             "threat": {"eps": 0.1},
         },
-        "grid": {"defenses": DEFENCES, "eps": [0.1], "seeds": [0, 1]},
+        "grid": {"defenses": DEFENCES, "eps": [0.1], "seeds": seeds},
         "evaluation": {"attacks": ["fgsm", "pgd-3", "cw_linf-3"], "suite": "quick", "audit": False},
     }
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    """A finished 2-seed digits grid (standard, and hybrid when registered), evaluated with 3 attacks."""
+    out = tmp_path_factory.mktemp("experiment") / "results"
+    spec = _digits_grid("report-test", [0, 1])
     result = run_experiment(load_experiment(spec), out, log=lambda line: None, isolate=False)
     assert not result.failed
     write_report(out)
@@ -83,8 +87,9 @@ def test_report_figures_and_mcnemar(results_dir):
 
 @pytest.mark.skipif("hybrid" not in DEFENCES, reason="hybrid is not registered")
 def test_mcnemar_holm_adjusts_within_one_seed_and_correctness(results_dir):
-    """Two copies of the hybrid against standard: each (seed, correctness) family holds two equal tests,
-    so Holm doubles their p-value (capped at 1); a family spanning seeds or correctness would not."""
+    """Two copies of the hybrid against standard: each (seed, correctness) family, and each pooled one,
+    holds two equal tests, so Holm doubles their p-value (capped at 1); a family spanning seeds or
+    correctness would not."""
     from robustlab.report.build import mcnemar_table
     from robustlab.report.data import load_results
 
@@ -95,7 +100,7 @@ def test_mcnemar_holm_adjusts_within_one_seed_and_correctness(results_dir):
     by_defense["hybrid copy"] = by_defense["hybrid"]
     table = mcnemar_table(results, by_defense, reference="standard")
     p_raw, p_holm = table.header.index("p-value"), table.header.index("p (Holm)")
-    assert len(table.rows) == 2 * 2 * 2, "2 others x 2 seeds x clean/worst case"
+    assert len(table.rows) == 2 * 3 * 2, "2 others x (2 seeds + pooled) x clean/worst case"
     assert any(float(row[p_raw]) < 0.5 for row in table.rows), "every p-value is too large to show the doubling"
     for row in table.rows:
         assert float(row[p_holm]) == pytest.approx(min(1.0, 2 * float(row[p_raw])), rel=1e-2)
@@ -115,6 +120,50 @@ def test_mcnemar_skips_an_unfinished_hybrid_cell_and_says_so_when_none_is_finish
     assert {r[1] for r in rows} == {"0"}, "the finished seed's test was dropped, or the running one's kept"
     by_defense["hybrid"][0] = {**by_defense["hybrid"][0], "status": "pending"}
     assert mcnemar_table(results, by_defense) == "McNemar's test not available yet: the hybrid cell is pending/running."
+
+
+@pytest.mark.skipif("hybrid" not in DEFENCES, reason="hybrid is not registered")
+def test_report_with_a_seeds_grid_averages_every_seed_and_pools_mcnemar(results_dir, tmp_path, capsys):
+    """Seed 2 run as a grid of its own joins seeds 0 and 1: the tables average three seeds, and a pooled
+    (clustered) McNemar row sums the per-seed discordant counts."""
+    main = tmp_path / "main"
+    shutil.copytree(results_dir, main)
+    seeds = tmp_path / "seeds"
+    result = run_experiment(load_experiment(_digits_grid("report-seeds", [2])), seeds, log=lambda line: None,
+                            isolate=False)
+    assert not result.failed
+    from robustlab.cli import main as robustlab
+
+    def report(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            robustlab(["report", *argv])
+        except SystemExit as exit_:
+            return int(exit_.code or 0), capsys.readouterr().err
+        return 0, capsys.readouterr().err
+
+    assert report(str(main), "--with", str(seeds)) == (0, "")
+    text = (main / "report.md").read_text()
+    assert "report-test + report-seeds" in text
+    measured = [line for line in text.splitlines() if "measured (robustlab, attack=" in line]
+    assert measured and all(line.rstrip(" |").endswith("| 3") for line in measured), "three seeds per defence"
+    for what in ("clean", "worst case"):
+        rows = [line.split("|")[1:-1] for line in text.splitlines()
+                if line.startswith("| hybrid vs standard |") and f"| {what} |" in line]
+        per_seed = [r for r in rows if r[1].strip() in ("0", "1", "2")]
+        pooled = [r for r in rows if r[1].strip() == "pooled (0, 1, 2)"]
+        assert len(per_seed) == 3 and len(pooled) == 1, rows
+        assert int(pooled[0][3]) == sum(int(r[3]) for r in per_seed)
+        assert int(pooled[0][4]) == sum(int(r[4]) for r in per_seed)
+        assert pooled[0][-1].strip() == "clustered"
+    assert str(tmp_path) not in text, "the other directory is named relative to the report's"
+
+    status, error = report(str(main), "--with", str(main))
+    assert status == 2 and "is in both" in error and error.count("\n") == 1
+    summary = json.loads((seeds / "results.json").read_text())
+    (seeds / "results.json").write_text(json.dumps({**summary, "profile": "quick"}))
+    status, error = report(str(main), "--with", str(seeds))
+    assert status == 2 and "cannot mix profiles" in error
 
 
 def test_html_is_self_contained(results_dir):

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
 from robustlab.errors import InputError
-from robustlab.stats import bootstrap_ci, calibration_error, expected_calibration_error, holm, mcnemar
+from robustlab.stats import (
+    bootstrap_ci,
+    calibration_error,
+    clustered_mcnemar,
+    expected_calibration_error,
+    holm,
+    mcnemar,
+)
 
 
 def _paired(b: int, c: int, both: int = 7, neither: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -41,6 +48,56 @@ def test_mcnemar_no_discordant_pairs_and_bad_input():
         mcnemar([1, 0], [1, 0, 1])
     with pytest.raises(InputError, match="boolean"):
         mcnemar([0.5, 1.0], [1.0, 1.0])
+
+
+def test_clustered_mcnemar_of_one_seed_is_mcnemar_without_continuity_correction():
+    a, other = _paired(30, 12)
+    result = clustered_mcnemar(a[None], other[None])
+    assert (result.b, result.c, result.method) == (30, 12, "clustered")
+    assert result.statistic == pytest.approx((30 - 12) ** 2 / 42)
+    assert result.p_value == pytest.approx(scipy_stats.chi2.sf((30 - 12) ** 2 / 42, 1), rel=1e-9)
+
+
+def test_clustered_mcnemar_does_not_count_a_repeated_seed_as_new_evidence():
+    """Three identical seeds are one seed's evidence: the pooled counts triple, the statistic must not
+    (an ordinary McNemar test on the pooled pairs would triple it)."""
+    a, other = _paired(30, 12)
+    one = clustered_mcnemar(a[None], other[None])
+    three = clustered_mcnemar(np.stack([a] * 3), np.stack([other] * 3))
+    assert (three.b, three.c) == (90, 36)
+    assert three.statistic == pytest.approx(one.statistic)
+    assert mcnemar(np.tile(a, 3), np.tile(other, 3)).statistic > 2.5 * one.statistic
+
+
+def test_clustered_mcnemar_keeps_its_level_when_images_are_correlated_across_seeds():
+    """Under the null (A and B equally good) with images hard or easy for every seed alike, the clustered
+    test rejects at about 5%; the naive pooled McNemar test rejects far more often."""
+    rng = np.random.default_rng(0)
+    trials, seeds, images = 400, 3, 300
+    clustered = naive = 0
+    for _ in range(trials):
+        # per image a shared chance that "only A" or "only B" happens; both equally likely (the null)
+        discordant = rng.random(images) < 0.15
+        a = np.ones((seeds, images), dtype=bool)
+        b = np.ones((seeds, images), dtype=bool)
+        who = rng.random(images) < 0.5  # the image's direction, shared by every seed
+        flip = discordant[None] & (rng.random((seeds, images)) < 0.9)
+        a[flip & ~who[None]] = False
+        b[flip & who[None]] = False
+        clustered += clustered_mcnemar(a, b).p_value < 0.05
+        naive += mcnemar(a.ravel(), b.ravel()).p_value < 0.05
+    assert clustered / trials < 0.09
+    assert naive / trials > 2 * clustered / trials
+
+
+def test_clustered_mcnemar_rejects_bad_input():
+    with pytest.raises(InputError, match="matrix"):
+        clustered_mcnemar([1, 0, 1], [1, 0, 1])
+    with pytest.raises(InputError, match="differ in shape"):
+        clustered_mcnemar([[1, 0]], [[1, 0], [0, 1]])
+    with pytest.raises(InputError, match="boolean"):
+        clustered_mcnemar([[0.5, 1.0]], [[1.0, 1.0]])
+    assert clustered_mcnemar([[1, 0], [0, 1]], [[1, 0], [0, 1]]).p_value == 1.0
 
 
 def test_holm_matches_a_hand_computed_family():

@@ -1,5 +1,5 @@
-"""Statistics for honest comparisons: bootstrap intervals, McNemar's paired test, Holm's correction for
-testing several defences at once, calibration error.
+"""Statistics for honest comparisons: bootstrap intervals, McNemar's paired test (also over several training
+seeds), Holm's correction for testing several defences at once, calibration error.
 
 The design notes (DESIGN.md, "Evaluation protocol") ask for bootstrap 95% confidence intervals over
 test samples, a paired test between two defences on the *same* test samples (McNemar 1947), and the
@@ -103,6 +103,45 @@ def mcnemar(a_correct: object, b_correct: object, exact: bool | None = None) -> 
     statistic = (abs(b - c) - 1) ** 2 / n
     # chi-square survival with one degree of freedom: P(Z^2 > s) = erfc(sqrt(s / 2))
     return McNemarResult(b, c, float(statistic), float(math.erfc(math.sqrt(statistic / 2))), "chi2-cc")
+
+
+def _correctness_matrix(values: object, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 2 or array.size == 0:
+        raise InputError(f"{name} must be a non-empty (seeds, samples) matrix, got shape {array.shape}")
+    if not np.isin(array, (0, 1)).all():
+        raise InputError(f"{name} must hold boolean per-sample correctness (one prediction per sample)")
+    return array
+
+
+def clustered_mcnemar(a_correct: object, b_correct: object) -> McNemarResult:
+    """McNemar's test pooled over several training seeds evaluated on the same test samples.
+
+    ``a_correct`` and ``b_correct`` are ``(seeds, samples)`` matrices: row ``s`` holds the correctness of
+    A's and B's seed-``s`` models on the same test images. Pooling the ``seeds x samples`` pairs into one
+    ordinary McNemar test would treat an image's pairs as independent; they are not (an image that is hard
+    for one seed is hard for the others), and the pooled p-value would be too small. The test of Durkalski,
+    Palesch, Lipsitz & Rust (2003, "Analysis of clustered matched-pair data", Statistics in Medicine 22)
+    makes each test image a cluster: with ``d_k = b_k - c_k`` the difference between image ``k``'s
+    counts of seeds where only A / only B was right, ``X^2 = (sum_k d_k)^2 / sum_k d_k^2`` is chi-square with
+    one degree of freedom under the null. With one seed it is McNemar's statistic without continuity
+    correction; ``b`` and ``c`` are the pooled counts.
+    """
+    a = _correctness_matrix(a_correct, "a_correct")
+    b_mat = _correctness_matrix(b_correct, "b_correct")
+    if a.shape != b_mat.shape:
+        raise InputError(f"paired matrices differ in shape: {a.shape} vs {b_mat.shape}")
+    only_a = ((a == 1) & (b_mat == 0)).sum(axis=0)
+    only_b = ((a == 0) & (b_mat == 1)).sum(axis=0)
+    difference = only_a - only_b
+    denominator = float(np.sum(difference.astype(np.float64) ** 2))
+    b, c = int(only_a.sum()), int(only_b.sum())
+    if denominator == 0:
+        return McNemarResult(b, c, 0.0, 1.0, "clustered")
+    statistic = float(difference.sum()) ** 2 / denominator
+    return McNemarResult(b, c, statistic, float(math.erfc(math.sqrt(statistic / 2))), "clustered")
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -29,6 +29,7 @@ assembles the sections and writes the files.
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -256,9 +257,9 @@ def samples_text(rows: list[dict[str, Any]]) -> str:
     return ("Samples: " + "; ".join(parts) + ".") if parts else ""
 
 
-def build_document(results_dir: str | Path) -> Document:
-    """Assemble the whole report for a results directory."""
-    results = load_results(results_dir)
+def build_document(results_dir: str | Path, also: Sequence[str | Path] = ()) -> Document:
+    """Assemble the whole report for a results directory (and the cells of ``also``, see ``load_results``)."""
+    results = load_results(results_dir, also)
     claims = load_claims()
     doc = Document(
         f"robustlab report: {results.experiment}"
@@ -302,10 +303,13 @@ def build_document(results_dir: str | Path) -> Document:
     return doc
 
 
-def write_report(results_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.md`` (+ ``figures/*.png``) and the self-contained ``report.html`` in ``results_dir``."""
+def write_report(results_dir: str | Path, also: Sequence[str | Path] = ()) -> dict[str, Path]:
+    """Write ``report.md`` (+ ``figures/*.png``) and the self-contained ``report.html`` in ``results_dir``.
+
+    ``also``: further results directories whose cells join the report (extra seeds run as their own grid).
+    """
     path = Path(results_dir)
-    doc = build_document(path)
+    doc = build_document(path, also)
     for block in doc.blocks:
         if isinstance(block, Figure):
             atomic_write_bytes(path / "figures" / f"{block.name}.png", block.png)

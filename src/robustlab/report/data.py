@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from robustlab import schemas
-from robustlab.errors import CheckpointError
+from robustlab.errors import CheckpointError, InputError
 from robustlab.rundir import RunDir, read_csv, read_json
 
 #: Table 1 columns: (key, heading, registry names of the attacks that fill it)
@@ -45,9 +47,34 @@ class Results:
     settings: dict[str, Any]
 
 
-def load_results(results_dir: str | Path) -> Results:
-    """Read ``results.json`` (and ``experiment.json``) of a directory written by ``robustlab experiment``."""
-    path = Path(results_dir)
+def load_results(results_dir: str | Path, also: Sequence[str | Path] = ()) -> Results:
+    """Read ``results.json`` (and ``experiment.json``) of a directory written by ``robustlab experiment``.
+
+    ``also`` adds the cells of further results directories of the same profile, for example the extra
+    training seeds of some cells run as a grid of their own: their rows join the first directory's (their
+    ``run_dir`` made relative to it), so seeds of one defence average together and pair in McNemar's test.
+    A cell present in two directories is refused.
+    """
+    results = _load_one(Path(results_dir))
+    for other_dir in also:
+        other = _load_one(Path(other_dir))
+        if other.profile != results.profile:
+            raise InputError(
+                f"{other.path} ran profile {other.profile!r}, {results.path} profile {results.profile!r}: "
+                "a report cannot mix profiles"
+            )
+        known = {row["cell"] for row in results.rows}
+        twice = sorted(known & {row["cell"] for row in other.rows})
+        if twice:
+            raise InputError(f"cell {twice[0]} is in both {results.path} and {other.path}")
+        for row in other.rows:
+            row["run_dir"] = os.path.relpath(other.path / str(row["run_dir"]), results.path)
+        results.rows.extend(other.rows)
+        results.experiment += f" + {other.experiment}"
+    return results
+
+
+def _load_one(path: Path) -> Results:
     if not path.is_dir():
         raise CheckpointError(f"results directory not found: {path}")
     summary_path = path / "results.json"

@@ -14,6 +14,9 @@ from robustlab.report.document import Table
 if TYPE_CHECKING:
     from robustlab.stats import McNemarResult
 
+#: The seed column of a McNemar row that tests all seeds at once.
+POOLED = "pooled"
+
 
 def pct(stat: Stat | float | None) -> str:
     """Accuracy in percent; ``mean ± std (n seeds)`` when several seeds were run."""
@@ -167,15 +170,18 @@ def mcnemar_table(
     case), with Holm-adjusted p-values over the comparisons of one seed and correctness.
 
     ``reference`` is the hybrid (the paper's claim: better than each baseline) or standard training (does a
-    defence change anything at all?).
+    defence change anything at all?). Where both were trained with several seeds, a pooled row tests all
+    seeds at once, each test image a cluster of its seeds' pairs (:func:`robustlab.stats.clustered_mcnemar`);
+    the pooled rows form their own Holm family per correctness.
     """
     from robustlab.errors import RobustlabError
     from robustlab.evaluation import read_samples
-    from robustlab.stats import holm, mcnemar
+    from robustlab.stats import clustered_mcnemar, holm, mcnemar
 
     if reference not in by_defense:
         return f"No {reference} cell in this group: McNemar's test of {reference} vs the others is not applicable."
     tests: list[tuple[str, str, str, McNemarResult]] = []  # (other defence, seed, correctness, test)
+    paired: dict[tuple[str, str], list[tuple[str, Any, Any]]] = {}  # (defence, correctness) -> per seed
     finished = [r for r in by_defense[reference] if r.get("status") == "finished"]
     unfinished = sorted({str(r.get("status")) for r in by_defense[reference]} - {"finished"})
     for reference_row in finished:
@@ -198,14 +204,22 @@ def mcnemar_table(
             for what in ("clean", "worst_case"):
                 key = f"correct:{what}"
                 if key in mine and key in theirs:
-                    tests.append((defense, str(reference_row["seed"]), what, mcnemar(mine[key][0], theirs[key][0])))
+                    seed = str(reference_row["seed"])
+                    tests.append((defense, seed, what, mcnemar(mine[key][0], theirs[key][0])))
+                    paired.setdefault((defense, what), []).append((seed, mine[key][0], theirs[key][0]))
+    for (defense, what), seeds in paired.items():
+        if len(seeds) > 1:
+            pooled = clustered_mcnemar([m for _, m, _ in seeds], [t for _, _, t in seeds])
+            label = f"{POOLED} ({', '.join(seed for seed, _, _ in seeds)})"
+            tests.append((defense, label, what, pooled))
     if not tests and unfinished:
         return f"McNemar's test not available yet: the {reference} cell is {'/'.join(unfinished)}."
     if not tests:
         return f"McNemar's test not available: no other defence evaluated on the same test samples as {reference}."
     families: dict[tuple[str, str], list[int]] = {}
     for index, (_, seed, what, _) in enumerate(tests):
-        families.setdefault((seed, what), []).append(index)
+        family = POOLED if seed.startswith(POOLED) else seed
+        families.setdefault((family, what), []).append(index)
     adjusted: dict[int, float] = {}
     for members in families.values():
         adjusted.update(zip(members, holm([tests[i][3].p_value for i in members]), strict=True))
@@ -238,5 +252,7 @@ def mcnemar_table(
         rows,
         caption="McNemar (1947) on paired per-sample correctness (first pass of a random defence). "
         "p (Holm): adjusted for the comparisons of one seed and correctness (Holm 1979); a difference is "
-        "significant at 5% across the family only where it is below 0.05.",
+        "significant at 5% across the family only where it is below 0.05. Pooled rows test every seed "
+        "together, each test image one cluster of its seeds' pairs (Durkalski et al. 2003; b and c are "
+        "summed over the seeds), and are adjusted as one family per correctness.",
     )
