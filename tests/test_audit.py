@@ -227,6 +227,7 @@ def test_audit_run_writes_audit_json(trained_digits):
     assert all(set(c) == {"name", "status", "evidence", "message"} for c in data["checks"])
     assert data["settings"]["eps"] == pytest.approx(0.1) and data["settings"]["n"] == 60
     assert "transfer pgd-5" in data["checks"][3]["evidence"]
+    assert 0 < data["seconds"] == pytest.approx(report.seconds, abs=1e-3), "a grid's budget adds up audit times"
 
 
 def _exit_code(args: list[str]) -> int:

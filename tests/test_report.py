@@ -62,6 +62,21 @@ def test_report_tables_name_their_attacks_and_average_seeds(results_dir):
     assert f"{100 * sum(clean) / 2:.1f} ± " in text
 
 
+def test_report_adds_up_what_the_finished_cells_cost(results_dir):
+    from robustlab.report.build import compute_text
+
+    rows = json.loads((results_dir / "results.json").read_text())["rows"]
+    assert all(r["evaluation_seconds"] > 0 for r in rows)
+    hours = sum(r["train_seconds"] + r["evaluation_seconds"] for r in rows) / 3600
+    assert f"Compute: the {len(rows)} finished cell(s) took {hours:.1f} h" in (results_dir / "report.md").read_text()
+    timed = [{"train_seconds": 3600, "evaluation_seconds": 7200, "audit_verdict": "pass", "audit_seconds": 1800},
+             {"train_seconds": 3600, "evaluation_seconds": 3600, "audit_verdict": "warn", "audit_seconds": None}]
+    assert compute_text(timed) == (
+        "Compute: the 2 finished cell(s) took 5.5 h of wall time summed over cells (training 2.0 h, evaluation "
+        "3.0 h, audit 0.5 h; core-hours when each cell ran one thread), not counting 1 audit time(s) not recorded."
+    )
+
+
 def test_report_names_no_path_of_the_machine_that_wrote_it(results_dir):
     """A committed report must read the same on every machine: no absolute path, not even the paper file's."""
     for name in ("report.md", "report.html"):

@@ -139,6 +139,7 @@ class Audit(_Stored):
 
     verdict: str | None = None
     checks: list[AuditCheck] = Field(default_factory=list)
+    seconds: Number = None
 
 
 class Rule(_Stored):
@@ -182,6 +183,8 @@ class ResultRow(_Stored):
     device: str | None = None
     training_shared_with: str | None = None
     audit_verdict: str | None = None
+    evaluation_seconds: Number = None
+    audit_seconds: Number = None
     epochs_done: int | None = None
     epochs: int | None = None
     evaluation: Evaluation | None = None

@@ -39,6 +39,8 @@ class AuditReport:
 
     checks: list[AuditCheck]
     settings: dict[str, Any] = field(default_factory=dict)
+    #: wall time of :func:`~robustlab.audit.audit_run` (a surrogate trained for it included), for a grid's budget
+    seconds: float | None = None
 
     @property
     def verdict(self) -> Status:
@@ -56,12 +58,16 @@ class AuditReport:
         return [c.name for c in self.checks if c.status == "fail"]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: ``{"verdict", "checks": [{name, status, evidence, message}], "settings"}``."""
-        return {
+        """JSON-ready form: ``{"verdict", "checks": [{name, status, evidence, message}], "settings"}`` and
+        ``seconds`` when the audit was timed."""
+        out: dict[str, Any] = {
             "verdict": self.verdict,
             "checks": [asdict(c) for c in self.checks],
             "settings": self.settings,
         }
+        if self.seconds is not None:
+            out["seconds"] = round(self.seconds, 3)
+        return out
 
 
 def binomial_se(accuracy: float, n: int) -> float:

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,7 @@ def audit_run(
     from robustlab.rundir import RunDir, write_json
     from robustlab.runs import load_run, select_device
 
+    started = time.perf_counter()
     loaded = load_run(run_dir, select_device(device))  # under torchrun, audit_model moves it to the rank's GPU
     budget = loaded.config.threat.eps if eps is None else eps
     source = None
@@ -241,6 +243,7 @@ def audit_run(
         subset=subset_name(int(report.settings["n"]), len(loaded.data.test), "first"),  # audit_model takes the first n
         surrogate=f"standard {loaded.config.model.name}, {surrogate_epochs} epochs" if surrogate else None,
     )
+    report.seconds = time.perf_counter() - started
     if distributed.from_environment().is_main:
         write_json(RunDir(run_dir).path / "audit.json", report.to_dict())
     return report

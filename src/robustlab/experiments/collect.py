@@ -80,7 +80,10 @@ def cell_row(cell: Cell) -> dict[str, Any]:
         row["training_shared_with"] = run.read_metadata().get("training_shared_with")
     audit_path = cell.run_dir / "audit.json"
     if audit_path.exists():
-        row["audit_verdict"] = read_json(audit_path, schemas.Audit).get("verdict")
+        audit = read_json(audit_path, schemas.Audit)
+        row["audit_verdict"] = audit.get("verdict")
+        row["audit_seconds"] = audit.get("seconds")
+    row["evaluation_seconds"] = (entry or {}).get("seconds")
     row["evaluation"] = entry
     return row
 

@@ -257,6 +257,26 @@ def samples_text(rows: list[dict[str, Any]]) -> str:
     return ("Samples: " + "; ".join(parts) + ".") if parts else ""
 
 
+def compute_text(rows: list[dict[str, Any]]) -> str:
+    """What the finished cells cost in wall time, summed over cells (core-hours when each ran one thread)."""
+    parts = {
+        "training": [r.get("train_seconds") for r in rows],
+        "evaluation": [r.get("evaluation_seconds") for r in rows],
+        "audit": [r.get("audit_seconds") for r in rows if r.get("audit_verdict")],
+    }
+    hours = {name: sum(float(v) for v in values if v is not None) / 3600 for name, values in parts.items()}
+    missing = {name: sum(v is None for v in values) for name, values in parts.items()}
+    if not rows or not any(hours.values()):
+        return ""
+    text = (
+        f"Compute: the {len(rows)} finished cell(s) took {sum(hours.values()):.1f} h of wall time summed over "
+        "cells (" + ", ".join(f"{name} {value:.1f} h" for name, value in hours.items()) + "; core-hours when "
+        "each cell ran one thread)"
+    )
+    unrecorded = [f"{count} {name} time(s)" for name, count in missing.items() if count]
+    return text + (f", not counting {', '.join(unrecorded)} not recorded." if unrecorded else ".")
+
+
 def build_document(results_dir: str | Path, also: Sequence[str | Path] = ()) -> Document:
     """Assemble the whole report for a results directory (and the cells of ``also``, see ``load_results``)."""
     results = load_results(results_dir, also)
@@ -291,6 +311,9 @@ def build_document(results_dir: str | Path, also: Sequence[str | Path] = ()) -> 
     samples = samples_text(finished)
     if samples:
         doc.add(Paragraph(samples))
+    compute = compute_text(finished)
+    if compute:
+        doc.add(Paragraph(compute))
     for rule in results.settings.get("where") or []:
         doc.add(Paragraph(rule_text(rule)))
     failed = [r for r in results.rows if r.get("status") == "failed"]
