@@ -261,7 +261,7 @@ def compute_text(rows: list[dict[str, Any]]) -> str:
     """What the finished cells cost in wall time, summed over cells (core-hours when each ran one thread)."""
     parts = {
         "training": [r.get("train_seconds") for r in rows],
-        "evaluation": [r.get("evaluation_seconds") for r in rows],
+        "evaluation": [(r.get("evaluation") or {}).get("seconds") for r in rows],  # also in rows that predate it
         "audit": [r.get("audit_seconds") for r in rows if r.get("audit_verdict")],
     }
     hours = {name: sum(float(v) for v in values if v is not None) / 3600 for name, values in parts.items()}
