@@ -70,9 +70,10 @@ def test_report_adds_up_what_the_finished_cells_cost(results_dir):
     hours = sum(r["train_seconds"] + r["evaluation_seconds"] for r in rows) / 3600
     assert f"Compute: the {len(rows)} finished cell(s) took {hours:.1f} h" in (results_dir / "report.md").read_text()
     timed = [{"train_seconds": 3600, "evaluation": {"seconds": 7200}, "audit_verdict": "pass", "audit_seconds": 1800},
-             {"train_seconds": 3600, "evaluation": {"seconds": 3600}, "audit_verdict": "warn", "audit_seconds": None}]
+             {"train_seconds": 3600, "evaluation": {"seconds": 3600}, "audit_verdict": "warn", "audit_seconds": None},
+             {"train_seconds": 3600, "training_shared_with": "the first", "evaluation": {"seconds": 0}}]
     assert compute_text(timed) == (
-        "Compute: the 2 finished cell(s) took 5.5 h of wall time summed over cells (training 2.0 h, evaluation "
+        "Compute: the 3 finished cell(s) took 5.5 h of wall time summed over cells (training 2.0 h, evaluation "
         "3.0 h, audit 0.5 h; core-hours when each cell ran one thread), not counting 1 audit time(s) not recorded."
     )
 

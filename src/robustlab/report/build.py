@@ -260,7 +260,7 @@ def samples_text(rows: list[dict[str, Any]]) -> str:
 def compute_text(rows: list[dict[str, Any]]) -> str:
     """What the finished cells cost in wall time, summed over cells (core-hours when each ran one thread)."""
     parts = {
-        "training": [r.get("train_seconds") for r in rows],
+        "training": [r.get("train_seconds") for r in rows if not r.get("training_shared_with")],  # trained once
         "evaluation": [(r.get("evaluation") or {}).get("seconds") for r in rows],  # also in rows that predate it
         "audit": [r.get("audit_seconds") for r in rows if r.get("audit_verdict")],
     }
