@@ -114,6 +114,10 @@ def test_evaluation_through_the_fused_copy_gives_the_same_per_sample_verdicts(tr
     exact = evaluate_model(trained_resnet, digits.test, fuse=False, **options)
     assert fast.model_info["attack_model"] == FUSED_LABEL
     assert exact.model_info["attack_model"] == "the model itself"
+    from robustlab.evaluation.text import summary_lines
+
+    assert f"attacks differentiate: {FUSED_LABEL}" in "\n".join(summary_lines(fast)), "the printout says so"
+    assert "attacks differentiate: the model itself" in "\n".join(summary_lines(exact))
     assert 0.1 < exact.worst_case.accuracy < exact.clean.accuracy - 0.1  # many points robust, many broken
     for label, measured in exact.attacks.items():
         differ = int(np.sum(measured.correct != fast.attacks[label].correct))

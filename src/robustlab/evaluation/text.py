@@ -67,7 +67,8 @@ def summary_lines(result: EvaluationResult) -> list[str]:
         f"robustness gap clean - worst case: {100 * result.gap:.2f} points"
         + (f"; paper's gap clean - CW ({result.cw_label}): {100 * result.paper_gap:.2f} points"
            if result.paper_gap is not None else "; paper's gap clean - CW: not measured (add cw_linf)"),
-        f"attacks differentiate: {result.model_info['adaptive']}"
+        f"adaptive attack: {result.model_info['adaptive']}; attacks differentiate: "
+        f"{result.model_info.get('attack_model', 'the model itself')}"
         + (f"; random model, accuracy = mean over {result.model_info['random_passes']} forward passes"
            if result.model_info["random"] else ""),
     ]
