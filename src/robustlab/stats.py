@@ -24,12 +24,18 @@ from robustlab.errors import InputError
 EXACT_MCNEMAR_BELOW = 25
 
 
-def _vector(values: object, name: str) -> np.ndarray:
+def _array(values: object, name: str, ndim: int, shape: str) -> np.ndarray:
+    """``values`` (tensor, list or array) as a float64 array of ``ndim`` dimensions, or one clear error."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu()
     array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1 or array.size == 0:
-        raise InputError(f"{name} must be a non-empty 1-D vector, got shape {array.shape}")
+    if array.ndim != ndim or array.size == 0:
+        raise InputError(f"{name} must be a non-empty {shape}, got shape {array.shape}")
+    return array
+
+
+def _vector(values: object, name: str) -> np.ndarray:
+    array = _array(values, name, 1, "1-D vector")
     if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
         raise InputError(f"{name} must hold per-sample correctness in [0, 1] (booleans or fractions)")
     return array
@@ -72,6 +78,11 @@ class McNemarResult:
     method: str  # "exact" (binomial) or "chi2-cc" (chi-square with continuity correction)
 
 
+def _chi2_one_dof_p(statistic: float) -> float:
+    """Chi-square survival with one degree of freedom: ``P(Z^2 > s) = erfc(sqrt(s / 2))``."""
+    return float(math.erfc(math.sqrt(statistic / 2)))
+
+
 def _binomial_two_sided(k: int, n: int) -> float:
     """Two-sided exact p-value of ``k`` successes in ``n`` fair coin flips (symmetric, so 2 x tail)."""
     k = min(k, n - k)
@@ -101,16 +112,11 @@ def mcnemar(a_correct: object, b_correct: object, exact: bool | None = None) -> 
     if use_exact:
         return McNemarResult(b, c, float(min(b, c)), _binomial_two_sided(b, n), "exact")
     statistic = (abs(b - c) - 1) ** 2 / n
-    # chi-square survival with one degree of freedom: P(Z^2 > s) = erfc(sqrt(s / 2))
-    return McNemarResult(b, c, float(statistic), float(math.erfc(math.sqrt(statistic / 2))), "chi2-cc")
+    return McNemarResult(b, c, float(statistic), _chi2_one_dof_p(statistic), "chi2-cc")
 
 
 def _correctness_matrix(values: object, name: str) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu()
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 2 or array.size == 0:
-        raise InputError(f"{name} must be a non-empty (seeds, samples) matrix, got shape {array.shape}")
+    array = _array(values, name, 2, "(seeds, samples) matrix")
     if not np.isin(array, (0, 1)).all():
         raise InputError(f"{name} must hold boolean per-sample correctness (one prediction per sample)")
     return array
@@ -141,7 +147,7 @@ def clustered_mcnemar(a_correct: object, b_correct: object) -> McNemarResult:
     if denominator == 0:
         return McNemarResult(b, c, 0.0, 1.0, "clustered")
     statistic = float(difference.sum()) ** 2 / denominator
-    return McNemarResult(b, c, statistic, float(math.erfc(math.sqrt(statistic / 2))), "clustered")
+    return McNemarResult(b, c, statistic, _chi2_one_dof_p(statistic), "clustered")
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

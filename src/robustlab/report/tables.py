@@ -180,7 +180,7 @@ def mcnemar_table(
 
     if reference not in by_defense:
         return f"No {reference} cell in this group: McNemar's test of {reference} vs the others is not applicable."
-    tests: list[tuple[str, str, str, McNemarResult]] = []  # (other defence, seed, correctness, test)
+    tests: list[tuple[str, str, str, McNemarResult, str]] = []  # (other defence, seed, correctness, test, family)
     paired: dict[tuple[str, str], list[tuple[str, Any, Any]]] = {}  # (defence, correctness) -> per seed
     finished = [r for r in by_defense[reference] if r.get("status") == "finished"]
     unfinished = sorted({str(r.get("status")) for r in by_defense[reference]} - {"finished"})
@@ -205,20 +205,19 @@ def mcnemar_table(
                 key = f"correct:{what}"
                 if key in mine and key in theirs:
                     seed = str(reference_row["seed"])
-                    tests.append((defense, seed, what, mcnemar(mine[key][0], theirs[key][0])))
+                    tests.append((defense, seed, what, mcnemar(mine[key][0], theirs[key][0]), seed))
                     paired.setdefault((defense, what), []).append((seed, mine[key][0], theirs[key][0]))
     for (defense, what), seeds in paired.items():
         if len(seeds) > 1:
             pooled = clustered_mcnemar([m for _, m, _ in seeds], [t for _, _, t in seeds])
             label = f"{POOLED} ({', '.join(seed for seed, _, _ in seeds)})"
-            tests.append((defense, label, what, pooled))
+            tests.append((defense, label, what, pooled, POOLED))
     if not tests and unfinished:
         return f"McNemar's test not available yet: the {reference} cell is {'/'.join(unfinished)}."
     if not tests:
         return f"McNemar's test not available: no other defence evaluated on the same test samples as {reference}."
     families: dict[tuple[str, str], list[int]] = {}
-    for index, (_, seed, what, _) in enumerate(tests):
-        family = POOLED if seed.startswith(POOLED) else seed
+    for index, (_, _, what, _, family) in enumerate(tests):
         families.setdefault((family, what), []).append(index)
     adjusted: dict[int, float] = {}
     for members in families.values():
@@ -235,7 +234,7 @@ def mcnemar_table(
             f"{adjusted[index]:.3g}",
             test.method,
         ]
-        for index, (defense, seed, what, test) in enumerate(tests)
+        for index, (defense, seed, what, test, _) in enumerate(tests)
     ]
     return Table(
         [
