@@ -142,6 +142,15 @@ def test_a_run_that_never_finished_an_epoch_accepts_a_corrected_config(tmp_path,
     assert_one_error_line(code, err, "different config")
 
 
+def _interruptible() -> None:
+    """In the child before exec: SIGINT's default disposition, as in a terminal.
+
+    A test run started in the background of a non-interactive shell (nohup, ``&``) inherits SIGINT as
+    ignored; exec keeps an ignored signal ignored, so Python would install no KeyboardInterrupt handler.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path):
     """SIGINT mid-run: the "rerun the same command to resume" hint, status 130, no traceback, files intact."""
     out = tmp_path / "run"
@@ -150,6 +159,7 @@ def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-c", "from robustlab.cli import main; main()", *args, "--out", str(out)],
         env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_interruptible,
     )
     deadline = time.monotonic() + 120
     while process.poll() is None and not (out / "history.csv").exists() and time.monotonic() < deadline:
