@@ -139,6 +139,19 @@ def test_mcnemar_skips_an_unfinished_hybrid_cell_and_says_so_when_none_is_finish
 
 
 @pytest.mark.skipif("hybrid" not in DEFENCES, reason="hybrid is not registered")
+def test_table2_says_when_cells_trained_with_different_execution_settings(results_dir, tmp_path):
+    """channels_last does not change what a cell trains, so a grid keeps cells trained without it; their
+    wall-clock times then compare different code paths, and Table 2 must say which cells ran how."""
+    assert "execution settings" not in (results_dir / "report.md").read_text(), "every cell ran alike"
+    out = tmp_path / "results"
+    shutil.copytree(results_dir, out)
+    for config in (out / "runs").glob(f"*-{DEFENCES[0]}-*/config.yaml"):
+        config.write_text(config.read_text().replace("channels_last: false", "channels_last: true"))
+    write_report(out)
+    text = (out / "report.md").read_text()
+    assert f"compares code paths (channels_last=True: {DEFENCES[0]}" in text
+
+
 def test_report_with_a_seeds_grid_averages_every_seed_and_pools_mcnemar(results_dir, tmp_path, capsys):
     """Seed 2 run as a grid of its own joins seeds 0 and 1: the tables average three seeds, and a pooled
     (clustered) McNemar row sums the per-seed discordant counts."""

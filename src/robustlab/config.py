@@ -338,6 +338,11 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
 EXECUTION_SETTINGS = (("train", "device"), ("train", "channels_last"))
 
 
+def execution_of(config: RunConfig) -> dict[str, Any]:
+    """The :data:`EXECUTION_SETTINGS` of a run, keyed ``section.key`` (``{"train.channels_last": True, ...}``)."""
+    return {f"{section}.{key}": getattr(getattr(config, section), key) for section, key in EXECUTION_SETTINGS}
+
+
 def trained_identity(config: RunConfig) -> dict[str, Any]:
     """:func:`config_to_dict` without :data:`EXECUTION_SETTINGS`: equal for runs that train the same model."""
     identity = config_to_dict(config)

@@ -102,6 +102,27 @@ def _worst_case_text(stats: dict[str, dict[str, Any]]) -> str:
     return text
 
 
+def execution_note(by_defense: dict[str, list[dict[str, Any]]]) -> str:
+    """Table 2's warning when the group's finished cells trained with different execution settings.
+
+    A grid keeps a finished cell across a change of ``train.channels_last`` (it trains the same model),
+    but the cell's wall-clock time then belongs to another code path, and a time ratio mixes the two.
+    Returns "" when every cell ran alike, else which defences ran how (seeds that differ joined by " / ").
+    """
+    ran = {d: [r["execution"] for r in rows if r.get("execution")] for d, rows in by_defense.items()}
+    every = [execution for runs in ran.values() for execution in runs]
+    varying = [key for key in (every[0] if every else {}) if len({str(e.get(key)) for e in every}) > 1]
+    if not varying:
+        return ""
+    how: dict[str, list[str]] = {}
+    for defense, runs in ran.items():
+        seen = sorted({", ".join(f"{key.split('.')[-1]}={e.get(key)}" for key in varying) for e in runs})
+        if seen:
+            how.setdefault(" / ".join(seen), []).append(defense)
+    listed = "; ".join(f"{setting}: {', '.join(defenses)}" for setting, defenses in how.items())
+    return f" The cells trained with different execution settings, so a time ratio also compares code paths ({listed})."
+
+
 def group_section(
     results: Results,
     doc: Document,
@@ -138,6 +159,7 @@ def group_section(
         "Ratios are to standard training measured in the same run of the grid (wall-clock time, so they "
         "carry the machine's load at the time). On CPU, peak memory is "
         "the training process's peak resident set size (cells train in separate processes)."
+        + execution_note(by_defense)
     )
     doc.add(cost)
     for reference, title in ((HYBRID, "hybrid vs each baseline"), (STANDARD, "each defence vs standard training")):

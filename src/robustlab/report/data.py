@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from robustlab import schemas
-from robustlab.errors import CheckpointError, InputError
+from robustlab.errors import CheckpointError, InputError, RobustlabError
 from robustlab.rundir import RunDir, read_csv, read_json
 
 #: Table 1 columns: (key, heading, registry names of the attacks that fill it)
@@ -88,6 +88,8 @@ def _load_one(path: Path) -> Results:
     for row in summary["rows"]:
         if row.get("status") in ("pending", "running"):
             _refresh_progress(path / str(row.get("run_dir")), row)
+        if row.get("status") == "finished":
+            _read_execution(path / str(row.get("run_dir")), row)
     return Results(
         path, str(summary.get("experiment", path.name)), summary.get("profile"), summary["rows"], settings
     )
@@ -110,6 +112,21 @@ def _refresh_progress(run_dir: Path, row: dict[str, Any]) -> None:
     except (CheckpointError, KeyError, TypeError):
         return
     row.update(status="running", epochs_done=len(read_csv(history)), epochs=epochs)
+
+
+def _read_execution(run_dir: Path, row: dict[str, Any]) -> None:
+    """The execution settings (``channels_last``, device) a finished cell trained with: its ``config.yaml``'s
+    (the last a resumed cell ran with).
+
+    They do not change what a cell trains, so a grid keeps cells trained under other settings; their
+    wall-clock times then compare different code paths, which Table 2 has to say.
+    """
+    from robustlab.config import build_config, execution_of
+
+    try:
+        row["execution"] = execution_of(build_config(RunDir(run_dir).read_config_dict()))
+    except RobustlabError:  # results kept without a readable run directory: nothing to say
+        return
 
 
 def load_claims() -> dict[str, Any]:
