@@ -63,6 +63,15 @@ def test_build_transform_names():
         build_transform({"name": "noise_injection", "sigma": 2})
 
 
+def test_one_bit_squeezing_of_colour_images_warns_and_of_grey_images_does_not(recwarn):
+    """1 bit is Xu et al.'s MNIST squeezer; on colour images it leaves 8 colours, a defence nobody meant."""
+    build_transform({"name": "feature_squeezing", "bits": 1}, channels=1)
+    build_transform({"name": "feature_squeezing", "bits": 5}, channels=3)
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="bits: 5"):
+        build_transform({"name": "feature_squeezing"}, channels=3)
+
+
 @pytest.mark.parametrize(
     ("defense", "differentiable", "random"),
     [

@@ -18,6 +18,7 @@ Transforms, by name (``build_transform({"name": ..., **params}, channels)``):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -182,6 +183,13 @@ def build_transform(spec: dict[str, Any], channels: int = 1) -> InputTransform:
     """Instantiate a transform from ``{"name": ..., **params}`` for images with ``channels`` channels."""
     p = validate_transform(spec)
     if isinstance(p, FeatureSqueezingParams):
+        if p.bits == 1 and channels > 1:
+            warnings.warn(
+                "feature_squeezing with bits=1 leaves a colour image 8 colours: 1 bit is Xu et al.'s MNIST "
+                "setting; their CIFAR-10 and ImageNet squeezers keep 5 (set bits: 5)",
+                UserWarning,
+                stacklevel=2,
+            )
         return FeatureSqueezing(p.bits, p.median)
     if isinstance(p, NoiseInjectionParams):
         return GaussianNoise(p.sigma)
