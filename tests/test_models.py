@@ -53,3 +53,18 @@ def test_normalize_is_inside_the_model():
 def test_unknown_model_lists_the_registry():
     with pytest.raises(ConfigError, match="valid: " + ", ".join(MODELS)):
         build_model("vgg")
+
+
+def test_efficientnet_width_scales_every_stage_and_32_is_b0_itself():
+    from torchvision.models import efficientnet_b0 as torchvision_b0
+
+    b0 = build_model("efficientnet_b0", 10, 3, 224, width=32).net
+    reference = torchvision_b0(weights=None, num_classes=10)
+    assert [(k, v.shape) for k, v in b0.state_dict().items()] == \
+        [(k, v.shape) for k, v in reference.state_dict().items()]
+    half = build_model("efficientnet_b0", 10, 3, 64, width=16).net
+    convs = [m for m in half.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].out_channels == 16 and convs[0].stride == (1, 1)
+    assert len(convs) == len([m for m in b0.modules() if isinstance(m, torch.nn.Conv2d)])  # same depth
+    assert half.classifier[1].in_features == 640  # 4 x the last stage's 160 channels, as 4 x 320 in B0
+    assert half(torch.rand(2, 3, 64, 64)).shape == (2, 10)

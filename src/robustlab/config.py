@@ -97,7 +97,8 @@ class ModelConfig(Section):
     depth: int | None = Field(default=None, ge=10, le=106)
     width: int | None = Field(
         default=None, ge=1, le=1024,
-        description="wide_resnet: widening factor (<= 20); resnet18 / preact_resnet18: first-stage channels (64)",
+        description="wide_resnet: widening factor (<= 20); resnet18 / preact_resnet18: first-stage channels (64); "
+                    "efficientnet_b0: stem channels (32), every stage scaled alike",
     )
 
     @model_validator(mode="after")

@@ -35,8 +35,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-#: Models whose ``width`` is the first stage's channel count (the others take no width, or a widening factor).
-WIDTH_MODELS = ("resnet18", "preact_resnet18")
+#: Models whose ``width`` is the first stage's (stem's) channel count (the others take no width, or a widening factor).
+WIDTH_MODELS = ("resnet18", "preact_resnet18", "efficientnet_b0")
 
 
 def validate_model_name(name: str) -> None:

@@ -1,11 +1,11 @@
-"""What the CPU profile of the CIFAR-10 grid (configs/paper/cifar10.yaml, profile ``cpu``) can afford.
+"""What the CPU profile of a paper grid (configs/paper/cifar10.yaml, imagenet_subset.yaml: ``cpu``) can afford.
 
 Measures, side by side in one process (rounds interleave the candidates, so load from other users of a
 shared CPU falls on all of them alike; compare ratios, not absolute seconds across machines). Times are
 CPU seconds of this process (``time.process_time``): with one thread, core-seconds, the unit of a grid's
 budget, which other users of a shared CPU inflate far less than wall-clock seconds:
 
-1. ``train``: seconds per training batch (batch 128, real CIFAR-10 images, SGD step included) of standard
+1. ``train``: seconds per training batch (batch 128, real images of ``--dataset``, SGD step included) of standard
    training for each candidate model, and images per second.
 2. ``defence``: seconds per batch of every training objective of the grid on one model, as a ratio to
    standard training measured in the same rounds.
@@ -14,8 +14,10 @@ budget, which other users of a shared CPU inflate far less than wall-clock secon
    predictions, eps 1e-4), so each one goes through every stage at full cost: an upper bound per image
    that a grid estimate multiplies by the images still robust when each stage starts.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_cifar_cpu.py --data-dir ../shared/data \\
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_grid_cpu.py --data-dir ../shared/data \\
         --models resnet18:8,resnet18:16,preact_resnet18:16,resnet18:32 --batches 6 --rounds 3
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_grid_cpu.py --dataset imagenet-subset \\
+        --models efficientnet_b0:16,efficientnet_b0 --defence-model efficientnet_b0:16 --batch-size 64
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from robustlab.defenses import TrainState, build_objective
 from robustlab.defenses.preprocessing import auxiliary_loss
 from robustlab.models import build_model
 from robustlab.runs import prepare_model
+
+#: Validation images carved from the training set, as the paper configs do.
+VAL_SIZE = {"cifar10": 5000, "imagenet-subset": 500}
 
 #: The training objectives of the grid (preprocessing defences train like standard plus their transform).
 DEFENCES = ("standard", "pgd_at", "trades", "mart", "fast_at", "lipschitz", "hybrid", "autoencoder",
@@ -102,14 +107,16 @@ def bench_train(data, specs: list[str], rounds: int, batches: int, size: int) ->
             for s, t in seconds.items()}
 
 
-def bench_defences(data, spec: str, pgd_steps: list[int], rounds: int, batches: int, size: int) -> dict[str, float]:
+def bench_defences(data, spec: str, pgd_steps: list[int], rounds: int, batches: int, size: int,
+                   dataset: str) -> dict[str, float]:
     name, _, width = spec.partition(":")
     entries = [(d, {}) for d in DEFENCES if d not in ("pgd_at", "trades", "mart")]
     entries += [(f"{d}-{k}", {"steps": k}) for d in ("pgd_at", "trades", "mart") for k in pgd_steps]
     jobs = {}
     for label, params in entries:
         defence = label.split("-")[0]
-        config = build_config({"data": {"dataset": "cifar10"}, "model": {"name": name, "width": int(width)},
+        model_config = {"name": name, "width": int(width) if width else None}
+        config = build_config({"data": {"dataset": dataset}, "model": model_config,
                                "defense": {"name": defence, **params}, "threat": {"eps": 8 / 255}})
         model = prepare_model(config, data)
         objective = build_objective(defence, params)
@@ -155,6 +162,7 @@ def bench_autoattack(data, specs: list[str], n: int) -> dict[str, dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="cifar10", choices=sorted(VAL_SIZE))
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--models", default="resnet18:8,resnet18:16,preact_resnet18:16,resnet18:32")
     parser.add_argument("--defence-model", default="resnet18:16")
@@ -166,7 +174,7 @@ def main() -> None:
     parser.add_argument("--parts", default="train,defence,autoattack")
     args = parser.parse_args()
     torch.manual_seed(0)
-    data = load_dataset("cifar10", args.data_dir, val_size=5000)
+    data = load_dataset(args.dataset, args.data_dir, val_size=VAL_SIZE[args.dataset])
     specs = args.models.split(",")
     parts = args.parts.split(",")
     results: dict[str, object] = {"threads": torch.get_num_threads()}
@@ -176,7 +184,7 @@ def main() -> None:
     if "defence" in parts:
         steps = [int(k) for k in args.pgd_steps.split(",")]
         results["defence"] = bench_defences(data, args.defence_model, steps, args.rounds, args.batches,
-                                            args.batch_size)
+                                            args.batch_size, args.dataset)
         print(json.dumps({"defence": results["defence"]}), flush=True)
     if "autoattack" in parts:
         results["autoattack"] = bench_autoattack(data, specs, args.aa_images)
