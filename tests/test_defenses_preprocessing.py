@@ -72,6 +72,20 @@ def test_one_bit_squeezing_of_colour_images_warns_and_of_grey_images_does_not(re
         build_transform({"name": "feature_squeezing"}, channels=3)
 
 
+def test_pooled_autoencoder_on_colour_images_warns_and_keeps_the_image_size(recwarn):
+    """A pooled bottleneck is MagNet's MNIST reformer; on CIFAR-10 it blurs what the classifier reads."""
+    grey = build_transform({"name": "autoencoder"}, channels=1)
+    colour = build_transform({"name": "autoencoder", "pool": 1}, channels=3)
+    assert not recwarn.list
+    assert not any(isinstance(m, torch.nn.AvgPool2d) for m in colour.modules())
+    assert any(isinstance(m, torch.nn.AvgPool2d) for m in grey.modules())
+    for transform, x in ((grey, torch.rand(2, 1, 28, 28)), (colour, torch.rand(2, 3, 32, 32))):
+        out = transform(x)
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    with pytest.warns(UserWarning, match="pool: 1"):
+        build_transform({"name": "autoencoder"}, channels=3)
+
+
 @pytest.mark.parametrize(
     ("defense", "differentiable", "random"),
     [

@@ -153,15 +153,17 @@ def test_cifar10_cpu_profile_is_the_whole_matrix_at_a_narrower_resnet18(tmp_path
 
 
 @pytest.mark.parametrize(("name", "profiles"), [("cifar10", ("paper", "cpu")), ("imagenet_subset", ("paper",))])
-def test_colour_image_grids_squeeze_to_five_bits_not_mnists_one(tmp_path, name, profiles):
-    """The preprocessing defaults are MNIST's (1-bit squeezing); a colour grid that fell back to them
-    would measure a squeezer that destroys the image, not Xu et al.'s (5 bits, 2x2 median)."""
+def test_colour_image_grids_use_colour_preprocessing_not_mnists(tmp_path, name, profiles):
+    """The preprocessing defaults are MNIST's (1-bit squeezing, a pooled reformer); a colour grid that fell
+    back to them would measure transforms that destroy the image, not Xu et al.'s squeezer (5 bits, 2x2
+    median) or MagNet's CIFAR-10 reformer (no pooling)."""
     spec = load_experiment(CONFIGS / f"{name}.yaml")
     for profile in profiles:
         cells = plan_experiment(spec, tmp_path, profile=profile).cells
         params = {c.config.defense.name: c.config.defense.params for c in cells}
         assert (params["feature_squeezing"]["bits"], params["feature_squeezing"]["median"]) == (5, 2), profile
         assert params["noise_injection"]["sigma"] < 0.2, profile
+        assert params["autoencoder"]["pool"] == 1, profile
 
 
 @pytest.mark.parametrize(("name", "profile", "n_cells"), [("mnist", "paper", 4), ("cifar10", "cpu", 6)])

@@ -109,22 +109,26 @@ class GaussianNoise(InputTransform):
 class DenoisingAutoencoder(InputTransform):
     """The MagNet reformer (Meng & Chen 2017): a small conv autoencoder mapping inputs back to the data.
 
-    conv3x3(C->w) - ReLU - avgpool2 - conv3x3(w->w) - ReLU - upsample - conv3x3(w->C) - sigmoid. Trained
+    conv3x3(C->w) - ReLU - avgpool(pool) - conv3x3(w->w) - ReLU - upsample - conv3x3(w->C) - sigmoid. Trained
     (:meth:`training_loss`) to reconstruct clean images from clean and noisy copies,
     ``MSE(AE(x), x) + MSE(AE(x + N(0, noise^2)), x)``, so off-manifold perturbations are pulled back.
+    ``pool=2`` is MagNet's MNIST reformer (a pooled bottleneck); ``pool=1`` its CIFAR-10 one (no pooling):
+    a pooled bottleneck blurs natural images, which a classifier trained on clean images then misreads.
     """
 
-    def __init__(self, channels: int = 1, width: int = 16, noise: float = 0.1) -> None:
+    def __init__(self, channels: int = 1, width: int = 16, noise: float = 0.1, pool: int = 2) -> None:
         super().__init__()
         self.noise = noise
         self.encoder = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.AvgPool2d(pool) if pool > 1 else nn.Identity(),
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
         )
         self.decoder = nn.Conv2d(width, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        code = F.interpolate(self.encoder(x), size=x.shape[-2:], mode="nearest")
+        code = self.encoder(x)
+        if code.shape[-2:] != x.shape[-2:]:
+            code = F.interpolate(code, size=x.shape[-2:], mode="nearest")
         return torch.sigmoid(self.decoder(code))
 
     def training_loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +155,8 @@ class AutoencoderParams(_TransformParams):
     name: Literal["autoencoder"] = "autoencoder"
     width: int = Field(default=16, ge=1, le=256, description="feature maps of the autoencoder")
     noise: float = Field(default=0.1, ge=0.0, le=1.0, description="std of the training noise")
+    pool: int = Field(default=2, ge=1, le=4,
+                      description="bottleneck downsampling (MagNet: 2 for MNIST, 1 for CIFAR-10)")
 
 
 TRANSFORMS: dict[str, type[_TransformParams]] = {
@@ -193,7 +199,14 @@ def build_transform(spec: dict[str, Any], channels: int = 1) -> InputTransform:
         return FeatureSqueezing(p.bits, p.median)
     if isinstance(p, NoiseInjectionParams):
         return GaussianNoise(p.sigma)
-    return DenoisingAutoencoder(channels, p.width, p.noise)
+    if p.pool > 1 and channels > 1:
+        warnings.warn(
+            f"autoencoder with pool={p.pool} blurs colour images through its pooled bottleneck, MagNet's MNIST "
+            "reformer; its CIFAR-10 reformer does not pool (set pool: 1)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return DenoisingAutoencoder(channels, p.width, p.noise, p.pool)
 
 
 def auxiliary_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
