@@ -185,27 +185,24 @@ def validate_transform(spec: dict[str, Any]) -> _TransformParams:
         raise ValueError(f"{field}: {item['msg']}") from None
 
 
+def _warn_mnist_setting(message: str) -> None:
+    """A transform's MNIST default met colour images: say so at the caller of :func:`build_transform`."""
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def build_transform(spec: dict[str, Any], channels: int = 1) -> InputTransform:
     """Instantiate a transform from ``{"name": ..., **params}`` for images with ``channels`` channels."""
     p = validate_transform(spec)
     if isinstance(p, FeatureSqueezingParams):
         if p.bits == 1 and channels > 1:
-            warnings.warn(
-                "feature_squeezing with bits=1 leaves a colour image 8 colours: 1 bit is Xu et al.'s MNIST "
-                "setting; their CIFAR-10 and ImageNet squeezers keep 5 (set bits: 5)",
-                UserWarning,
-                stacklevel=2,
-            )
+            _warn_mnist_setting("feature_squeezing with bits=1 leaves a colour image 8 colours: 1 bit is Xu et al.'s "
+                                "MNIST setting; their CIFAR-10 and ImageNet squeezers keep 5 (set bits: 5)")
         return FeatureSqueezing(p.bits, p.median)
     if isinstance(p, NoiseInjectionParams):
         return GaussianNoise(p.sigma)
     if p.pool > 1 and channels > 1:
-        warnings.warn(
-            f"autoencoder with pool={p.pool} blurs colour images through its pooled bottleneck, MagNet's MNIST "
-            "reformer; its CIFAR-10 reformer does not pool (set pool: 1)",
-            UserWarning,
-            stacklevel=2,
-        )
+        _warn_mnist_setting(f"autoencoder with pool={p.pool} blurs colour images through its pooled bottleneck, "
+                            "MagNet's MNIST reformer; its CIFAR-10 reformer does not pool (set pool: 1)")
     return DenoisingAutoencoder(channels, p.width, p.noise, p.pool)
 
 
