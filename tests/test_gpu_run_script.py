@@ -43,3 +43,49 @@ def test_gpu_run_script_smoke(tmp_path):
             assert 0.0 <= run["worst_case"] <= run["clean_accuracy_evaluated"] <= 1.0
             assert run["attacks"] and run["test_size"] > 0
     assert (tmp_path / "env.txt").read_text().strip()
+
+
+def test_gpu_run_script_rejects_an_unknown_argument(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--quick"],
+                          env={**os.environ, "OUT": str(tmp_path)}, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown argument --quick" in done.stderr
+    assert not (tmp_path / "summary.md").exists()  # nothing ran
+
+
+def _fake_cifar_folder(root: Path) -> dict[str, str]:
+    """A folder shaped like torchvision's cifar-10-batches-py (16 images per batch); returns its md5s."""
+    import hashlib
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+    for name in names:
+        batch = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, 16).tolist(),
+                 b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8),
+                 b"filenames": [f"img_{i}.png".encode() for i in range(16)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"] * 10}, protocol=4))
+    return {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in folder.iterdir()}
+
+
+def test_cifar10_parts_rebuild_every_file_byte_for_byte_and_refuse_a_corrupt_one(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    import pack_cifar10
+
+    md5 = _fake_cifar_folder(tmp_path / "source")
+    pack_cifar10.pack(tmp_path / "source" / "cifar-10-batches-py", tmp_path / "parts")
+    parts = sorted((tmp_path / "parts").iterdir())
+    assert [p.name for p in parts] == ["cifar10-part1", "cifar10-part2"]
+    pack_cifar10.unpack(parts, tmp_path / "out", md5=md5)
+    for name in md5:
+        assert (tmp_path / "out" / "cifar-10-batches-py" / name).read_bytes() == \
+            (tmp_path / "source" / "cifar-10-batches-py" / name).read_bytes()
+    (parts[0] / "data_batch_1.tail.xz").write_bytes(__import__("lzma").compress(b"not the labels"))
+    with pytest.raises(SystemExit, match="data_batch_1 rebuilt from .* does not match"):
+        pack_cifar10.unpack(parts, tmp_path / "again", md5=md5)

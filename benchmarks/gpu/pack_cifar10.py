@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import lzma
+import math
 import pickle
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -30,8 +31,7 @@ PARTS = {  # about 51 MiB each, so each fits a 64 MiB transfer beside the reposi
     "cifar10-part1": ["data_batch_1", "data_batch_2", "data_batch_3"],
     "cifar10-part2": ["data_batch_4", "data_batch_5", "test_batch", "batches.meta"],
 }
-SIDE = 32
-TILES = 100  # a batch of 10,000 images is a 100 x 100 mosaic of 32 x 32 tiles (3200 x 3200 pixels)
+SIDE = 32  # a batch of n images is a sqrt(n) x sqrt(n) mosaic of 32 x 32 tiles (10,000: 3200 x 3200 pixels)
 
 
 def _pack_file(source: Path, target: Path) -> None:
@@ -42,11 +42,12 @@ def _pack_file(source: Path, target: Path) -> None:
     images = pickle.loads(raw, encoding="bytes")[b"data"]
     block = np.ascontiguousarray(images).tobytes()
     start = raw.find(block[:4096])
-    if start < 0 or raw[start : start + len(block)] != block or images.shape[0] != TILES * TILES:
+    tiles = math.isqrt(images.shape[0])
+    if start < 0 or raw[start : start + len(block)] != block or tiles * tiles != images.shape[0]:
         raise SystemExit(f"error: {source} is not a CIFAR-10 batch laid out as torchvision ships it")
     (target / f"{source.name}.head.xz").write_bytes(lzma.compress(raw[:start]))
     (target / f"{source.name}.tail.xz").write_bytes(lzma.compress(raw[start + len(block) :]))
-    hwc = images.reshape(TILES, TILES, 3, SIDE, SIDE).transpose(0, 3, 1, 4, 2).reshape(TILES * SIDE, TILES * SIDE, 3)
+    hwc = images.reshape(tiles, tiles, 3, SIDE, SIDE).transpose(0, 3, 1, 4, 2).reshape(tiles * SIDE, tiles * SIDE, 3)
     Image.fromarray(hwc).save(target / f"{source.name}.webp", format="webp", lossless=True, quality=50, method=2)
 
 
@@ -54,7 +55,8 @@ def _unpack_file(part: Path, name: str) -> bytes:
     if name == "batches.meta":
         return lzma.decompress((part / f"{name}.xz").read_bytes())
     hwc = np.asarray(Image.open(part / f"{name}.webp").convert("RGB"))
-    images = hwc.reshape(TILES, SIDE, TILES, SIDE, 3).transpose(0, 2, 4, 1, 3).reshape(TILES * TILES, 3 * SIDE * SIDE)
+    tiles = hwc.shape[0] // SIDE
+    images = hwc.reshape(tiles, SIDE, tiles, SIDE, 3).transpose(0, 2, 4, 1, 3).reshape(tiles * tiles, 3 * SIDE * SIDE)
     head = lzma.decompress((part / f"{name}.head.xz").read_bytes())
     tail = lzma.decompress((part / f"{name}.tail.xz").read_bytes())
     return head + np.ascontiguousarray(images).tobytes() + tail
@@ -73,12 +75,18 @@ def pack(source: Path, out: Path) -> None:
         print(f"{out / part}: {size / 2**20:.1f} MiB")
 
 
-def unpack(parts: list[Path], out: Path) -> None:
+def torchvision_md5() -> dict[str, str]:
+    """The md5 of every file of ``cifar-10-batches-py``, as torchvision checks them."""
     from torchvision.datasets import CIFAR10
 
     md5 = {name: digest for name, digest in [*CIFAR10.train_list, *CIFAR10.test_list]}
     md5[CIFAR10.meta["filename"]] = CIFAR10.meta["md5"]
-    folder = out / CIFAR10.base_folder
+    return md5
+
+
+def unpack(parts: list[Path], out: Path, md5: dict[str, str] | None = None) -> None:
+    md5 = md5 or torchvision_md5()
+    folder = out / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
     by_name = {p.name: p for p in parts}
     for part, names in PARTS.items():

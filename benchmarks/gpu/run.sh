@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One accelerator window, one command:   bash benchmarks/gpu/run.sh            (from the repository root)
 # The same steps at toy size on a CPU:   bash benchmarks/gpu/run.sh --smoke    (under 2 minutes)
+# A later window's share:                 bash benchmarks/gpu/run.sh --only c --runs hybrid
 #
 # Hard-limited to 9 minutes of wall time (--smoke: 115 s); steps run in priority order, each under its
 # own time limit, and each writes its results under $OUT (default ./gpu-results) as soon as it finishes:
@@ -19,7 +20,19 @@ set -u
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 SMOKE=""
-[ "${1:-}" = "--smoke" ] && SMOKE="--smoke"
+ONLY="a,b,c,d"
+RUNS=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --smoke) SMOKE="--smoke" ;;
+    --only) ONLY=$2; shift ;;
+    --runs) RUNS="--runs $2"; shift ;;
+    *) echo "error: unknown argument $1 (expected --smoke, --only STEPS such as c,d, --runs RUNS such as hybrid)" >&2
+       exit 2 ;;
+  esac
+  shift
+done
+wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
 OUT=${OUT:-$ROOT/gpu-results}
 mkdir -p "$OUT"
 if [ -n "$SMOKE" ]; then BUDGET=${GPU_RUN_BUDGET_S:-115}; else BUDGET=${GPU_RUN_BUDGET_S:-540}; fi
@@ -77,9 +90,11 @@ fi
 
 # each smoke step may take a quarter of the budget, (d) the rest; the full run's (c) and (d) share what is left
 if [ -n "$SMOKE" ]; then A=$((BUDGET / 4)); B=$A; C=$A; else A=150; B=100; C=100000; fi
-step "(a) pytest -m gpu" $A $PY -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider -rs
-step "(b) throughput" $B $PY benchmarks/gpu/steps.py throughput --out "$OUT" $SMOKE
-step "(c) CIFAR-10 Fast-AT and hybrid" $C $PY benchmarks/gpu/steps.py cifar --out "$OUT" $SMOKE --deadline $((DEADLINE - 10))
-step "(d) ImageNet subset" 100000 $PY benchmarks/gpu/steps.py imagenet --out "$OUT" $SMOKE --deadline $((DEADLINE - 10))
+wanted a && step "(a) pytest -m gpu" $A $PY -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider -rs
+wanted b && step "(b) throughput" $B $PY benchmarks/gpu/steps.py throughput --out "$OUT" $SMOKE
+wanted c && step "(c) CIFAR-10 Fast-AT and hybrid" $C $PY benchmarks/gpu/steps.py cifar --out "$OUT" $SMOKE $RUNS \
+  --deadline $((DEADLINE - 10))
+wanted d && step "(d) ImageNet subset" 100000 $PY benchmarks/gpu/steps.py imagenet --out "$OUT" $SMOKE $RUNS \
+  --deadline $((DEADLINE - 10))
 echo "total: $(($(date +%s) - START)) s of ${BUDGET} s" >>"$SUMMARY"
 cat "$SUMMARY"

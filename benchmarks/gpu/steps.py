@@ -5,14 +5,15 @@
   the previous per-step-read path (``benchmarks/bench_train_step.py``); PGD-AT (PGD-10) at bf16 +
   channels-last; PGD-10 images/s against torchattacks on the same model and batch.
 - ``cifar`` (c): PreAct-ResNet-18, CIFAR-10, eps 8/255: 15 epochs of Fast-AT, then 15 of the hybrid
-  (bf16, channels-last, batch 128, one-cycle lr up to 0.2, as Wong et al. 2020 train Fast-AT); then
-  each is evaluated with PGD-50-10 and AutoAttack (standard) on the first 1,000 test images; clean
-  accuracy on all 10,000.
+  (bf16, channels-last, batch 128, one-cycle lr up to 0.2, as Wong et al. 2020 train Fast-AT); each
+  evaluated with PGD-50-10 and AutoAttack (standard) on the first 1,000 test images as soon as it is
+  trained; clean accuracy on all 10,000. ``--runs hybrid`` runs one of them (a later window's share).
 - ``imagenet`` (d): EfficientNet-B0 on the ImageNet subset, standard and hybrid, at eps 4/255.
 
 ``--smoke`` runs the same code at toy size (LeNet-5 / small CNN, a few hundred images, one epoch,
-short attacks) so that a CPU checks the whole script in seconds. A run is not trained, and its JSON says
-so, when ``--deadline`` (Unix time) would pass before a training as long as the last one could finish.
+short attacks) so that a CPU checks the whole script in seconds. A run is skipped, and its JSON says so,
+when ``--deadline`` (Unix time) would pass before a run as long as the last one (training and attacks)
+could finish.
 """
 
 from __future__ import annotations
@@ -155,9 +156,9 @@ def attack_run(model: Any, row: dict[str, Any], data: DatasetSplits, eval_n: int
     })
 
 
-def paper_runs(out: Path, smoke: bool, deadline: float, which: str) -> None:
-    """Train every run first, then attack each: a window that ends early still has every trained run's
-    clean accuracy and validation curve, and the attacks of the runs that finished."""
+def paper_runs(out: Path, smoke: bool, deadline: float, which: str, only: list[str] | None = None) -> None:
+    """Train and attack each run in turn; a run starts only if one as long as the last (training and
+    attacks) still fits before ``deadline``, so a short window ends with whole runs, not half ones."""
     path = out / ("c_cifar10.json" if which == "cifar" else "d_imagenet.json")
     root = data_dir()
     payload: dict[str, Any] = {"device": device(), "torch": torch.__version__, "runs": [], "skipped": []}
@@ -180,18 +181,22 @@ def paper_runs(out: Path, smoke: bool, deadline: float, which: str) -> None:
     model = "lenet5" if smoke else ("preact_resnet18" if which == "cifar" else "efficientnet_b0")
     runs = [("fast_at", {"name": "fast_at"}), ("hybrid", {"name": "hybrid"})] if which == "cifar" else [
         ("standard", {"name": "standard"}), ("hybrid", {"name": "hybrid"})]
+    if only:
+        unknown = sorted(set(only) - {run[0] for run in runs})
+        if unknown:
+            raise SystemExit(f"error: --runs {','.join(unknown)}: step {which} has runs {[run[0] for run in runs]}")
+        runs = [run for run in runs if run[0] in only]
     epochs = 1 if smoke else (15 if which == "cifar" else 10)
     attacks: list = [{"name": "pgd", "steps": 3, "restarts": 2}] if smoke else [
         {"name": "pgd", "steps": 50, "restarts": 10}]
     suite = None if smoke else "standard"
     if smoke:  # a short AutoAttack, same code
         attacks.append({"name": "autoattack", "steps": 3, "queries": 20})
-    trained: list[tuple[Any, dict[str, Any]]] = []
     last = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for name, defense in runs:
             if time.time() + 1.1 * last > deadline:
-                payload["skipped"].append(f"{name}: not enough time left to train it ({last:.0f} s per run)")
+                payload["skipped"].append(f"{name}: not enough time left for a run as long as the last ({last:.0f} s)")
                 continue
             config = {
                 "seed": 0,
@@ -205,17 +210,15 @@ def paper_runs(out: Path, smoke: bool, deadline: float, which: str) -> None:
                 "defense": defense,
             }
             started = time.time()
-            trained.append(train_run(name, config, data, Path(tmp)))
-            last = time.time() - started
-            payload["runs"].append(trained[-1][1])
+            net, row = train_run(name, config, data, Path(tmp))
+            payload["runs"].append(row)
             write(path, payload)
-            row = trained[-1][1]
             print(f"{which} {name}: clean {row['clean_accuracy_full_test']:.4f} (all {row['test_size']}), "
                   f"train {row['train_seconds']} s", flush=True)
-        for net, row in trained:
             attack_run(net, row, data, 64 if smoke else 1000, attacks, suite, eps, 64 if smoke else 500)
+            last = time.time() - started
             write(path, payload)
-            print(f"{which} {row['run']}: worst case {row['worst_case']:.4f} on {row['evaluated_on']} "
+            print(f"{which} {name}: worst case {row['worst_case']:.4f} on {row['evaluated_on']} "
                   f"{row['attacks']}, {row['evaluation_seconds']} s", flush=True)
     write(path, payload)
 
@@ -226,13 +229,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="Unix time by which to stop")
+    parser.add_argument("--runs", default="", help="(c), (d): only these runs, comma-separated (default: all)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True
     if args.step == "throughput":
         throughput(args.out, args.smoke)
     else:
-        paper_runs(args.out, args.smoke, args.deadline, args.step)
+        paper_runs(args.out, args.smoke, args.deadline, args.step, [r for r in args.runs.split(",") if r])
 
 
 if __name__ == "__main__":
