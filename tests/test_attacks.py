@@ -323,6 +323,26 @@ class _Noise(InputTransform):
         return (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
 
 
+def test_autoattack_rand_keeps_the_attack_point_of_every_sample_and_averages_draws_once(batch):
+    """On a random model a point that survived a stage on one draw may fall on the next: the result must
+    hold the attack's point for every sample (not the clean image of the survivors), APGD must take all
+    its steps, and a model that already averages draws (an evaluation's EOT model) is not averaged again."""
+    from robustlab.attacks.autoattack import attacked_model, autoattack_stages
+    from robustlab.attacks.wrappers import EOT
+
+    model, x, y = batch
+    noisy = Defended(model, _Noise()).eval()
+    result = autoattack(noisy, x, y, eps=0.1, version="rand", steps=5, eot_samples=2,
+                        generator=torch.Generator().manual_seed(0))
+    attacked = noisy(x).argmax(1) == y  # (one draw; the attack ran on the points its own clean draw got right)
+    moved = (result.x_adv - x).flatten(1).abs().amax(1) > 0
+    assert moved[attacked & result.robust].float().mean() > 0.9
+    assert all(kw["early_stop"] is False for _, _, kw in autoattack_stages("rand"))
+    eot = EOT(noisy, 4)
+    assert attacked_model(eot, "rand", 20) is eot
+    assert isinstance(attacked_model(noisy, "rand", 20), EOT) and attacked_model(model, "standard") is model
+
+
 def test_bpda_forward_is_exact_and_gradient_flows(batch):
     model, x, y = batch
     defended = Defended(model, _Quantize())

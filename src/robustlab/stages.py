@@ -8,7 +8,7 @@ stage attacks the still-robust points of every batch before the next stage start
   robust accuracy left after it (always, so a log file shows it too);
 - the per-stage robust accuracy in the result, not only the final one;
 - a state file written (atomically) after every stage: which points are still robust and the
-  adversarial images of the points already broken, in the spirit of auto-attack's ``state.py``. An
+  adversarial images of the points attacked so far, in the spirit of auto-attack's ``state.py``. An
   interrupted evaluation that is started again with the same model, samples, attack and seed skips the
   finished stages; one with anything different ignores the file.
 
@@ -67,6 +67,10 @@ class StagedResult:
     resumed_stages: int
 
 
+#: Bumped when the state file's contents change, so an older file is ignored rather than misread.
+STATE_FORMAT = 2
+
+
 def stage_params(params: dict[str, Any]) -> dict[str, Any]:
     """AutoAttack's ``version``, ``steps``, ``queries``, ``eot_samples`` from a record; unknown keys are errors."""
     accepted = {"version", "steps", "queries", "eot_samples"}
@@ -123,8 +127,8 @@ def run_autoattack(
     stages = [(name, split_on_oom(fn), kw)
               for name, fn, kw in autoattack_stages(p["version"], p["steps"], p["queries"])]
     attacked = attacked_model(grad_model, p["version"], p["eot_samples"])
-    tag = json.dumps({**(fingerprint or {}), "params": p, "eps": eps, "norm": norm, "seed": seed,
-                      "stream": stream, "batches": list(mine), "batch_size": batch_size}, sort_keys=True,
+    tag = json.dumps({**(fingerprint or {}), "format": STATE_FORMAT, "params": p, "eps": eps, "norm": norm,
+                      "seed": seed, "stream": stream, "batches": list(mine), "batch_size": batch_size}, sort_keys=True,
                      default=str)
 
     def batches() -> Any:
@@ -148,7 +152,7 @@ def run_autoattack(
     try:
         _run_stages(stages, done, masks, seconds, x_adv, batches, grad_model, attacked, device, eps=eps, norm=norm,
                     seed=seed, stream=stream, label=label, tag=tag, state_path=state_path, progress=progress,
-                    total=total, batch_size=batch_size)
+                    total=total, batch_size=batch_size, keep_candidates=p["version"] == "rand")
     except KeyboardInterrupt:
         if state_path is not None and state_path.exists():
             print(f"\ninterrupted: {label}'s finished stages are kept in {state_path}; rerun the same command to "
@@ -161,9 +165,12 @@ def _run_stages(
     stages: list, done: int, masks: dict[str, dict[int, np.ndarray]], seconds: dict[str, float],
     x_adv: dict[int, torch.Tensor], batches: Callable[[], Any], grad_model: nn.Module, attacked: nn.Module,
     device: torch.device, *, eps: float, norm: str, seed: int, stream: int, label: str, tag: str,
-    state_path: Path | None, progress: bool, total: int, batch_size: int,
+    state_path: Path | None, progress: bool, total: int, batch_size: int, keep_candidates: bool = False,
 ) -> None:
-    """Stages ``done`` onwards over every batch, saving the state after each; updates the mappings in place."""
+    """Stages ``done`` onwards over every batch, saving the state after each; updates the mappings in place.
+
+    ``keep_candidates``: see :func:`robustlab.attacks.autoattack.run_stage`.
+    """
     for k, stage in enumerate(stages[done:], start=done):
         name = stage[0]
         previous = masks[stages[k - 1][0]] if k else masks["clean"]
@@ -176,7 +183,8 @@ def _run_stages(
         for chunk, start in enumerate(chunks):
             torch.manual_seed(batch_seed(seed, stream, chunk, k + 1))
             part = slice(start, start + batch_size)
-            run_stage(stage, grad_model, attacked, x[part], y[part], adv[part], robust[part], eps=eps, norm=norm)
+            run_stage(stage, grad_model, attacked, x[part], y[part], adv[part], robust[part], eps=eps, norm=norm,
+                      keep_candidates=keep_candidates)
             bar.update(1)
         bar.close()
         masks[name] = _scatter(owners, previous, robust.cpu(), adv.cpu(), x_adv)
@@ -225,15 +233,15 @@ def _scatter(
 
 def _save(path: Path, tag: str, masks: dict[str, dict[int, np.ndarray]], seconds: dict[str, float],
           x_adv: dict[int, torch.Tensor]) -> None:
-    """Masks per stage, seconds per stage, and only the adversarial images of the points broken so far."""
+    """Masks per stage, seconds per stage, and the adversarial images of the points a stage attacked."""
     order = sorted(masks["clean"])
     names = list(masks)
     stacked = np.stack([np.concatenate([masks[n][b] for b in order]) for n in names])
-    broken = stacked[0] & ~stacked[-1]
-    images = torch.cat([x_adv[b] for b in order]).numpy()[broken]
+    attacked = stacked[0]
+    images = torch.cat([x_adv[b] for b in order]).numpy()[attacked]
     buffer = io.BytesIO()
     np.savez_compressed(buffer, tag=np.array(tag), names=np.array(names), masks=stacked,
-                        seconds=np.array([seconds.get(n, 0.0) for n in names]), broken=images)
+                        seconds=np.array([seconds.get(n, 0.0) for n in names]), attacked=images)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -257,15 +265,15 @@ def _restore(
     masks: dict[str, dict[int, np.ndarray]] = {n: {} for n in names}
     seconds = {n: float(s) for n, s in zip(names, state["seconds"], strict=True) if n != "clean"}
     x_adv: dict[int, torch.Tensor] = {}
-    broken = state["masks"][0] & ~state["masks"][-1]
-    images = torch.from_numpy(state["broken"])
+    attacked = state["masks"][0]
+    images = torch.from_numpy(state["attacked"])
     start, taken = 0, 0
     for batch, (x, _) in batches:
         stop = start + len(x)
         for i, n in enumerate(names):
             masks[n][batch] = state["masks"][i][start:stop]
         adv = x.cpu().clone()
-        here = torch.from_numpy(broken[start:stop])
+        here = torch.from_numpy(attacked[start:stop])
         count = int(here.sum())
         adv[here] = images[taken : taken + count]
         x_adv[batch] = adv

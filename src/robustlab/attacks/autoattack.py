@@ -3,7 +3,10 @@
 - ``standard``: APGD-CE (100 steps) -> APGD-T (100 steps, 9 target classes) -> FAB-T (100 steps,
   9 target classes) -> Square (5000 queries), the configuration of the paper and of RobustBench.
 - ``rand`` (for randomised defences): APGD-CE -> APGD-DLR, each attacking an EOT model that averages
-  ``eot_samples`` (20) random draws (:class:`~robustlab.attacks.wrappers.EOT`).
+  ``eot_samples`` (20) random draws (:class:`~robustlab.attacks.wrappers.EOT`), every sample for all
+  ``steps``: a point that has just crossed the boundary of the EOT average is still classified
+  correctly by many single draws, so APGD does not stop there (on the CIFAR-10 noise-injection model
+  stopping there left 13.7% robust where PGD-20 through the same EOT left 6.4%).
 
 The result records the robust accuracy after every stage, so each number names the attack that
 produced it (``{"clean": .., "apgd-ce": .., "apgd-t": .., "fab-t": .., "square": ..}``).
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from robustlab.attacks.apgd import apgd
 from robustlab.attacks.core import Model, check_attack_inputs, frozen
@@ -54,8 +58,8 @@ def autoattack_stages(version: str, steps: int = FULL_STEPS, queries: int = FULL
         ]
     if version == "rand":
         return [
-            ("apgd-ce", apgd, {"steps": steps, "loss": "ce"}),
-            ("apgd-dlr", apgd, {"steps": steps, "loss": "dlr"}),
+            ("apgd-ce", apgd, {"steps": steps, "loss": "ce", "early_stop": False}),
+            ("apgd-dlr", apgd, {"steps": steps, "loss": "dlr", "early_stop": False}),
         ]
     raise InputError(f"unknown AutoAttack version '{version}'; valid: standard, rand")
 
@@ -83,14 +87,21 @@ def autoattack(
         robust = model(x).argmax(1) == y
     accuracy = {"clean": float(robust.float().mean())}
     for stage in stages:
-        run_stage(stage, model, attacked, x, y, x_adv, robust, eps=eps, norm=norm, generator=generator)
+        run_stage(stage, model, attacked, x, y, x_adv, robust, eps=eps, norm=norm, generator=generator,
+                  keep_candidates=version == "rand")
         accuracy[stage[0]] = float(robust.float().mean())
     return AutoAttackResult(x_adv, robust, accuracy)
 
 
 def attacked_model(model: Model, version: str, eot_samples: int = EOT_SAMPLES) -> Model:
-    """The model the stages differentiate: an EOT average for the ``rand`` version, else ``model``."""
-    return EOT(model, eot_samples) if version == "rand" else model  # type: ignore[arg-type]
+    """The model the stages differentiate: an EOT average for the ``rand`` version, else ``model``.
+
+    A model that already is an EOT average (an evaluation's adaptive model) is used as it is: averaging
+    it again would multiply the draws per step (20 x 20), not improve the gradient estimate's purpose.
+    """
+    if version != "rand" or isinstance(model, EOT):
+        return model
+    return EOT(model, eot_samples)  # type: ignore[arg-type]
 
 
 def run_stage(
@@ -105,10 +116,14 @@ def run_stage(
     eps: float,
     norm: str,
     generator: torch.Generator | None = None,
+    keep_candidates: bool = False,
 ) -> None:
     """Run one stage on the still-robust points; update ``x_adv`` and ``robust`` in place where it succeeds.
 
-    The stage differentiates ``attacked``; success is judged by ``model``'s prediction.
+    The stage differentiates ``attacked``; success is judged by ``model``'s prediction. With
+    ``keep_candidates`` (the ``rand`` version) a point the stage did not break keeps the stage's candidate
+    as its adversarial image, not the clean image: a random model that classified it correctly once may
+    not on the next draw, and whoever classifies ``x_adv`` again must see the attack's best point.
     """
     _, attack, kwargs = stage
     todo = robust.nonzero().squeeze(1)
@@ -116,8 +131,13 @@ def run_stage(
         return
     candidate = attack(attacked, x[todo], y[todo], eps=eps, norm=norm, generator=generator, validate=False, **kwargs)
     with frozen(model), torch.no_grad():
-        broken = model(candidate).argmax(1) != y[todo]
-    x_adv[todo[broken]] = candidate[broken]
+        logits = model(candidate)
+        broken = logits.argmax(1) != y[todo]
+        if keep_candidates:  # a survivor keeps whichever point, this stage's or an earlier one's, has the higher loss
+            earlier = F.cross_entropy(model(x_adv[todo]), y[todo], reduction="none")
+            broken_or_better = broken | (F.cross_entropy(logits, y[todo], reduction="none") > earlier)
+    take = broken_or_better if keep_candidates else broken
+    x_adv[todo[take]] = candidate[take]
     robust[todo[broken]] = False
 
 
