@@ -152,6 +152,21 @@ def test_cifar10_cpu_profile_is_the_whole_matrix_at_a_narrower_resnet18(tmp_path
     assert {(c.config.model.name, c.config.model.width) for c in paper.cells} == {("resnet18", None)}
 
 
+def test_imagenet_subset_cpu_profile_is_the_papers_rows_and_pgd_at_at_a_narrower_efficientnet(tmp_path):
+    spec = load_experiment(CONFIGS / "imagenet_subset.yaml")
+    cpu = plan_experiment(spec, tmp_path, profile="cpu")
+    assert [c.axes["defense"] for c in cpu.cells[:2]] == ["standard", "standard"]  # the paper's rows first
+    assert {c.axes["defense"] for c in cpu.cells} == {"standard", "hybrid", "pgd_at"}
+    assert sorted({round(c.config.threat.eps, 6) for c in cpu.cells}) == [round(4 / 255, 6), 0.03]
+    for cell in cpu.cells:
+        data, model = cell.config.data, cell.config.model
+        assert (data.train_subset, data.test_subset, data.val_size) == (None, None, 500)
+        assert model.name == "efficientnet_b0" and model.width < 32 and cell.config.train.channels_last
+    assert cpu.evaluation.suite == "standard" and cpu.evaluation.n is None  # all 500 test images
+    paper = plan_experiment(spec, tmp_path, profile="paper")
+    assert {(c.config.model.name, c.config.model.width) for c in paper.cells} == {("efficientnet_b0", None)}
+
+
 @pytest.mark.parametrize(("name", "profiles"), [("cifar10", ("paper", "cpu")), ("imagenet_subset", ("paper",))])
 def test_colour_image_grids_use_colour_preprocessing_not_mnists(tmp_path, name, profiles):
     """The preprocessing defaults are MNIST's (1-bit squeezing, a pooled reformer); a colour grid that fell
