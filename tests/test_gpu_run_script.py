@@ -89,3 +89,14 @@ def test_cifar10_parts_rebuild_every_file_byte_for_byte_and_refuse_a_corrupt_one
     (parts[0] / "data_batch_1.tail.xz").write_bytes(__import__("lzma").compress(b"not the labels"))
     with pytest.raises(SystemExit, match="data_batch_1 rebuilt from .* does not match"):
         pack_cifar10.unpack(parts, tmp_path / "again", md5=md5)
+
+
+def test_gpu_steps_refuse_a_run_the_step_does_not_have(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    import steps
+
+    with pytest.raises(SystemExit, match="--runs nope: step imagenet has runs"):
+        steps.paper_runs(tmp_path, smoke=True, deadline=float("inf"), which="imagenet", only=["nope"])
+    assert not (tmp_path / "d_imagenet.json").exists()
