@@ -90,7 +90,7 @@ fi
 
 # each smoke step may take a quarter of the budget, (d) the rest; the full run's (c) and (d) share what is left
 if [ -n "$SMOKE" ]; then A=$((BUDGET / 4)); B=$A; C=$A; else A=150; B=100; C=100000; fi
-wanted a && step "(a) pytest -m gpu" $A $PY -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider -rs
+wanted a && step "(a) pytest -m gpu" $A $PY -m pytest tests/test_gpu.py -m gpu -p no:cacheprovider -rs
 wanted b && step "(b) throughput" $B $PY benchmarks/gpu/steps.py throughput --out "$OUT" $SMOKE
 wanted c && step "(c) CIFAR-10 Fast-AT and hybrid" $C $PY benchmarks/gpu/steps.py cifar --out "$OUT" $SMOKE $RUNS \
   --deadline $((DEADLINE - 10))
