@@ -10,7 +10,10 @@ import typer
 from robustlab.cli import SetOpt, app, console, example
 
 ConfigPath = Annotated[Path, typer.Argument(help="experiment YAML: base config, grid axes, evaluation")]
-ProfileOpt = Annotated[str | None, typer.Option(help="paper (the paper's settings) or quick (2 CPU cores)")]
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option(help="a profile of the config: paper (the paper's settings), quick (a smoke run), cpu (2 CPU cores)"),
+]
 OutOpt = Annotated[Path | None, typer.Option(help="results directory (default results/NAME[-PROFILE])")]
 WorkersOpt = Annotated[
     int, typer.Option(min=1, help="processes sharing the grid (each with its own GPU when several are visible)")
