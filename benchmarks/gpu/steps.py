@@ -160,6 +160,13 @@ def paper_runs(out: Path, smoke: bool, deadline: float, which: str, only: list[s
     """Train and attack each run in turn; a run starts only if one as long as the last (training and
     attacks) still fits before ``deadline``, so a short window ends with whole runs, not half ones."""
     path = out / ("c_cifar10.json" if which == "cifar" else "d_imagenet.json")
+    runs = [("fast_at", {"name": "fast_at"}), ("hybrid", {"name": "hybrid"})] if which == "cifar" else [
+        ("standard", {"name": "standard"}), ("hybrid", {"name": "hybrid"})]
+    if only:
+        unknown = sorted(set(only) - {run[0] for run in runs})
+        if unknown:
+            raise SystemExit(f"error: --runs {','.join(unknown)}: step {which} has runs {[run[0] for run in runs]}")
+        runs = [run for run in runs if run[0] in only]
     root = data_dir()
     payload: dict[str, Any] = {"device": device(), "torch": torch.__version__, "runs": [], "skipped": []}
     if torch.cuda.is_available():
@@ -179,13 +186,6 @@ def paper_runs(out: Path, smoke: bool, deadline: float, which: str, only: list[s
                              data.class_names, data.mean, data.std, data.default_augment, data.split_seed)
     eps = 8 / 255 if which == "cifar" else 4 / 255
     model = "lenet5" if smoke else ("preact_resnet18" if which == "cifar" else "efficientnet_b0")
-    runs = [("fast_at", {"name": "fast_at"}), ("hybrid", {"name": "hybrid"})] if which == "cifar" else [
-        ("standard", {"name": "standard"}), ("hybrid", {"name": "hybrid"})]
-    if only:
-        unknown = sorted(set(only) - {run[0] for run in runs})
-        if unknown:
-            raise SystemExit(f"error: --runs {','.join(unknown)}: step {which} has runs {[run[0] for run in runs]}")
-        runs = [run for run in runs if run[0] in only]
     epochs = 1 if smoke else (15 if which == "cifar" else 10)
     attacks: list = [{"name": "pgd", "steps": 3, "restarts": 2}] if smoke else [
         {"name": "pgd", "steps": 50, "restarts": 10}]
