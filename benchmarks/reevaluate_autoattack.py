@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustlab.attacks.wrappers import EOT_SAMPLES
 from robustlab.data import Split
 from robustlab.evaluation import evaluate_model
 from robustlab.runs import load_run
@@ -40,7 +41,7 @@ def main() -> None:
     assert np.array_equal(split.labels.numpy(), arrays["labels"][: args.n])
     info = entry["model"]
     result = evaluate_model(run.model, split, eps=entry["threat"]["eps"], norm=entry["threat"]["norm"], attacks=[],
-                            suite="standard", seed=entry["seed"], eot_samples=info.get("eot_samples") or 20,
+                            suite="standard", seed=entry["seed"], eot_samples=info.get("eot_samples") or EOT_SAMPLES,
                             random_passes=info.get("random_passes") or 1, n_boot=10)
     new = np.asarray(result.attacks[label].correct)
     old = arrays[f"correct:{label}"][:, : args.n]

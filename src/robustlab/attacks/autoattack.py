@@ -133,10 +133,10 @@ def run_stage(
     with frozen(model), torch.no_grad():
         logits = model(candidate)
         broken = logits.argmax(1) != y[todo]
-        if keep_candidates:  # a survivor keeps whichever point, this stage's or an earlier one's, has the higher loss
+        take = broken
+        if keep_candidates:  # a survivor keeps this stage's point or an earlier one's, whichever has the higher loss
             earlier = F.cross_entropy(model(x_adv[todo]), y[todo], reduction="none")
-            broken_or_better = broken | (F.cross_entropy(logits, y[todo], reduction="none") > earlier)
-    take = broken_or_better if keep_candidates else broken
+            take = broken | (F.cross_entropy(logits, y[todo], reduction="none") > earlier)
     x_adv[todo[take]] = candidate[take]
     robust[todo[broken]] = False
 
