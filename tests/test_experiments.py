@@ -460,6 +460,46 @@ def test_results_kept_without_weights_are_skipped_and_a_weightless_twin_is_not_s
     assert not result.failed
 
 
+def test_a_cell_sharing_a_finished_twin_carries_its_weights_in_resume_pt_until_it_is_done(tmp_path, monkeypatch):
+    """A results directory committed mid-evaluation (without .safetensors) must let a fresh clone continue."""
+    spec = tiny_experiment(eps=[0.05, 0.1])
+    out = tmp_path / "out"
+    run(spec, out, only=["eps=0.05"])
+    first, second = (out / "runs" / f"digits-lenet5-standard-eps{e}-s0" for e in ("0.05", "0.1"))
+    assert not (first / "resume.pt").exists(), "a done cell keeps its resume state"
+    selected = (first / "model.safetensors").read_bytes()
+    import robustlab.evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(robustlab.evaluation, "evaluate_run", interrupted)
+        run(spec, out)
+    assert (second / "resume.pt").exists(), "the shared cell has no resume.pt while its evaluation is pending"
+    for name in ("model.safetensors", "last.safetensors"):  # what a fresh clone of the committed results lacks
+        (second / name).unlink()
+    lines: list[str] = []
+    result = run_experiment(load_experiment(spec), out, log=lines.append, isolate=False)
+    assert result.ran == [second.name] and not result.failed
+    assert f"[{second.name}] model.safetensors restored from resume.pt (trained on another machine)" in lines
+    assert (second / "model.safetensors").read_bytes() == selected
+    assert not (second / "resume.pt").exists(), "the done cell kept its resume state"
+
+
+def test_a_trained_cell_whose_weights_are_gone_says_how_to_continue(tmp_path):
+    spec = tiny_experiment()
+    out = tmp_path / "out"
+    run(spec, out)
+    cell = plan_experiment(load_experiment(spec), out).cells[0]
+    (cell.run_dir / "model.safetensors").unlink()
+    state = json.loads(cell.state_path.read_text())
+    cell.state_path.write_text(json.dumps({k: v for k, v in state.items() if k != "evaluation"}))
+    result = run(spec, out)
+    message = result.failed[cell.id]
+    assert "its weights are gone" in message and f"delete {cell.run_dir}" in message
+
+
 def test_cell_waits_for_a_twin_that_another_process_is_training(tmp_path):
     spec = tiny_experiment(eps=[0.05, 0.1])
     out = tmp_path / "out"

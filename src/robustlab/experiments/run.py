@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import Timeout
+from safetensors.torch import load_file
 
 from robustlab.config import RunConfig, build_config, config_to_dict, trained_identity
 from robustlab.data import DatasetSplits
@@ -36,7 +37,7 @@ from robustlab.experiments.config import (
 )
 from robustlab.experiments.locks import _lock, _twin_busy
 from robustlab.experiments.plan import Cell, ExperimentPlan, _read_state, plan_experiment, select_cells
-from robustlab.rundir import RunDir, write_json
+from robustlab.rundir import RunDir, save_resume_state, write_json
 from robustlab.runs import prepare_data
 
 
@@ -159,13 +160,19 @@ def run_cell(
     state.pop("error", None)  # an earlier failure of this cell is resolved once it trains
     kwargs = _evaluation_kwargs(settings, cell.config.train.device)
     signature = _signature(kwargs)
-    if did_work or state.get("evaluation") != signature:
+    evaluate = did_work or state.get("evaluation") != signature
+    audit = _audit_function() if settings.audit else None
+    if (evaluate or (audit is not None and not state.get("audited"))) and not run.weights.exists():
+        raise RobustlabError(
+            f"cell {cell.id}: its run is trained but its weights are gone (no model.safetensors, no "
+            f"resume.pt), and its evaluation or audit is not done; delete {cell.run_dir} to train it again"
+        )
+    if evaluate:
         log(f"[{cell.id}] evaluating")
         evaluate_run(cell.run_dir, **kwargs)
         state.update(evaluation=signature, evaluated_at=time.time())
         write_json(cell.state_path, state)
         did_work = True
-    audit = _audit_function() if settings.audit else None
     if audit is not None and (did_work or not state.get("audited")):
         log(f"[{cell.id}] auditing")
         audit(cell.run_dir, **settings.audit_options)
@@ -193,7 +200,10 @@ def _share_training(source: Cell, cell: Cell) -> None:
 
     Weights, history and resume state are copied; ``config.yaml`` is the cell's own; ``metrics.json``
     keeps the training cost and clean accuracy but none of ``source``'s evaluations; ``metadata.json``
-    names the source (``training_shared_with``). Everything is written into a hidden sibling that is
+    names the source (``training_shared_with``). When ``source`` has already dropped its ``resume.pt``
+    (it is done), the cell gets one holding only the selected weights: until the cell itself is done,
+    that file is what carries its weights to a fresh clone of a results directory committed without
+    ``.safetensors``. Everything is written into a hidden sibling that is
     renamed into place, so an interruption leaves either no run directory or a complete one.
     """
     origin = RunDir(source.run_dir)
@@ -204,6 +214,8 @@ def _share_training(source: Cell, cell: Cell) -> None:
         for path in (origin.history, origin.weights, origin.last_weights, origin.resume):
             if path.exists():
                 shutil.copy2(path, scratch / path.name)
+        if not origin.resume.exists():  # the twin is done and dropped it: the weights must still travel
+            save_resume_state(run.resume, {"selected": load_file(origin.weights)})
         run.write_config(config_to_dict(cell.config))
         write_json(run.metrics, {k: v for k, v in origin.read_metrics().items() if k != "evaluations"})
         write_json(run.metadata, {**origin.read_metadata(), "training_shared_with": source.id})
