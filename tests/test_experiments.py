@@ -445,6 +445,21 @@ def test_a_trained_cell_awaiting_its_evaluation_reads_evaluating_not_measured(tm
     assert table1({"standard": seed_stats(load_results(out).rows)}, []).rows[0][1] == "not measured (cell evaluating)"
 
 
+def test_a_grid_can_be_reported_before_its_first_cell_is_done(tmp_path, monkeypatch):
+    from robustlab import training
+    from robustlab.report import write_report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    spec, out = tiny_experiment(defenses=["standard", "fast_at"]), tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, out)
+    assert [r["status"] for r in load_results(out).rows] == ["pending", "pending"]
+    assert "not measured (cell pending)" in write_report(out)["markdown"].read_text()
+
+
 def test_results_kept_without_weights_are_skipped_and_a_weightless_twin_is_not_shared(tmp_path):
     """A results directory committed without its weights (benchmarks/paper-*) still skips finished cells."""
     spec = tiny_experiment(eps=[0.05, 0.1])

@@ -2,7 +2,7 @@
 
 A finished cell is skipped, an unfinished one resumes; cells locked by another process are left to it
 and waited for at the end. A cell whose training ignores eps copies the training of its twin instead of
-training again. The results table is rewritten after every cell.
+training again. The results table is written at the start and rewritten after every cell.
 """
 
 from __future__ import annotations
@@ -267,6 +267,7 @@ def run_experiment(
             "cells": [c.id for c in plan.cells],
         },
     )
+    collect_results(plan)  # a results table from the start: the grid can be reported before any cell is done
     result = ExperimentResult(plan.results_dir, [])
     deferred: list[Cell] = []
     for index, cell in enumerate(selected, 1):
