@@ -228,6 +228,36 @@ def test_audit_run_writes_audit_json(trained_digits):
     assert data["settings"]["eps"] == pytest.approx(0.1) and data["settings"]["n"] == 60
     assert "transfer pgd-5" in data["checks"][3]["evidence"]
     assert 0 < data["seconds"] == pytest.approx(report.seconds, abs=1e-3), "a grid's budget adds up audit times"
+    assert not (trained_digits.run_dir / "audit.partial.npz").exists(), "the finished audit left its checkpoint"
+
+
+def test_an_interrupted_audit_resumes_its_finished_measurements_exactly(base, surrogate, digits, tmp_path,
+                                                                       monkeypatch, capsys):
+    from robustlab.audit.auditor import _Auditor
+
+    checkpoint = tmp_path / "audit.partial.npz"
+    kwargs = {"eps": EPS, "surrogate": surrogate, **FAST, "n": 60}
+    whole = audit_model(base, digits.test, **kwargs).to_dict()
+    real_per_batch, calls = _Auditor.per_batch, []
+
+    def interrupted_at_the_fourth(self, measure, stream):
+        calls.append(stream)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_per_batch(self, measure, stream)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(_Auditor, "per_batch", interrupted_at_the_fourth)
+        audit_model(base, digits.test, checkpoint=checkpoint, **kwargs)
+    assert checkpoint.exists()
+    capsys.readouterr()
+    resumed = audit_model(base, digits.test, checkpoint=checkpoint, **kwargs)
+    assert "audit: resuming with 3 finished measurement(s)" in capsys.readouterr().err
+    assert resumed.to_dict() == whole, "the resumed audit differs from the uninterrupted one"
+    assert resumed.resumed_seconds > 0, "the interrupted run's measurement time is lost from the audit's cost"
+    other = audit_model(base, digits.test, checkpoint=checkpoint, **{**kwargs, "seed": 1})
+    assert "resuming" not in capsys.readouterr().err, "another audit's measurements were reused"
+    assert other.settings["seed"] == 1 and other.resumed_seconds == 0
 
 
 def _exit_code(args: list[str]) -> int:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
+import time
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,6 +18,7 @@ from robustlab.attacks import input_gradient, pgd
 from robustlab.attacks.wrappers import BPDA, EOT
 from robustlab.errors import InputError
 from robustlab.models.fused import fused_classifier
+from robustlab.rundir import atomic_write_bytes
 
 
 def _declares(model: nn.Module) -> tuple[bool, bool]:
@@ -39,6 +45,12 @@ class _Auditor:
     Every measurement goes batch by batch through :meth:`per_batch`, whose random draws are seeded per
     (stream, batch): under ``torchrun`` each rank measures every N-th batch and the ranks' results are
     gathered, giving exactly the single-process audit.
+
+    With a ``checkpoint`` file, every finished attack measurement (the per-image correctness that
+    :meth:`run` caches) is saved there at once, under ``tag``; an audit started again with the same tag
+    (model, images and settings) reads them back instead of attacking again. The attacks dominate an
+    audit's cost (an hour per EfficientNet cell on a CPU core), and, seeded per batch, a measurement read
+    back equals the one an uninterrupted audit makes.
     """
 
     def __init__(
@@ -56,6 +68,8 @@ class _Auditor:
         batch_size: int,
         group: distributed.Distributed,
         fuse: bool = True,
+        checkpoint: Path | None = None,
+        tag: str = "",
     ) -> None:
         self.model, self.x, self.y = model, x, y
         self.n = int(y.shape[0])
@@ -64,7 +78,10 @@ class _Auditor:
         # the classifier every check differentiates (through BPDA / EOT as each asks): the fused copy
         self.classifier = fused_classifier(model) if fuse else model
         self.attacked = _adapted(self.classifier, bpda, eot)
-        self._cache: dict[str, torch.Tensor] = {}
+        self.checkpoint, self.tag = checkpoint, tag
+        self._cache, self.resumed_seconds = _load_measurements(checkpoint, tag, x.device)
+        self.resumed = len(self._cache)
+        self._spent = self.resumed_seconds  # seconds of every measurement in the cache, resumed ones included
 
     def per_batch(
         self, measure: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, ...]], stream: int
@@ -99,7 +116,11 @@ class _Auditor:
                 with torch.no_grad():
                     return (self.model(x_adv).argmax(1) == yb,)
 
+            tic = time.perf_counter()
             self._cache[key] = self.per_batch(correct, stream)[0]
+            self._spent += time.perf_counter() - tic
+            if self.checkpoint is not None and self.group.is_main:
+                _save_measurements(self.checkpoint, self.tag, self._cache, self._spent)
         return self._cache[key]
 
     def correct(self) -> torch.Tensor:
@@ -153,3 +174,26 @@ def _dual_norm(grad: torch.Tensor, norm: str) -> torch.Tensor:
     """The dual norm of the gradient: the first-order loss change per unit of ``norm`` budget."""
     return grad.flatten(1).abs().sum(1) if norm == "linf" else grad.flatten(1).norm(dim=1)
 
+
+def _save_measurements(path: Path, tag: str, cache: dict[str, torch.Tensor], seconds: float) -> None:
+    """Every cached per-image correctness under its key, the seconds they took, and the tag, atomically."""
+    keys = sorted(cache)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, tag=np.array(tag), keys=np.array(keys, dtype=str), seconds=np.array(seconds),
+                        correct=np.stack([cache[k].cpu().numpy() for k in keys]))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_measurements(path: Path | None, tag: str, device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
+    """The measurements saved under ``tag`` at ``path`` and the seconds they took; none when the file is
+    absent, unreadable or another audit's (the tag differs)."""
+    if path is None:
+        return {}, 0.0
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if str(archive["tag"]) != tag:
+                return {}, 0.0
+            keys, correct, seconds = archive["keys"], archive["correct"], float(archive["seconds"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return {}, 0.0
+    return {str(k): torch.from_numpy(c).to(device) for k, c in zip(keys, correct, strict=True)}, seconds

@@ -39,8 +39,11 @@ class AuditReport:
 
     checks: list[AuditCheck]
     settings: dict[str, Any] = field(default_factory=dict)
-    #: wall time of :func:`~robustlab.audit.audit_run` (a surrogate trained for it included), for a grid's budget
+    #: wall time of :func:`~robustlab.audit.audit_run` (a surrogate trained for it included), for a grid's budget;
+    #: for a resumed audit it includes the interrupted runs' measurement time
     seconds: float | None = None
+    #: seconds the measurements read back from a checkpoint took when they were made (0 for a fresh audit)
+    resumed_seconds: float = 0.0
 
     @property
     def verdict(self) -> Status:

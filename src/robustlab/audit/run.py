@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,12 @@ from robustlab.audit.report import AuditCheck, AuditReport, Z
 from robustlab.config import build_config
 from robustlab.data import DatasetSplits, Split
 from robustlab.errors import InputError
+from robustlab.rundir import RunDir
+from robustlab.stages import model_digest
 from robustlab.validation import check_batch, check_eps
+
+#: An unfinished audit's measurements, beside the ``audit.json`` it becomes (see ``audit_model(checkpoint=)``).
+AUDIT_CHECKPOINT = "audit.partial.npz"
 
 
 def audit_model(
@@ -48,6 +54,7 @@ def audit_model(
     square_queries: int = 1000,
     batch_size: int = 256,
     fuse: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> AuditReport:
     """Run the gradient-masking checklist on the first ``n`` images of ``data`` at budget ``eps``.
 
@@ -65,6 +72,10 @@ def audit_model(
         fuse: the checks differentiate a fused copy of the classifier, as evaluation does
             (:func:`robustlab.models.fused.fused_classifier`; the same function, faster), the EOT and
             BPDA checks included; verdicts and the randomness check still use the model itself.
+        checkpoint: a file that keeps every finished attack measurement as soon as it is made, so an
+            interrupted audit started again with the same model, images, surrogate and settings
+            continues where it stopped (an audit with anything different ignores the file). The
+            caller deletes it once the report is written.
     Returns:
         An :class:`AuditReport`; the model's mode and ``requires_grad`` flags are left as found.
 
@@ -102,13 +113,32 @@ def audit_model(
             model.eval()
             if surrogate is not None:
                 surrogate.eval()
+            tag = _checkpoint_tag(model, surrogate, x, y, settings, batch_size) if checkpoint is not None else ""
             auditor = _Auditor(model, x.to(device), y.to(device), eps=float(eps), norm=norm, seed=seed, steps=steps,
-                               bpda=use_bpda, eot=eot_samples, batch_size=batch_size, group=group, fuse=fuse)
+                               bpda=use_bpda, eot=eot_samples, batch_size=batch_size, group=group, fuse=fuse,
+                               checkpoint=None if checkpoint is None else Path(checkpoint), tag=tag)
+            if auditor.resumed and group.is_main:
+                print(f"audit: resuming with {auditor.resumed} finished measurement(s) from {checkpoint}",
+                      file=sys.stderr)
             checks = _run_checks(auditor, surrogate, square_queries)
     finally:
         for m, mode in zip(model.modules(), modes, strict=True):
             m.training = mode
-    return AuditReport(checks, settings)
+    return AuditReport(checks, settings, resumed_seconds=auditor.resumed_seconds)
+
+
+def _checkpoint_tag(
+    model: nn.Module, surrogate: nn.Module | None, x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any],
+    batch_size: int,
+) -> str:
+    """What an audit's measurements depend on: weights (the surrogate's too), images, labels, settings and
+    batching (each batch's random draws are seeded by its index)."""
+    images = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
+    images.update(y.detach().cpu().numpy().tobytes())
+    return json.dumps({
+        "format": 1, "model": model_digest(model), "surrogate": None if surrogate is None else model_digest(surrogate),
+        "images": images.hexdigest()[:16], "batch_size": batch_size, "settings": settings,
+    }, sort_keys=True)
 
 
 def _audit_images(
@@ -206,13 +236,16 @@ def audit_run(
 ) -> AuditReport:
     """Audit a finished run on its test split and write ``RUN_DIR/audit.json`` atomically.
 
+    Finished measurements are kept in ``RUN_DIR/audit.partial.npz`` until the report is written, so an
+    interrupted audit run again continues where it stopped.
+
     ``eps`` and the norm default to the run's threat model. With ``surrogate=True`` a standard model of
     the run's architecture is trained for ``surrogate_epochs`` on the run's training split as the
     transfer-attack source (reused from ``surrogate_cache`` when one was trained there already). Other
     keyword options go to :func:`audit_model`. Under ``torchrun`` the ranks share the work (the surrogate's
     training too) and rank 0 writes.
     """
-    from robustlab.rundir import RunDir, write_json
+    from robustlab.rundir import write_json
     from robustlab.runs import load_run, select_device
 
     started = time.perf_counter()
@@ -225,6 +258,7 @@ def audit_run(
             cache_dir=surrogate_cache,
         )
         source.to(next(loaded.model.parameters()).device)
+    run = RunDir(run_dir)
     report = audit_model(
         loaded.model,
         loaded.data.test,
@@ -233,6 +267,7 @@ def audit_run(
         n=n,
         seed=seed,
         surrogate=source,
+        checkpoint=run.path / AUDIT_CHECKPOINT,
         **options,
     )
     from robustlab.evaluation import subset_name
@@ -243,7 +278,8 @@ def audit_run(
         subset=subset_name(int(report.settings["n"]), len(loaded.data.test), "first"),  # audit_model takes the first n
         surrogate=f"standard {loaded.config.model.name}, {surrogate_epochs} epochs" if surrogate else None,
     )
-    report.seconds = time.perf_counter() - started
+    report.seconds = time.perf_counter() - started + report.resumed_seconds
     if distributed.from_environment().is_main:
-        write_json(RunDir(run_dir).path / "audit.json", report.to_dict())
+        write_json(run.path / "audit.json", report.to_dict())
+        (run.path / AUDIT_CHECKPOINT).unlink(missing_ok=True)
     return report
