@@ -223,6 +223,21 @@ def test_unmeasured_rows_say_how_far_their_cells_got():
     assert table1({"pgd_at": empty}, []).rows[0][1] == "not measured (cell running: 22/50 epochs)"
 
 
+def test_table2_shows_the_cost_of_a_cell_trained_but_still_evaluating():
+    from robustlab.report.data import seed_stats
+    from robustlab.report.tables import table2
+
+    rows = {"standard": [{"status": "finished", "train_seconds": 100.0, "peak_memory_mb": 1000.0, "device": "cpu"}],
+            "hybrid": [{"status": "evaluating", "train_seconds": 300.0, "peak_memory_mb": 1200.0, "device": "cpu"}],
+            "pgd_at": [{"status": "running", "epochs_done": 3, "epochs": 20}]}
+    table = table2({d: seed_stats(r) for d, r in rows.items()}, [])
+    hybrid, pgd_at = table.rows[1], table.rows[2]
+    assert hybrid[1] == "measured (robustlab); 1 of its cells still evaluating"
+    assert hybrid[2] == "300.0 s" and hybrid[5] == "3.00x" and hybrid[6] == "1.20x"
+    assert pgd_at[1] == "not measured (cell running: 3/20 epochs)" and pgd_at[2] == "-"
+    assert table1({d: seed_stats(r) for d, r in rows.items()}, []).rows[1][1] == "not measured (cell evaluating)"
+
+
 def test_paper_claims_transcription_is_internally_consistent():
     """Paper Table 1 defines gap = clean - CW; every row satisfies it except the one the JSON flags."""
     claims = load_claims()

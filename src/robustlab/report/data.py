@@ -192,6 +192,7 @@ def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from robustlab.evaluation import strength
 
     finished = [r for r in rows if r.get("status") == "finished"]
+    trained = [r for r in rows if r.get("status") in ("finished", "evaluating")]  # Table 2 needs no evaluation
     per_attack: dict[str, list[float]] = defaultdict(list)
     labels: dict[str, set[str]] = defaultdict(set)
     for row in finished:
@@ -204,11 +205,12 @@ def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "worst_case": Stat.of([r.get("worst_case") for r in finished]),
         "gap_worst_case": Stat.of([r.get("gap_worst_case") for r in finished]),
         "gap_cw": Stat.of([r.get("gap_cw") for r in finished]),
-        "train_seconds": Stat.of([r.get("train_seconds") for r in finished]),
-        "seconds_per_epoch": Stat.of([r.get("seconds_per_epoch") for r in finished]),
-        "peak_memory_mb": Stat.of([r.get("peak_memory_mb") for r in finished]),
-        "devices": sorted({str(r.get("device")) for r in finished if r.get("device")}),
-        "shared_training": sorted({str(r["training_shared_with"]) for r in finished if r.get("training_shared_with")}),
+        "trained": len(trained),
+        "train_seconds": Stat.of([r.get("train_seconds") for r in trained]),
+        "seconds_per_epoch": Stat.of([r.get("seconds_per_epoch") for r in trained]),
+        "peak_memory_mb": Stat.of([r.get("peak_memory_mb") for r in trained]),
+        "devices": sorted({str(r.get("device")) for r in trained if r.get("device")}),
+        "shared_training": sorted({str(r["training_shared_with"]) for r in trained if r.get("training_shared_with")}),
         "audit": sorted({str(r["audit_verdict"]) for r in finished if r.get("audit_verdict")}),
         "attack_labels": {k: ", ".join(sorted(v)) for k, v in labels.items()},
         "strengths": sorted({strength(r["evaluation"]) for r in finished if r.get("evaluation")}),

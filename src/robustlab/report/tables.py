@@ -145,7 +145,10 @@ def table2(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
         )
     reference = stats.get(STANDARD)
     for defense, s in stats.items():
-        source = "measured (robustlab)" if s["seeds"] else _not_measured(s)
+        trained = s["trained"]  # a trained cell's cost is known before its evaluation is
+        source = "measured (robustlab)" if trained else _not_measured(s)
+        if trained > s["seeds"]:
+            source += f"; {trained - s['seeds']} of its cells still evaluating"
         if s.get("shared_training"):  # eps-independent training, run once for the grid's first eps
             source += f"; training shared with {', '.join(s['shared_training'])}"
         rows.append(
