@@ -287,7 +287,8 @@ def test_autoattack_stages_are_recorded_and_an_interrupted_evaluation_resumes_id
     monkeypatch.setattr(stages, "run_stage", dies_in_stage_three)
     with pytest.raises(KeyboardInterrupt):
         _small_autoattack(model, test, state_dir=tmp_path / "resumed")
-    assert len(list((tmp_path / "resumed").glob("*.partial.npz"))) == 1, "state saved after stage two"
+    saved = sorted(f.name for f in (tmp_path / "resumed").glob("*.partial.npz"))
+    assert saved == ["linf-0.1.autoattack_queries=20_steps=3_.partial.npz", "linf-0.1.fgsm.partial.npz"], saved
     calls.clear()
     monkeypatch.setattr(stages, "run_stage", lambda *a, **k: (calls.append(a[0][0]), real(*a, **k))[1])
     resumed = _small_autoattack(model, test, state_dir=tmp_path / "resumed")
@@ -298,6 +299,45 @@ def test_autoattack_stages_are_recorded_and_an_interrupted_evaluation_resumes_id
             again = getattr(resumed.attacks.get(m, resumed.clean if m == "clean" else resumed.worst_case), name)
             assert np.array_equal(first, again), (name, m)
     assert [s["accuracy"] for s in resumed.attacks[label].stages.values()] == accuracies
+
+
+def test_an_interrupted_evaluation_reads_back_the_attacks_it_finished(trained_digits, tmp_path, monkeypatch):
+    import robustlab.evaluation.measure as measure
+
+    model, test = trained_digits.model, trained_digits.data.test
+    options = {"eps": 0.1, "attacks": ("fgsm", "pgd-3", "cw_linf-5"), "suite": "quick", "n": 60, "batch_size": 20,
+               "n_boot": 10}
+    whole = evaluate_model(model, test, **options)
+    real, labels = measure._attack_batches, []
+
+    def dies_in_cw(job, index, label, *args):
+        labels.append(label)
+        if label == "cw_linf-5":
+            raise KeyboardInterrupt
+        return real(job, index, label, *args)
+
+    monkeypatch.setattr(measure, "_attack_batches", dies_in_cw)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_model(model, test, state_dir=tmp_path, **options)
+    assert sorted(f.name for f in tmp_path.glob("*.partial.npz")) == ["linf-0.1.fgsm.partial.npz",
+                                                                      "linf-0.1.pgd-3.partial.npz"]
+    import shutil
+
+    shutil.copytree(tmp_path, tmp_path.parent / "copy")
+    labels.clear()
+    monkeypatch.setattr(measure, "_attack_batches", lambda job, index, label, *a: (labels.append(label),
+                                                                                  real(job, index, label, *a))[1])
+    evaluate_model(model, test, state_dir=tmp_path.parent / "copy", **{**options, "seed": 1})
+    assert labels == ["clean", "fgsm", "pgd-3", "cw_linf-5"], "another evaluation's results were read back"
+    labels.clear()
+    resumed = evaluate_model(model, test, state_dir=tmp_path, **options)
+    assert labels == ["clean", "cw_linf-5"], "FGSM and PGD ran again"
+    for label in ("fgsm", "pgd-3", "cw_linf-5"):
+        assert np.array_equal(resumed.attacks[label].correct, whole.attacks[label].correct), label
+        assert np.array_equal(resumed.attacks[label].confidence, whole.attacks[label].confidence), label
+    assert resumed.attacks["pgd-3"].seconds > 0
+    assert np.array_equal(resumed.worst_case.correct, whole.worst_case.correct)
+    assert not list(tmp_path.glob("*.partial.npz")), "state removed once finished"
 
 
 def test_each_stage_attacks_full_batches_of_the_still_robust_points(trained_digits, monkeypatch):
@@ -323,15 +363,17 @@ def test_each_stage_attacks_full_batches_of_the_still_robust_points(trained_digi
 
 def test_a_state_file_of_another_evaluation_is_not_resumed(trained_digits, tmp_path):
     model, test = trained_digits.model, trained_digits.data.test
-    from robustlab.stages import _save
+    from robustlab.stages import _save, state_file
 
-    key = "linf-0.1.autoattack_queries=20,steps=3_.partial.npz"
-    path = tmp_path / key
-    _save(path, "another evaluation", {"clean": {0: np.zeros(20, bool)}}, {}, {0: torch.zeros(20, 1, 8, 8)})
+    label = "autoattack(queries=20,steps=3)"
+    path = state_file(tmp_path, "linf-0.1", label, 0, 1)
+    robust = {0: np.ones(20, bool), 1: np.ones(20, bool), 2: np.ones(20, bool)}  # "every point survived"
+    _save(path, "another evaluation", {"clean": robust, "apgd-ce": robust, "apgd-t": robust, "fab-t": robust,
+                                       "square": robust}, {}, {b: torch.zeros(20, 1, 8, 8) for b in robust})
     reference = _small_autoattack(model, test)
     res = _small_autoattack(model, test, state_dir=tmp_path)
-    label = "autoattack(queries=20,steps=3)"
     assert np.array_equal(res.attacks[label].correct, reference.attacks[label].correct)
+    assert res.attacks[label].accuracy < 1.0
 
 
 def test_strength_of_an_evaluation(trained_digits):

@@ -26,9 +26,11 @@ import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -92,6 +94,26 @@ def remove_temp_files(directory: str | Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def save_tagged_arrays(path: str | Path, tag: str, arrays: dict[str, np.ndarray]) -> None:
+    """``arrays`` and the ``tag`` of the computation they belong to, as one compressed ``.npz`` written
+    atomically: the partial state of a long evaluation or audit, read back by :func:`load_tagged_arrays`."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, tag=np.array(tag), **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_tagged_arrays(path: str | Path, tag: str) -> dict[str, np.ndarray] | None:
+    """The arrays saved at ``path`` under ``tag``; None when the file is absent, unreadable, or another
+    computation's (its tag differs), so a partial state is only ever resumed by the very same work."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "tag" not in archive.files or str(archive["tag"]) != tag:
+                return None
+            return {key: archive[key] for key in archive.files if key != "tag"}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import json
 import re
 import sys
@@ -52,7 +51,7 @@ from robustlab.errors import ConfigError
 from robustlab.memory import split_on_oom
 from robustlab.metrics import iterate
 from robustlab.progress import progress_bar, progress_line
-from robustlab.rundir import atomic_write_bytes
+from robustlab.rundir import load_tagged_arrays, save_tagged_arrays
 
 Batches = Callable[[], Any]  # yields (x, y) device batches of the evaluated samples, in `mine` order
 
@@ -134,7 +133,7 @@ def run_autoattack(
     def batches() -> Any:
         return zip(mine, iterate(split, batch_size, device, mine), strict=True)
 
-    saved = _load(state_path, tag) if state_path is not None else None
+    saved = load_tagged_arrays(state_path, tag) if state_path is not None else None
     if saved is not None:
         masks, seconds, x_adv = _restore(saved, batches(), [s[0] for s in stages])
     else:
@@ -239,21 +238,8 @@ def _save(path: Path, tag: str, masks: dict[str, dict[int, np.ndarray]], seconds
     stacked = np.stack([np.concatenate([masks[n][b] for b in order]) for n in names])
     attacked = stacked[0]
     images = torch.cat([x_adv[b] for b in order]).numpy()[attacked]
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, tag=np.array(tag), names=np.array(names), masks=stacked,
-                        seconds=np.array([seconds.get(n, 0.0) for n in names]), attacked=images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _load(path: Path, tag: str) -> dict[str, np.ndarray] | None:
-    """The saved state if it belongs to this very evaluation (same tag), else None."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            state = {key: archive[key] for key in archive.files}
-    except (FileNotFoundError, ValueError, OSError, KeyError):
-        return None
-    return state if str(state.get("tag")) == tag else None
+    save_tagged_arrays(path, tag, {"names": np.array(names), "masks": stacked,
+                                   "seconds": np.array([seconds.get(n, 0.0) for n in names]), "attacked": images})
 
 
 def _restore(

@@ -7,6 +7,7 @@ gather the ranks, and turn the per-batch arrays into measurements (:func:`_resul
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -39,6 +40,7 @@ from robustlab.evaluation.samples import SUBSET_SEED, choose_samples, subset_nam
 from robustlab.metrics import iterate
 from robustlab.models.fused import fused_classifier, is_fused
 from robustlab.progress import progress_bar, progress_line
+from robustlab.rundir import load_tagged_arrays, save_tagged_arrays
 from robustlab.stages import model_digest, run_autoattack, state_file
 from robustlab.stats import bootstrap_ci
 from robustlab.validation import check_eps
@@ -207,7 +209,9 @@ def _attack_all(
 ) -> tuple[dict[str, dict[int, tuple[np.ndarray, ...]]], dict[str, float], dict[str, dict[str, Any]], list[Path]]:
     """Classify this rank's batches clean and under every attack: per-batch arrays, seconds, AutoAttack stages.
 
-    Also returns the AutoAttack state files to remove once the evaluation is complete.
+    With a ``state_dir``, each finished attack's per-batch results are saved there at once (AutoAttack
+    saves its own state after every stage), so an interrupted evaluation run again reads them back instead
+    of attacking again. Also returns those state files, to remove once the evaluation is complete.
     """
     bar = progress_bar(total=len(job.mine) * (1 + len(built)), desc="evaluate", enabled=job.speak)
     columns: dict[str, dict[int, tuple[np.ndarray, ...]]] = {}
@@ -221,6 +225,15 @@ def _attack_all(
     finished_states: list[Path] = []
     for index, (label, attack, record) in enumerate([("clean", None, None), *built]):
         bar.set_postfix_str(label)
+        checkpoint = _attack_checkpoint(job, index, label, record, fingerprint)
+        saved = None if checkpoint is None else _load_columns(*checkpoint)
+        if saved is not None:
+            columns[label], seconds[label] = saved
+            finished_states.append(checkpoint[0])
+            bar.update(len(job.mine))
+            progress_line(f"evaluate: {label} read back from {checkpoint[0]} (it finished before an interruption)",
+                          job.speak, sys.stderr)
+            continue
         tic = time.perf_counter()
         with torch.random.fork_rng(devices=job.rng_devices):
             found = None
@@ -239,10 +252,44 @@ def _attack_all(
             raise RuntimeError(f"attack '{label}' left the {job.norm} ball of radius {job.eps} or the [0, 1] box")
         columns[label] = _to_host(results)
         seconds[label] = time.perf_counter() - tic
+        if checkpoint is not None:
+            _save_columns(*checkpoint, columns[label], seconds[label])
+            finished_states.append(checkpoint[0])
         if bar.disable:  # no live bar (a log, not a terminal): one line per attack instead
             progress_line(f"evaluate: {label} done in {seconds[label]:.1f}s", job.speak, sys.stderr)
     bar.close()
     return columns, seconds, staged, finished_states
+
+
+def _attack_checkpoint(
+    job: _Job, index: int, label: str, record: dict[str, Any] | None, fingerprint: dict[str, Any] | None
+) -> tuple[Path, str] | None:
+    """Where an attack's finished results are kept, and the tag of everything they depend on; None for the
+    clean pass (seconds), AutoAttack (its stages keep their own state) and an evaluation without state_dir."""
+    if job.state_dir is None or record is None or record["name"] == "autoattack":
+        return None
+    path = state_file(Path(job.state_dir), threat_key(job.norm, job.eps), label, job.group.rank, job.group.world_size)
+    tag = json.dumps({**(fingerprint or {}), "format": 1, "label": label, "record": record, "eps": job.eps,
+                      "norm": job.norm, "seed": job.seed, "stream": index, "batches": list(job.mine),
+                      "batch_size": job.batch_size, "attack_precision": job.attack_precision},
+                     sort_keys=True, default=str)
+    return path, tag
+
+
+def _save_columns(path: Path, tag: str, columns: dict[int, tuple[np.ndarray, ...]], seconds: float) -> None:
+    arrays = {f"{batch}.{i}": column for batch, parts in columns.items() for i, column in enumerate(parts)}
+    save_tagged_arrays(path, tag, {**arrays, "batches": np.array(sorted(columns)), "seconds": np.array(seconds)})
+
+
+def _load_columns(path: Path, tag: str) -> tuple[dict[int, tuple[np.ndarray, ...]], float] | None:
+    saved = load_tagged_arrays(path, tag)
+    if saved is None:
+        return None
+    columns = {}
+    for batch in saved["batches"].tolist():
+        parts = sorted((int(key.split(".")[1]), value) for key, value in saved.items() if key.startswith(f"{batch}."))
+        columns[batch] = tuple(value for _, value in parts)
+    return columns, float(saved["seconds"])
 
 
 def _attack_batches(
