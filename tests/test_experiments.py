@@ -415,6 +415,7 @@ def test_cells_whose_training_ignores_eps_train_once(tmp_path, monkeypatch):
     assert list(metrics["evaluations"]) == ["linf-0.1"], "the twin's evaluation was copied"
     assert metrics["cost"] == json.loads((first / "metrics.json").read_text())["cost"]
     assert not list((out / "runs").glob(".*")), "the scratch directory was left behind"
+    assert second.stat().st_mode & 0o777 == first.stat().st_mode & 0o777, "the shared cell is private (0700)"
     rows = {r["cell"]: r for r in read_csv(out / "results.csv")}
     assert rows[second.name]["training_shared_with"] == first.name and not rows[first.name]["training_shared_with"]
     from robustlab.report import write_report

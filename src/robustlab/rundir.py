@@ -63,6 +63,8 @@ def _umask() -> int:
 #: read/write permissions a plain ``open(path, "w")`` would give (mkstemp's own 0600 would hide results
 #: from the other users of a shared results folder)
 _FILE_MODE = 0o666 & ~_umask()
+#: the same for a directory made with ``tempfile.mkdtemp`` (0700) and renamed into place
+DIR_MODE = 0o777 & ~_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

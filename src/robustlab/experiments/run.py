@@ -37,7 +37,7 @@ from robustlab.experiments.config import (
 )
 from robustlab.experiments.locks import _lock, _twin_busy
 from robustlab.experiments.plan import Cell, ExperimentPlan, _read_state, plan_experiment, select_cells
-from robustlab.rundir import RunDir, save_resume_state, write_json
+from robustlab.rundir import DIR_MODE, RunDir, save_resume_state, write_json
 from robustlab.runs import prepare_data
 
 
@@ -210,6 +210,7 @@ def _share_training(source: Cell, cell: Cell) -> None:
     cell.run_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{cell.id}-", dir=cell.run_dir.parent))
     try:
+        scratch.chmod(DIR_MODE)  # a shared results folder's other users must see the cell
         run = RunDir(scratch)
         for path in (origin.history, origin.weights, origin.last_weights, origin.resume):
             if path.exists():
