@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import math
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from robustlab.attacks import input_gradient, pgd
 from robustlab.attacks.wrappers import BPDA, EOT
 from robustlab.errors import InputError
 from robustlab.models.fused import fused_classifier
-from robustlab.rundir import atomic_write_bytes
+from robustlab.rundir import load_tagged_arrays, save_tagged_arrays
 
 
 def _declares(model: nn.Module) -> tuple[bool, bool]:
@@ -178,22 +176,15 @@ def _dual_norm(grad: torch.Tensor, norm: str) -> torch.Tensor:
 def _save_measurements(path: Path, tag: str, cache: dict[str, torch.Tensor], seconds: float) -> None:
     """Every cached per-image correctness under its key, the seconds they took, and the tag, atomically."""
     keys = sorted(cache)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, tag=np.array(tag), keys=np.array(keys, dtype=str), seconds=np.array(seconds),
-                        correct=np.stack([cache[k].cpu().numpy() for k in keys]))
-    atomic_write_bytes(path, buffer.getvalue())
+    save_tagged_arrays(path, tag, {"keys": np.array(keys, dtype=str), "seconds": np.array(seconds),
+                                   "correct": np.stack([cache[k].cpu().numpy() for k in keys])})
 
 
 def _load_measurements(path: Path | None, tag: str, device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
     """The measurements saved under ``tag`` at ``path`` and the seconds they took; none when the file is
     absent, unreadable or another audit's (the tag differs)."""
-    if path is None:
+    saved = None if path is None else load_tagged_arrays(path, tag)
+    if saved is None:
         return {}, 0.0
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if str(archive["tag"]) != tag:
-                return {}, 0.0
-            keys, correct, seconds = archive["keys"], archive["correct"], float(archive["seconds"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return {}, 0.0
-    return {str(k): torch.from_numpy(c).to(device) for k, c in zip(keys, correct, strict=True)}, seconds
+    correct = {str(k): torch.from_numpy(c).to(device) for k, c in zip(saved["keys"], saved["correct"], strict=True)}
+    return correct, float(saved["seconds"])
