@@ -67,6 +67,8 @@ def test_bad_grid_fails_before_training_naming_the_field(tmp_path, grid, field):
         ({"suite": "nope"}, "evaluation.suite"),
         ({"options": {"eot_sample": 3}}, "evaluation.options.eot_sample"),
         ({"audit": True, "audit_options": {"bogus": 1}}, "evaluation.audit_options.bogus"),
+        ({"options": {"progress": True}}, "evaluation.options.progress"),  # the command line's, not the config's
+        ({"audit": True, "audit_options": {"checkpoint": "x"}}, "evaluation.audit_options.checkpoint"),
     ],
 )
 def test_bad_evaluation_settings_fail_before_training(tmp_path, evaluation, field):
@@ -75,6 +77,16 @@ def test_bad_evaluation_settings_fail_before_training(tmp_path, evaluation, fiel
     with pytest.raises(ConfigError, match=re.escape(field)):
         run(spec, tmp_path / "out")
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_grid_with_progress_reports_each_attack_and_audit_check_as_it_finishes(tmp_path, capsys):
+    spec = tiny_experiment()
+    spec["evaluation"].update(audit=True, audit_options={"n": 40, "steps": 2, "square_queries": 20,
+                                                         "surrogate": False})
+    run(spec, tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    assert "evaluate: fgsm done in" in err and "evaluate: pgd-3 done in" in err, err
+    assert "audit 1/7 accuracy_vs_eps: " in err and "audit 7/7 bpda: " in err, err
 
 
 def test_missing_dataset_fails_before_training(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def _work_done(logs: list[str], what: str) -> Counter:
     counts: Counter = Counter()
     for text in logs:
         for line in text.splitlines():
+            line = re.sub(r"^w\d+ \| ", "", line)  # a --workers process's output, relayed by its parent
             if line.startswith("[") and line.rstrip().endswith(f"] {what}") or f"] {what} (resuming)" in line:
                 counts[line[1 : line.index("]")]] += 1
     return counts
@@ -135,6 +137,10 @@ def test_workers_option_runs_each_cell_once_and_reports_once(tmp_path):
     assert _work_done([done.stdout], "training") == Counter(cells), done.stdout
     assert _work_done([done.stdout], "evaluating") == Counter(cells), done.stdout
     assert (results / "report.md").exists() and (results / "report.html").exists()
+    cell_lines = [line for line in done.stdout.splitlines() if "] training" in line or "] evaluating" in line]
+    assert cell_lines and all(re.match(r"w[01] \| \[", line) for line in cell_lines), "a worker's line lacks its prefix"
+    progress = [line for line in done.stderr.splitlines() if "evaluate: fgsm done" in line]
+    assert progress and all(re.match(r"w[01] \| evaluate", line) for line in progress), done.stderr
 
 
 def test_no_wait_leaves_a_locked_cell_to_its_owner_and_stops(tmp_path):

@@ -31,6 +31,7 @@ from robustlab.audit.report import AuditCheck, AuditReport, Z
 from robustlab.config import build_config
 from robustlab.data import DatasetSplits, Split
 from robustlab.errors import InputError
+from robustlab.progress import progress_line
 from robustlab.rundir import RunDir
 from robustlab.stages import model_digest
 from robustlab.validation import check_batch, check_eps
@@ -55,6 +56,7 @@ def audit_model(
     batch_size: int = 256,
     fuse: bool = True,
     checkpoint: str | Path | None = None,
+    progress: bool = False,
 ) -> AuditReport:
     """Run the gradient-masking checklist on the first ``n`` images of ``data`` at budget ``eps``.
 
@@ -76,6 +78,7 @@ def audit_model(
             interrupted audit started again with the same model, images, surrogate and settings
             continues where it stopped (an audit with anything different ignores the file). The
             caller deletes it once the report is written.
+        progress: print one line per check as it finishes (its status and seconds), for a log.
     Returns:
         An :class:`AuditReport`; the model's mode and ``requires_grad`` flags are left as found.
 
@@ -120,7 +123,7 @@ def audit_model(
             if auditor.resumed and group.is_main:
                 print(f"audit: resuming with {auditor.resumed} finished measurement(s) from {checkpoint}",
                       file=sys.stderr)
-            checks = _run_checks(auditor, surrogate, square_queries)
+            checks = _run_checks(auditor, surrogate, square_queries, progress and group.is_main)
     finally:
         for m, mode in zip(model.modules(), modes, strict=True):
             m.training = mode
@@ -158,17 +161,26 @@ def _audit_images(
     return x, y
 
 
-def _run_checks(auditor: _Auditor, surrogate: nn.Module | None, square_queries: int) -> list[AuditCheck]:
-    """Every check of :data:`CHECK_NAMES`, in that order."""
-    return [
-        _check_accuracy_vs_eps(auditor),
-        _check_more_steps(auditor),
-        _check_fgsm(auditor),
-        _check_blackbox(auditor, surrogate, square_queries),
-        _check_gradients(auditor),
-        _check_randomness(auditor),
-        _check_bpda(auditor),
+def _run_checks(
+    auditor: _Auditor, surrogate: nn.Module | None, square_queries: int, progress: bool
+) -> list[AuditCheck]:
+    """Every check of :data:`CHECK_NAMES`, in that order; with ``progress``, a line as each one finishes."""
+    steps = [
+        lambda: _check_accuracy_vs_eps(auditor),
+        lambda: _check_more_steps(auditor),
+        lambda: _check_fgsm(auditor),
+        lambda: _check_blackbox(auditor, surrogate, square_queries),
+        lambda: _check_gradients(auditor),
+        lambda: _check_randomness(auditor),
+        lambda: _check_bpda(auditor),
     ]
+    checks = []
+    for number, step in enumerate(steps, 1):
+        tic = time.perf_counter()
+        checks.append(step())
+        progress_line(f"audit {number}/{len(steps)} {checks[-1].name}: {checks[-1].status}, "
+                      f"{time.perf_counter() - tic:.1f} s", progress, sys.stderr)
+    return checks
 
 
 def train_surrogate(
@@ -232,6 +244,7 @@ def audit_run(
     surrogate: bool = True,
     surrogate_epochs: int = 3,
     surrogate_cache: str | Path | None = None,
+    progress: bool = False,
     **options: Any,
 ) -> AuditReport:
     """Audit a finished run on its test split and write ``RUN_DIR/audit.json`` atomically.
@@ -268,6 +281,7 @@ def audit_run(
         seed=seed,
         surrogate=source,
         checkpoint=run.path / AUDIT_CHECKPOINT,
+        progress=progress,
         **options,
     )
     from robustlab.evaluation import subset_name

@@ -43,7 +43,7 @@ def audit(
     budget = None if eps is None else check_eps(parse_number(eps), "l2", "--eps")
     report = audit_run(
         run_dir, n=n, eps=budget, steps=steps, square_queries=queries, surrogate=surrogate, seed=seed, device=device,
-        batch_size=batch_size,
+        batch_size=batch_size, progress=True,
     )
     if from_environment().is_main:  # under torchrun rank 0 speaks for every rank
         settings = report.settings

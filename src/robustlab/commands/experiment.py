@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated
 
 import typer
 
@@ -40,7 +40,11 @@ def experiment(
     data_dir: Annotated[str | None, typer.Option(help="dataset root for every cell")] = None,
     set_: SetOpt = None,
     report: Annotated[bool, typer.Option(help="write report.md / report.html when the grid is done")] = True,
-    progress: Annotated[bool, typer.Option(help="show per-cell progress bars")] = False,
+    progress: Annotated[
+        bool,
+        typer.Option(help="report each cell's epochs, attacks and audit as they go (bars on a terminal, lines in a "
+                     "log; several workers print lines, each prefixed with its worker)"),
+    ] = True,
     isolate: Annotated[bool, typer.Option(help="train each cell in its own process")] = True,
     workers: WorkersOpt = 1,
     only: OnlyOpt = None,
@@ -103,10 +107,15 @@ def _run_workers(config: Path, out: Path, workers: int, forwarded: list[str]) ->
     They share the grid through the per-cell file locks (each cell is trained and evaluated once);
     ``worker_environments`` gives each its share of the CPU threads and, where there are several GPUs,
     its own device. The report is written once, by the caller, after all of them have finished.
+
+    Every line a worker prints reaches this process's stdout / stderr prefixed with ``wN |``, so the
+    interleaved progress of several workers in one log says which worker (and so which cell) it is
+    about; a worker's output is a pipe, so it prints lines, never bars.
     """
     import os
     import subprocess
     import sys
+    import threading
 
     from robustlab.experiments import worker_environments
 
@@ -114,11 +123,32 @@ def _run_workers(config: Path, out: Path, workers: int, forwarded: list[str]) ->
     environments = worker_environments(workers)
     for index, env in enumerate(environments):
         console.print(f"worker {index}: " + " ".join(f"{k}={v}" for k, v in env.items()), markup=False)
-    children = [subprocess.Popen([*command, *forwarded], env={**os.environ, **env}) for env in environments]
+    children = [
+        subprocess.Popen([*command, *forwarded], env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+        for env in environments
+    ]
+    relays = [
+        threading.Thread(target=_relay, args=(stream, target, f"w{index} | "), daemon=True)
+        for index, child in enumerate(children)
+        for stream, target in ((child.stdout, sys.stdout), (child.stderr, sys.stderr))
+    ]
+    for relay in relays:
+        relay.start()
     try:
         codes = [child.wait() for child in children]
     except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them save their state first
         for child in children:
             child.wait()
         raise
+    finally:
+        for relay in relays:
+            relay.join(timeout=10)
     return sum(code != 0 for code in codes)
+
+
+def _relay(source: IO[str], target: IO[str], prefix: str) -> None:
+    """Copy ``source`` to ``target`` line by line, each line prefixed, until ``source`` closes."""
+    for line in source:
+        target.write(prefix + line)
+        target.flush()

@@ -169,13 +169,13 @@ def run_cell(
         )
     if evaluate:
         log(f"[{cell.id}] evaluating")
-        evaluate_run(cell.run_dir, **kwargs)
+        evaluate_run(cell.run_dir, **kwargs, progress=progress)
         state.update(evaluation=signature, evaluated_at=time.time())
         write_json(cell.state_path, state)
         did_work = True
     if audit is not None and (did_work or not state.get("audited")):
         log(f"[{cell.id}] auditing")
-        audit(cell.run_dir, **settings.audit_options)
+        audit(cell.run_dir, **settings.audit_options, progress=progress)
         state.update(audited=True)
         write_json(cell.state_path, state)
         did_work = True
