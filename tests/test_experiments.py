@@ -87,6 +87,25 @@ def test_a_grid_with_progress_reports_each_attack_and_audit_check_as_it_finishes
     err = capsys.readouterr().err
     assert "evaluate: fgsm done in" in err and "evaluate: pgd-3 done in" in err, err
     assert "audit 1/7 accuracy_vs_eps: " in err and "audit 7/7 bpda: " in err, err
+    row = load_results(tmp_path / "out").rows[0]
+    assert row["audit_verdict"] in ("pass", "warn", "fail") and not row.get("audit_pending")
+
+
+def test_a_cell_awaiting_its_audit_is_marked_audit_pending(tmp_path, monkeypatch):
+    import robustlab.audit
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(robustlab.audit, "audit_run", interrupted)
+    spec = tiny_experiment()
+    spec["evaluation"].update(audit=True)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, tmp_path / "out")
+    cell = plan_experiment(load_experiment(spec), tmp_path / "out").cells[0]
+    row = cell_row(cell, audit=True)
+    assert row["status"] == "finished" and row["audit_pending"] and "audit_verdict" not in row
+    assert "audit_pending" not in cell_row(cell), "a grid without audits has none pending"
 
 
 def test_missing_dataset_fails_before_training(tmp_path):

@@ -238,6 +238,15 @@ def test_table2_shows_the_cost_of_a_cell_trained_but_still_evaluating():
     assert table1({d: seed_stats(r) for d, r in rows.items()}, []).rows[1][1] == "not measured (cell evaluating)"
 
 
+def test_table1_says_which_audits_are_still_to_come():
+    from robustlab.report.data import seed_stats
+
+    row = {"status": "finished", "clean": 0.9, "worst_case": 0.1}
+    audited = seed_stats([{**row, "audit_verdict": "pass"}, {**row, "audit_pending": True}])
+    assert audited["audit"] == ["pass", "pending"]
+    assert table1({"standard": audited}, []).rows[0][-2] == "pass/pending"
+
+
 def test_paper_claims_transcription_is_internally_consistent():
     """Paper Table 1 defines gap = clean - CW; every row satisfies it except the one the JSON flags."""
     claims = load_claims()

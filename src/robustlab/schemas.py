@@ -183,6 +183,7 @@ class ResultRow(_Stored):
     device: str | None = None
     training_shared_with: str | None = None
     audit_verdict: str | None = None
+    audit_pending: bool | None = None
     evaluation_seconds: Number = None
     audit_seconds: Number = None
     epochs_done: int | None = None

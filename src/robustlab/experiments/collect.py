@@ -35,8 +35,10 @@ def _status(run: RunDir, state: dict[str, Any]) -> str:
     return "finished" if "evaluation" in state else "evaluating"
 
 
-def cell_row(cell: Cell) -> dict[str, Any]:
+def cell_row(cell: Cell, audit: bool = False) -> dict[str, Any]:
     """One results row: axes, status, clean / per-attack / worst-case accuracy, gaps, cost, audit verdict.
+
+    ``audit``: the grid audits its cells, so a cell without ``audit.json`` yet is marked ``audit_pending``.
 
     Robust columns are named ``acc:<attack label>`` (e.g. ``acc:pgd-20``) so a number always names the
     attack that produced it. The full evaluation entry stays in ``results.json`` under ``evaluation``.
@@ -80,9 +82,11 @@ def cell_row(cell: Cell) -> dict[str, Any]:
         row["training_shared_with"] = run.read_metadata().get("training_shared_with")
     audit_path = cell.run_dir / "audit.json"
     if audit_path.exists():
-        audit = read_json(audit_path, schemas.Audit)
-        row["audit_verdict"] = audit.get("verdict")
-        row["audit_seconds"] = audit.get("seconds")
+        verdict = read_json(audit_path, schemas.Audit)
+        row["audit_verdict"] = verdict.get("verdict")
+        row["audit_seconds"] = verdict.get("seconds")
+    elif audit and row["status"] != "failed":
+        row["audit_pending"] = True
     row["evaluation_seconds"] = (entry or {}).get("seconds")
     row["evaluation"] = entry
     return row
@@ -93,7 +97,7 @@ def collect_results(plan: ExperimentPlan, failed: dict[str, str] | None = None) 
 
     ``failed`` adds this invocation's failures of cells that never got a run directory.
     """
-    rows = [cell_row(cell) for cell in plan.cells]
+    rows = [cell_row(cell, audit=plan.evaluation.audit) for cell in plan.cells]
     for row in rows:
         if failed and row["cell"] in failed and row["status"] != "failed":
             row.update(status="failed", error=failed[row["cell"]])

@@ -211,7 +211,8 @@ def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_memory_mb": Stat.of([r.get("peak_memory_mb") for r in trained]),
         "devices": sorted({str(r.get("device")) for r in trained if r.get("device")}),
         "shared_training": sorted({str(r["training_shared_with"]) for r in trained if r.get("training_shared_with")}),
-        "audit": sorted({str(r["audit_verdict"]) for r in finished if r.get("audit_verdict")}),
+        "audit": sorted({str(r["audit_verdict"]) for r in finished if r.get("audit_verdict")})
+        + (["pending"] if any(r.get("audit_pending") for r in finished) else []),
         "attack_labels": {k: ", ".join(sorted(v)) for k, v in labels.items()},
         "strengths": sorted({strength(r["evaluation"]) for r in finished if r.get("evaluation")}),
         "worst_case_over": list(dict.fromkeys(
