@@ -8,6 +8,12 @@ attacked without BPDA, logits scaled by 1e4 (saturated float32 softmax), Gaussia
 is a standard LeNet-5 trained with another seed.
 
     python benchmarks/audit_masked_models.py --n 200 --steps 20
+    python benchmarks/audit_masked_models.py --n 200 --steps 20 --compare-early-stop
+
+``--compare-early-stop`` audits every model twice in one process, its PGD running every step
+(``early_stop=False``) and then with the evaluation's policy (``early_stop=None``: stop at the first
+misclassification unless the model declares randomness), and prints both times, their ratio and
+whether every check's status agrees.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--compare-early-stop", action="store_true",
+                        help="time each audit with and without early stopping and compare the verdicts")
     args = parser.parse_args()
     torch.manual_seed(0)
     data = load_dataset("digits", val_size=200)
@@ -80,6 +88,9 @@ def main() -> None:
     }
     print(f"digits test split, first {args.n} images, LeNet-5, Linf eps={args.eps}, pgd-{args.steps}, "
           f"square-{args.queries}\n")
+    if args.compare_early_stop:
+        _compare_early_stop(models, data, args, surrogate)
+        return
     print("| model | verdict | " + " | ".join(CHECK_NAMES) + f" | pgd-{args.steps} acc | eps=1 acc | bad grads | s |")
     print("|---" * (len(CHECK_NAMES) + 6) + "|")
     notes = []
@@ -90,6 +101,25 @@ def main() -> None:
         print(_row(name, report, time.perf_counter() - start), flush=True)
         notes += [f"- {name}, {c.name} ({c.status}): {c.message}" for c in report.checks if c.status != "pass"]
     print("\nEvery check that did not pass:\n\n" + "\n".join(notes))
+
+
+def _compare_early_stop(models: dict[str, nn.Module], data, args: argparse.Namespace, surrogate: nn.Module) -> None:
+    print("| model | verdict, every step | verdict, early stop | statuses agree | PGD acc every step / early stop "
+          "| s every step | s early stop | speed-up |")
+    print("|---" * 8 + "|")
+    for name, model in models.items():
+        timed = []
+        for early_stop in (False, None):
+            start = time.perf_counter()
+            report = audit_model(model, data.test, eps=args.eps, n=args.n, steps=args.steps, surrogate=surrogate,
+                                 square_queries=args.queries, early_stop=early_stop)
+            timed.append((report, time.perf_counter() - start))
+        (full, full_s), (stop, stop_s) = timed
+        agree = [c.status for c in full.checks] == [c.status for c in stop.checks]
+        pgd = [r.check("fgsm_vs_pgd").evidence["pgd_accuracy"] for r in (full, stop)]
+        print(f"| {name} | {full.verdict} | {stop.verdict} | {'yes' if agree else 'NO'} | "
+              f"{100 * pgd[0]:.1f}% / {100 * pgd[1]:.1f}% | {full_s:.1f} | {stop_s:.1f} | {full_s / stop_s:.2f}x |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,10 @@ class _Auditor:
         fuse: bool = True,
         checkpoint: Path | None = None,
         tag: str = "",
+        early_stop: bool = False,
     ) -> None:
         self.model, self.x, self.y = model, x, y
+        self.early_stop = early_stop
         self.n = int(y.shape[0])
         self.eps, self.norm, self.seed, self.steps = eps, norm, seed, steps
         self.bpda, self.eot, self.batch_size, self.group = bpda, eot, batch_size, group
@@ -140,7 +142,7 @@ class _Auditor:
 
         def attack(xb: torch.Tensor, yb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             return pgd(target, xb, yb, eps=eps, steps=steps, norm=self.norm, restarts=restarts, generator=generator,
-                       validate=False)
+                       early_stop=self.early_stop, validate=False)
 
         return self.run(key or f"pgd-{steps}x{restarts}@{eps:g}", attack, stream)
 

@@ -57,6 +57,7 @@ def audit_model(
     fuse: bool = True,
     checkpoint: str | Path | None = None,
     progress: bool = False,
+    early_stop: bool | None = None,
 ) -> AuditReport:
     """Run the gradient-masking checklist on the first ``n`` images of ``data`` at budget ``eps``.
 
@@ -79,6 +80,10 @@ def audit_model(
             continues where it stopped (an audit with anything different ignores the file). The
             caller deletes it once the report is written.
         progress: print one line per check as it finishes (its status and seconds), for a log.
+        early_stop: whether the checks' PGD leaves an image alone once it is misclassified (it counts as
+            broken either way). ``None`` follows the evaluation (``evaluation.plan``): on, unless the model
+            declares ``random=True`` (one noisy pass that misclassifies proves nothing). Stopping saves
+            most of the audit's work on images broken in a few steps (a standard model's: nearly all).
     Returns:
         An :class:`AuditReport`; the model's mode and ``requires_grad`` flags are left as found.
 
@@ -89,6 +94,7 @@ def audit_model(
     declared_bpda, declared_random = _declares(model)
     use_bpda = declared_bpda if bpda is None else bpda
     eot_samples = (EOT_SAMPLES if declared_random else 1) if eot is None else max(1, int(eot))
+    stop_early = not declared_random if early_stop is None else bool(early_stop)
     device = next(model.parameters()).device
     group = distributed.setup(device.type)
     if group.enabled and device.type == "cuda":  # one GPU per rank, as in evaluation
@@ -107,6 +113,7 @@ def audit_model(
         "square_queries": square_queries,
         "surrogate": surrogate is not None,
         "fused": bool(fuse),
+        "early_stop": stop_early,
         "noise": f"{Z:g} Agresti-Coull binomial standard errors",
     }
     modes = [m.training for m in model.modules()]
@@ -119,7 +126,8 @@ def audit_model(
             tag = _checkpoint_tag(model, surrogate, x, y, settings, batch_size) if checkpoint is not None else ""
             auditor = _Auditor(model, x.to(device), y.to(device), eps=float(eps), norm=norm, seed=seed, steps=steps,
                                bpda=use_bpda, eot=eot_samples, batch_size=batch_size, group=group, fuse=fuse,
-                               checkpoint=None if checkpoint is None else Path(checkpoint), tag=tag)
+                               checkpoint=None if checkpoint is None else Path(checkpoint), tag=tag,
+                               early_stop=stop_early)
             if auditor.resumed and group.is_main:
                 print(f"audit: resuming with {auditor.resumed} finished measurement(s) from {checkpoint}",
                       file=sys.stderr)
