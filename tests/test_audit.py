@@ -250,7 +250,7 @@ def test_an_interrupted_audit_resumes_its_finished_measurements_exactly(base, su
         patch.setattr(_Auditor, "per_batch", interrupted_at_the_fourth)
         audit_model(base, digits.test, checkpoint=checkpoint, **kwargs)
     assert checkpoint.exists()
-    capsys.readouterr()
+    assert f"interrupted: the audit's finished measurements are kept in {checkpoint}" in capsys.readouterr().err
     resumed = audit_model(base, digits.test, checkpoint=checkpoint, **kwargs)
     assert "audit: resuming with 3 finished measurement(s)" in capsys.readouterr().err
     assert resumed.to_dict() == whole, "the resumed audit differs from the uninterrupted one"

@@ -301,7 +301,8 @@ def test_autoattack_stages_are_recorded_and_an_interrupted_evaluation_resumes_id
     assert [s["accuracy"] for s in resumed.attacks[label].stages.values()] == accuracies
 
 
-def test_an_interrupted_evaluation_reads_back_the_attacks_it_finished(trained_digits, tmp_path, monkeypatch):
+def test_an_interrupted_evaluation_reads_back_the_attacks_it_finished(trained_digits, tmp_path, monkeypatch,
+                                                                       capsys):
     import robustlab.evaluation.measure as measure
 
     model, test = trained_digits.model, trained_digits.data.test
@@ -319,6 +320,8 @@ def test_an_interrupted_evaluation_reads_back_the_attacks_it_finished(trained_di
     monkeypatch.setattr(measure, "_attack_batches", dies_in_cw)
     with pytest.raises(KeyboardInterrupt):
         evaluate_model(model, test, state_dir=tmp_path, **options)
+    assert f"interrupted: 2 state file(s) of finished attacks or AutoAttack stages are kept in {tmp_path}; rerun" \
+        in capsys.readouterr().err
     assert sorted(f.name for f in tmp_path.glob("*.partial.npz")) == ["linf-0.1.fgsm.partial.npz",
                                                                       "linf-0.1.pgd-3.partial.npz"]
     import shutil

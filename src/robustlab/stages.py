@@ -148,15 +148,9 @@ def run_autoattack(
     if done:
         progress_line(f"{label}: resuming after stage {done}/{len(stages)} ({stages[done - 1][0]}) from {state_path}",
                       progress, sys.stderr)
-    try:
-        _run_stages(stages, done, masks, seconds, x_adv, batches, grad_model, attacked, device, eps=eps, norm=norm,
-                    seed=seed, stream=stream, label=label, tag=tag, state_path=state_path, progress=progress,
-                    total=total, batch_size=batch_size, keep_candidates=p["version"] == "rand")
-    except KeyboardInterrupt:
-        if state_path is not None and state_path.exists():
-            print(f"\ninterrupted: {label}'s finished stages are kept in {state_path}; rerun the same command to "
-                  "resume", file=sys.stderr)
-        raise
+    _run_stages(stages, done, masks, seconds, x_adv, batches, grad_model, attacked, device, eps=eps, norm=norm,
+                seed=seed, stream=stream, label=label, tag=tag, state_path=state_path, progress=progress,
+                total=total, batch_size=batch_size, keep_candidates=p["version"] == "rand")
     return StagedResult(x_adv, masks, seconds, done)
 
 

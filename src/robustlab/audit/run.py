@@ -131,7 +131,13 @@ def audit_model(
             if auditor.resumed and group.is_main:
                 print(f"audit: resuming with {auditor.resumed} finished measurement(s) from {checkpoint}",
                       file=sys.stderr)
-            checks = _run_checks(auditor, surrogate, square_queries, progress and group.is_main)
+            try:
+                checks = _run_checks(auditor, surrogate, square_queries, progress and group.is_main)
+            except KeyboardInterrupt:
+                if checkpoint is not None and Path(checkpoint).exists() and group.is_main:
+                    print(f"\ninterrupted: the audit's finished measurements are kept in {checkpoint}; rerun the "
+                          "same command to resume", file=sys.stderr)
+                raise
     finally:
         for m, mode in zip(model.modules(), modes, strict=True):
             m.training = mode

@@ -120,7 +120,11 @@ def evaluate_model(
         job = _Job(model, grad_model, split, distributed.my_batches(math.ceil(len(split) / batch_size), group),
                    batch_size, device, group, eps, norm, seed, passes, attack_precision, state_dir,
                    progress and group.is_main)
-        columns, seconds, staged, finished_states = _attack_all(job, built)
+        try:
+            columns, seconds, staged, finished_states = _attack_all(job, built)
+        except KeyboardInterrupt:
+            _say_what_is_kept(state_dir, threat_key(norm, eps))
+            raise
         clean_all = None
         if len(split) < total:
             with torch.random.fork_rng(devices=job.rng_devices):
@@ -134,6 +138,14 @@ def evaluate_model(
         path.unlink(missing_ok=True)
     return _result(job, built, columns, seconds, staged, indices=indices, total=total, subset=subset, info=info,
                    n_boot=n_boot, started=started, clean_all=clean_all)
+
+
+def _say_what_is_kept(state_dir: str | Path | None, key: str) -> None:
+    """After Ctrl-C: where the finished attacks (and AutoAttack's finished stages) wait for a rerun."""
+    kept = sorted(Path(state_dir).glob(f"{key}.*.partial.npz")) if state_dir is not None else []
+    if kept:
+        print(f"\ninterrupted: {len(kept)} state file(s) of finished attacks or AutoAttack stages are kept in "
+              f"{kept[0].parent}; rerun the same command to resume", file=sys.stderr)
 
 
 def _checked_eps(eps: float, norm: str, attack_precision: str, **sizes: int | None) -> float:
