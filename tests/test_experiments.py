@@ -108,6 +108,58 @@ def test_a_cell_awaiting_its_audit_is_marked_audit_pending(tmp_path, monkeypatch
     assert "audit_pending" not in cell_row(cell), "a grid without audits has none pending"
 
 
+def test_a_grid_run_with_its_data_elsewhere_keeps_its_cells_and_evaluates_from_there(tmp_path, monkeypatch):
+    """Another machine keeps the data in another folder: --data-dir says where, not what the cells train."""
+    import robustlab.evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    spec, out = tiny_experiment(seeds=[0, 1]), tmp_path / "out"
+    run(spec, out, data_dir=str(tmp_path / "here"), only=["seed=0"])
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(robustlab.evaluation, "evaluate_run", interrupted)
+        run(spec, out, data_dir=str(tmp_path / "here"), only=["seed=1"])  # trained, evaluation to come
+    again = run(spec, out, data_dir=str(tmp_path / "there"))
+    done, trained = "digits-lenet5-standard-eps0.1-s0", "digits-lenet5-standard-eps0.1-s1"
+    assert again.skipped == [done] and again.ran == [trained] and not again.failed
+    data_dir = {name: yaml.safe_load((out / "runs" / name / "config.yaml").read_text())["data"]["data_dir"]
+                for name in (done, trained)}
+    assert data_dir == {done: str(tmp_path / "here"), trained: str(tmp_path / "there")}, \
+        "the evaluated cell still names the other machine's folder, or a finished one was rewritten"
+
+
+def _committed_grids() -> list[tuple[Path, Path, str]]:
+    """(results directory, config, profile) of every grid committed under benchmarks/paper-*."""
+    root = Path(__file__).resolve().parents[1]
+    configs = {yaml.safe_load(path.read_text())["name"]: path for path in (root / "configs" / "paper").glob("*.yaml")}
+    grids = []
+    for record in sorted(root.glob("benchmarks/paper-*/experiment.json")):
+        settings = json.loads(record.read_text())
+        grids.append((record.parent, configs[settings["name"]], settings["profile"]))
+    return grids
+
+
+@pytest.mark.parametrize(("results_dir", "config", "profile"), _committed_grids(),
+                         ids=lambda value: value.name if isinstance(value, Path) else value)
+def test_a_committed_grid_is_what_its_config_plans_so_a_rerun_skips_its_finished_work(results_dir, config, profile):
+    """A config edited after its grid ran would make the rerun refuse its cells, or quietly evaluate them again."""
+    from robustlab.experiments.config import _evaluation_kwargs, _signature
+    from robustlab.experiments.plan import _read_state
+    from robustlab.experiments.run import _config_matches
+
+    plan = plan_experiment(load_experiment(config), results_dir, profile=profile, data_dir="/elsewhere/data")
+    assert {c.id for c in plan.cells} >= {p.name for p in (results_dir / "runs").iterdir() if p.is_dir()}
+    for cell in plan.cells:
+        if not RunDir(cell.run_dir).exists():
+            continue
+        assert _config_matches(cell), f"{cell.id}: its config.yaml differs from what {config.name} plans"
+        evaluated = _read_state(cell).get("evaluation")
+        if evaluated is not None:
+            current = _signature(_evaluation_kwargs(plan.evaluation, cell.config.train.device))
+            assert evaluated == current, f"{cell.id}: evaluated with other settings than {config.name} now asks"
+
+
 def test_missing_dataset_fails_before_training(tmp_path):
     spec = tiny_experiment(datasets=["mnist"])
     with pytest.raises(ConfigError, match=r"data\.dataset 'mnist'.*--data-dir"):

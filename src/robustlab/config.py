@@ -344,9 +344,15 @@ def execution_of(config: RunConfig) -> dict[str, Any]:
     return {f"{section}.{key}": getattr(getattr(config, section), key) for section, key in EXECUTION_SETTINGS}
 
 
+#: Where a run reads its data from: a path on one machine, not what it trains (``data.dataset`` names
+#: the data, and torchvision checks every file's md5), so a committed grid continues on another machine.
+LOCATION_SETTINGS = (("data", "data_dir"),)
+
+
 def trained_identity(config: RunConfig) -> dict[str, Any]:
-    """:func:`config_to_dict` without :data:`EXECUTION_SETTINGS`: equal for runs that train the same model."""
+    """:func:`config_to_dict` without :data:`EXECUTION_SETTINGS` and :data:`LOCATION_SETTINGS`: equal for runs
+    that train the same model."""
     identity = config_to_dict(config)
-    for section, key in EXECUTION_SETTINGS:
+    for section, key in EXECUTION_SETTINGS + LOCATION_SETTINGS:
         identity[section].pop(key, None)
     return identity

@@ -23,7 +23,7 @@ from typing import Any
 from filelock import Timeout
 from safetensors.torch import load_file
 
-from robustlab.config import RunConfig, build_config, config_to_dict, trained_identity
+from robustlab.config import LOCATION_SETTINGS, RunConfig, build_config, config_to_dict, trained_identity
 from robustlab.data import DatasetSplits
 from robustlab.errors import ConfigError, RobustlabError
 from robustlab.experiments.collect import collect_results
@@ -162,11 +162,13 @@ def run_cell(
     signature = _signature(kwargs)
     evaluate = did_work or state.get("evaluation") != signature
     audit = _audit_function() if settings.audit else None
-    if (evaluate or (audit is not None and not state.get("audited"))) and not run.weights.exists():
-        raise RobustlabError(
-            f"cell {cell.id}: its run is trained but its weights are gone (no model.safetensors, no "
-            f"resume.pt), and its evaluation or audit is not done; delete {cell.run_dir} to train it again"
-        )
+    if evaluate or (audit is not None and not state.get("audited")):
+        if not run.weights.exists():
+            raise RobustlabError(
+                f"cell {cell.id}: its run is trained but its weights are gone (no model.safetensors, no "
+                f"resume.pt), and its evaluation or audit is not done; delete {cell.run_dir} to train it again"
+            )
+        _read_data_from_here(cell)
     if evaluate:
         log(f"[{cell.id}] evaluating")
         evaluate_run(cell.run_dir, **kwargs, progress=progress)
@@ -182,6 +184,22 @@ def run_cell(
     if run.resume.exists():  # done: its resume state (weights included) must not stay in a committed results dir
         run.resume.unlink()
     return did_work
+
+
+def _read_data_from_here(cell: Cell) -> None:
+    """Point the cell's ``config.yaml`` at this grid's data folder (:data:`~robustlab.config.LOCATION_SETTINGS`).
+
+    A cell trained on another machine names that machine's folder; its evaluation and audit load the data
+    the run's config names, so they would look for it there.
+    """
+    run = RunDir(cell.run_dir)
+    stored, here = run.read_config_dict(), config_to_dict(cell.config)
+    moved = [(section, key) for section, key in LOCATION_SETTINGS
+             if stored.get(section, {}).get(key) != here[section][key]]
+    for section, key in moved:
+        stored[section][key] = here[section][key]
+    if moved:
+        run.write_config(stored)
 
 
 def _twin_trained(cell: Cell) -> bool:
