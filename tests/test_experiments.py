@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,39 @@ def test_a_grid_run_with_its_data_elsewhere_keeps_its_cells_and_evaluates_from_t
                 for name in (done, trained)}
     assert data_dir == {done: str(tmp_path / "here"), trained: str(tmp_path / "there")}, \
         "the evaluated cell still names the other machine's folder, or a finished one was rewritten"
+
+
+def test_reevaluate_before_evaluates_older_cells_again_once_and_keeps_training_and_audit(tmp_path, monkeypatch):
+    import robustlab.audit
+    from robustlab import training
+
+    calls: list[str] = []
+    real_train, real_audit = training.train, robustlab.audit.audit_run
+    monkeypatch.setattr(training, "train", lambda *a, **k: (calls.append("train"), real_train(*a, **k))[1])
+    monkeypatch.setattr(robustlab.audit, "audit_run", lambda *a, **k: (calls.append("audit"), real_audit(*a, **k))[1])
+    spec, out = tiny_experiment(), tmp_path / "out"
+    spec["evaluation"].update(audit=True, audit_options={"n": 20, "steps": 1, "square_queries": 5,
+                                                         "surrogate": False})
+    run(spec, out)
+    cell = plan_experiment(load_experiment(spec), out).cells[0]
+    first = json.loads(cell.state_path.read_text())["evaluated_at"]
+    assert calls == ["train", "audit"]
+    again = run(spec, out, reevaluate_before=first + 1e-3)
+    assert again.ran == [cell.id] and calls == ["train", "audit"], "trained or audited again"
+    assert json.loads(cell.state_path.read_text())["evaluated_at"] > first
+    assert run(spec, out, reevaluate_before=first + 1e-3).skipped == [cell.id], "evaluated a third time"
+    assert run(spec, out, reevaluate_before=first - 1.0).skipped == [cell.id], "an earlier moment changed nothing"
+
+
+def test_reevaluate_before_reads_an_iso_time_or_a_git_commit(monkeypatch):
+    from robustlab.commands.experiment import _moment
+
+    assert _moment("2026-12-04T17:00") == 1796403600.0 == _moment("2026-12-04T18:00+01:00")
+    with pytest.raises(ConfigError, match="neither an ISO 8601 time .* nor a git commit"):
+        _moment("no-such-commit-or-time")
+    if shutil.which("git") and (Path(__file__).resolve().parents[1] / ".git").exists():
+        monkeypatch.chdir(Path(__file__).resolve().parents[1])
+        assert 1.7e9 < _moment("HEAD") < 4e9
 
 
 def _committed_grids() -> list[tuple[Path, Path, str]]:

@@ -23,6 +23,12 @@ WaitOpt = Annotated[
     typer.Option(help="at the end, wait for cells other processes are running and take over any they leave "
                  "(--no-wait: leave them to their owners and stop)"),
 ]
+ReevaluateOpt = Annotated[
+    str | None,
+    typer.Option(help="evaluate again the cells evaluated before this moment: an ISO 8601 time (UTC unless it "
+                 "says otherwise) or a git commit (its commit time), e.g. the fix of an attack; training and "
+                 "audit are kept, and a rerun skips the cells already evaluated again"),
+]
 OnlyOpt = Annotated[
     list[str] | None,
     typer.Option(help="run only the cells matching AXIS=VALUE[,VALUE...] (repeatable; e.g. eps=0.3)"),
@@ -49,6 +55,7 @@ def experiment(
     workers: WorkersOpt = 1,
     only: OnlyOpt = None,
     wait: WaitOpt = True,
+    reevaluate_before: ReevaluateOpt = None,
 ) -> None:
     """Train, evaluate and audit every cell of a grid; finished cells are skipped, unfinished ones resume.
 
@@ -60,6 +67,7 @@ def experiment(
     from robustlab.experiments import load_experiment, plan_experiment, run_experiment, select_cells, slug
 
     spec = load_experiment(config)
+    moment = None if reevaluate_before is None else _moment(reevaluate_before)
     out = out or Path("results") / slug(spec.name + (f"-{profile}" if profile else ""), keep="-")
     overrides = list(set_ or [])
     if workers > 1:
@@ -70,6 +78,7 @@ def experiment(
         forwarded += [arg for value in only or [] for arg in ("--only", value)]
         forwarded += ["--progress" if progress else "--no-progress", "--isolate" if isolate else "--no-isolate"]
         forwarded += ["--wait" if wait else "--no-wait"]
+        forwarded += ["--reevaluate-before", reevaluate_before] if reevaluate_before is not None else []
         failed = _run_workers(config, out, workers, forwarded)
         error = f"{failed} of {workers} worker(s) failed; their errors are printed above" if failed else None
     else:
@@ -83,6 +92,7 @@ def experiment(
             isolate=isolate,
             only=only,
             wait_for_locked=wait,
+            reevaluate_before=moment,
             log=lambda line: console.print(line, markup=False, highlight=False),
         )
         console.print(
@@ -99,6 +109,28 @@ def experiment(
         console.print(f"report: {paths['markdown']} and {paths['html']}")
     if error:
         raise RobustlabError(error)
+
+
+def _moment(value: str) -> float:
+    """The Unix time of an ISO 8601 date / time (UTC unless it names a zone) or of a git commit."""
+    import subprocess
+    from datetime import datetime, timezone
+
+    from robustlab.errors import ConfigError
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        try:
+            done = subprocess.run(["git", "show", "-s", "--format=%ct", value], capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            done = None
+        if done is None or done.returncode != 0 or not done.stdout.strip().isdigit():
+            raise ConfigError(f"--reevaluate-before: '{value}' is neither an ISO 8601 time (2026-12-04T17:00) "
+                              "nor a git commit of this repository") from None
+        return float(done.stdout.strip())
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _run_workers(config: Path, out: Path, workers: int, forwarded: list[str]) -> int:

@@ -133,13 +133,18 @@ def run_cell(
     progress: bool = False,
     log: Callable[[str], None] = print,
     isolate: bool = True,
+    reevaluate_before: float | None = None,
 ) -> bool:
-    """Train (or resume), evaluate and audit one cell; returns False when everything was already done."""
+    """Train (or resume), evaluate and audit one cell; returns False when everything was already done.
+
+    ``reevaluate_before`` (a Unix time): evaluate the cell again if its evaluation was made before then,
+    for example before a fix to an attack; its training and audit are kept.
+    """
     from robustlab.evaluation import evaluate_run
     from robustlab.training import restore_selected_weights
 
     run = RunDir(cell.run_dir)
-    did_work = False
+    trained = False
     if run.is_finished():
         if not _config_matches(cell):
             raise RobustlabError(
@@ -149,20 +154,21 @@ def run_cell(
     elif _twin_trained(cell):
         log(f"[{cell.id}] sharing the training of {cell.twin.id} (it does not depend on eps)")
         _share_training(cell.twin, cell)
-        did_work = True
+        trained = True
     else:
         log(f"[{cell.id}] training{' (resuming)' if run.exists() else ''}")
         _train(cell, data, progress, isolate)
-        did_work = True
+        trained = True
     if restore_selected_weights(cell.run_dir):
         log(f"[{cell.id}] model.safetensors restored from resume.pt (trained on another machine)")
     state = _read_state(cell)
     state.pop("error", None)  # an earlier failure of this cell is resolved once it trains
     kwargs = _evaluation_kwargs(settings, cell.config.train.device)
     signature = _signature(kwargs)
-    evaluate = did_work or state.get("evaluation") != signature
+    evaluate = trained or not _evaluation_current(state, signature, reevaluate_before)
     audit = _audit_function() if settings.audit else None
-    if evaluate or (audit is not None and not state.get("audited")):
+    audit_now = audit is not None and (trained or not state.get("audited"))  # the audit depends on the weights only
+    if evaluate or audit_now:
         if not run.weights.exists():
             raise RobustlabError(
                 f"cell {cell.id}: its run is trained but its weights are gone (no model.safetensors, no "
@@ -174,16 +180,21 @@ def run_cell(
         evaluate_run(cell.run_dir, **kwargs, progress=progress)
         state.update(evaluation=signature, evaluated_at=time.time())
         write_json(cell.state_path, state)
-        did_work = True
-    if audit is not None and (did_work or not state.get("audited")):
+    if audit_now:
         log(f"[{cell.id}] auditing")
         audit(cell.run_dir, **settings.audit_options, progress=progress)
         state.update(audited=True)
         write_json(cell.state_path, state)
-        did_work = True
     if run.resume.exists():  # done: its resume state (weights included) must not stay in a committed results dir
         run.resume.unlink()
-    return did_work
+    return trained or evaluate or audit_now
+
+
+def _evaluation_current(state: dict[str, Any], signature: Any, reevaluate_before: float | None) -> bool:
+    """Whether the cell's recorded evaluation used these settings (and was made after ``reevaluate_before``)."""
+    if state.get("evaluation") != signature:
+        return False
+    return reevaluate_before is None or float(state.get("evaluated_at") or 0.0) >= reevaluate_before
 
 
 def _read_data_from_here(cell: Cell) -> None:
@@ -256,6 +267,7 @@ def run_experiment(
     wait_for_locked: bool = True,
     isolate: bool = True,
     only: list[str] | None = None,
+    reevaluate_before: float | None = None,
 ) -> ExperimentResult:
     """Validate the whole grid, then train / evaluate / audit every unfinished cell and write results.
 
@@ -266,13 +278,16 @@ def run_experiment(
     lists them. ``isolate`` trains each cell in a fresh process (honest per-cell peak memory on CPU);
     ``isolate=False`` trains in this process, reusing the loaded data (faster for tiny grids).
     ``only`` (:func:`parse_cell_filter`) runs part of the grid; the results table still lists every cell.
+    ``reevaluate_before`` (a Unix time) evaluates again every selected cell whose evaluation was made before
+    then (after a fix to an attack, say), keeping its training and audit; a rerun of the same command skips
+    the cells it has already evaluated again.
     """
     started = time.perf_counter()
     if not isinstance(config, ExperimentConfig):
         config = load_experiment(config)
     plan = plan_experiment(config, results_dir, profile=profile, data_dir=data_dir, overrides=overrides)
     selected = select_cells(plan, only)
-    pending = [c for c in selected if not _cell_done(c, plan.evaluation)]
+    pending = [c for c in selected if not _cell_done(c, plan.evaluation, reevaluate_before)]
     data = load_cell_data(pending)
     plan.results_dir.mkdir(parents=True, exist_ok=True)
     write_json(
@@ -303,7 +318,7 @@ def run_experiment(
             deferred.append(cell)
             continue
         try:
-            _run_locked(cell, plan, data, result, progress, log, isolate)
+            _run_locked(cell, plan, data, result, progress, log, isolate, reevaluate_before)
         finally:
             lock.release()
         collect_results(plan, result.failed)  # keep results current: a partly done grid can be reported
@@ -316,7 +331,7 @@ def run_experiment(
             with _lock(plan.results_dir, cell.twin.id):  # its owner has finished it (or failed)
                 pass
         with _lock(plan.results_dir, cell.id):
-            _run_locked(cell, plan, data, result, progress, log, isolate)
+            _run_locked(cell, plan, data, result, progress, log, isolate, reevaluate_before)
     result.rows = collect_results(plan, result.failed)
     result.seconds = time.perf_counter() - started
     return result
@@ -344,14 +359,13 @@ def worker_environments(workers: int, gpus: int | None = None, cpus: int | None 
     ]
 
 
-def _cell_done(cell: Cell, settings: EvaluationSettings) -> bool:
+def _cell_done(cell: Cell, settings: EvaluationSettings, reevaluate_before: float | None = None) -> bool:
     state = _read_state(cell)  # read first: a damaged file stops the grid before any work, not midway
     if not RunDir(cell.run_dir).is_finished():
         return False
-    kwargs = _evaluation_kwargs(settings, cell.config.train.device)
-    signature = _signature(kwargs)
+    signature = _signature(_evaluation_kwargs(settings, cell.config.train.device))
     audited = state.get("audited") or not settings.audit or _audit_function() is None
-    return state.get("evaluation") == signature and bool(audited)
+    return _evaluation_current(state, signature, reevaluate_before) and bool(audited)
 
 
 def _run_locked(
@@ -362,6 +376,7 @@ def _run_locked(
     progress: bool,
     log: Callable[[str], None],
     isolate: bool,
+    reevaluate_before: float | None,
 ) -> None:
     try:
         did = run_cell(
@@ -371,6 +386,7 @@ def _run_locked(
             progress=progress,
             log=log,
             isolate=isolate,
+            reevaluate_before=reevaluate_before,
         )
     except RobustlabError as error:
         log(f"[{cell.id}] failed: {error}")
