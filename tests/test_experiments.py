@@ -480,6 +480,31 @@ def test_failed_cell_is_recorded_others_run_and_rerun_fixes_it(tmp_path, monkeyp
     assert {r["status"] for r in second.rows} == {"finished"}
 
 
+def test_a_refused_config_leaves_the_finished_cell_untouched_and_finished(tmp_path):
+    """Running a grid with a changed config refuses its finished cells; the cells themselves are fine."""
+    spec, out = tiny_experiment(), tmp_path / "out"
+    run(spec, out)
+    cell = plan_experiment(load_experiment(spec), out).cells[0]
+    state = cell.state_path.read_bytes()
+    changed = json.loads(json.dumps(spec))
+    changed["base"]["train"]["epochs"] = 2
+    refused = run(changed, out)
+    assert "holds a finished run with a different config" in refused.failed[cell.id]
+    assert [r["status"] for r in load_results(out).rows] == ["failed"], "this invocation's table says so"
+    assert cell.state_path.read_bytes() == state, "the refusal was written into the finished cell"
+    again = run(spec, out)
+    assert again.skipped == [cell.id] and [r["status"] for r in load_results(out).rows] == ["finished"]
+
+
+def test_a_cell_failure_recorded_earlier_is_cleared_once_the_cell_is_fine(tmp_path):
+    spec, out = tiny_experiment(), tmp_path / "out"
+    run(spec, out)
+    cell = plan_experiment(load_experiment(spec), out).cells[0]
+    cell.state_path.write_text(json.dumps({**json.loads(cell.state_path.read_text()), "error": "an old failure"}))
+    assert run(spec, out).skipped == [cell.id]
+    assert [r["status"] for r in load_results(out).rows] == ["finished"], "the old error still marks it failed"
+
+
 def test_locked_cell_is_left_to_its_owner(tmp_path):
     spec = tiny_experiment(seeds=[0, 1])
     out = tmp_path / "out"

@@ -41,6 +41,11 @@ from robustlab.rundir import DIR_MODE, RunDir, save_resume_state, write_json
 from robustlab.runs import prepare_data
 
 
+class _Refused(RobustlabError):
+    """A cell's finished run does not fit the grid asked for: the request is wrong, not the cell, so the
+    error is reported for this invocation and not written into the cell's state."""
+
+
 @dataclass
 class ExperimentResult:
     results_dir: Path
@@ -147,7 +152,7 @@ def run_cell(
     trained = False
     if run.is_finished():
         if not _config_matches(cell):
-            raise RobustlabError(
+            raise _Refused(
                 f"cell {cell.id}: {cell.run_dir} holds a finished run with a different config; "
                 "use another --out (or delete that run directory)"
             )
@@ -162,7 +167,8 @@ def run_cell(
     if restore_selected_weights(cell.run_dir):
         log(f"[{cell.id}] model.safetensors restored from resume.pt (trained on another machine)")
     state = _read_state(cell)
-    state.pop("error", None)  # an earlier failure of this cell is resolved once it trains
+    if state.pop("error", None) is not None:  # an earlier failure of this cell is resolved once it trains
+        write_json(cell.state_path, state)
     kwargs = _evaluation_kwargs(settings, cell.config.train.device)
     signature = _signature(kwargs)
     evaluate = trained or not _evaluation_current(state, signature, reevaluate_before)
@@ -391,10 +397,8 @@ def _run_locked(
     except RobustlabError as error:
         log(f"[{cell.id}] failed: {error}")
         result.failed[cell.id] = str(error)
-        state = _read_state(cell)
-        state["error"] = str(error)
-        if cell.run_dir.exists():
-            write_json(cell.state_path, state)
+        if cell.run_dir.exists() and not isinstance(error, _Refused):
+            write_json(cell.state_path, {**_read_state(cell), "error": str(error)})
         return
     (result.ran if did else result.skipped).append(cell.id)
     if not did:
