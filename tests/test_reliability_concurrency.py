@@ -143,6 +143,44 @@ def test_workers_option_runs_each_cell_once_and_reports_once(tmp_path):
     assert progress and all(re.match(r"w[01] \| evaluate", line) for line in progress), done.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="lists processes through /proc")
+def test_sigterm_to_the_parent_stops_every_worker(tmp_path):
+    """``kill`` of ``experiment --workers 2`` must not leave its workers running with no one reading them."""
+    long = {**EXPERIMENT, "base": {**EXPERIMENT["base"], "train": {"epochs": 5000, "batch_size": 64}}}
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(long))
+    results = tmp_path / "results-sigterm"
+    log = tmp_path / "parent.log"
+    code = "from robustlab.cli import main; main()"
+    args = ["experiment", str(config), "--out", str(results), "--no-isolate", "--workers", "2", "--no-report",
+            "--no-progress"]  # quiet workers: a closed pipe would not stop them until their next line
+    with log.open("w") as out:
+        parent = subprocess.Popen([sys.executable, "-c", code, *args], env=subprocess_env(), cwd=ROOT,
+                                  stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while log.read_text().count("] training") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert log.read_text().count("] training") == 2, log.read_text()
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=60)
+
+    def workers() -> list[str]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(results) in cmdline:
+                found.append(cmdline)
+        return found
+
+    deadline = time.monotonic() + 30
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not workers(), "a worker outlived the killed parent"
+
+
 def test_no_wait_leaves_a_locked_cell_to_its_owner_and_stops(tmp_path):
     """``--no-wait``: a worker runs the cells it can lock and stops, leaving a cell held elsewhere pending."""
     from filelock import FileLock

@@ -142,9 +142,12 @@ def _run_workers(config: Path, out: Path, workers: int, forwarded: list[str]) ->
 
     Every line a worker prints reaches this process's stdout / stderr prefixed with ``wN |``, so the
     interleaved progress of several workers in one log says which worker (and so which cell) it is
-    about; a worker's output is a pipe, so it prints lines, never bars.
+    about; a worker's output is a pipe, so it prints lines, never bars. A SIGTERM to this process
+    (``kill``, a batch scheduler) is passed on to the workers, which would otherwise run on without
+    anyone reading their output.
     """
     import os
+    import signal
     import subprocess
     import sys
     import threading
@@ -167,6 +170,12 @@ def _run_workers(config: Path, out: Path, workers: int, forwarded: list[str]) ->
     ]
     for relay in relays:
         relay.start()
+
+    def stop_workers(signum: int, frame: object) -> None:
+        for child in children:
+            child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop_workers)
     try:
         codes = [child.wait() for child in children]
     except KeyboardInterrupt:  # the workers got the same Ctrl-C: let them save their state first
@@ -174,6 +183,7 @@ def _run_workers(config: Path, out: Path, workers: int, forwarded: list[str]) ->
             child.wait()
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for relay in relays:
             relay.join(timeout=10)
     return sum(code != 0 for code in codes)
