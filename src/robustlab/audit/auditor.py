@@ -47,7 +47,7 @@ class _Auditor:
     With a ``checkpoint`` file, every finished attack measurement (the per-image correctness that
     :meth:`run` caches) is saved there at once, under ``tag``; an audit started again with the same tag
     (model, images and settings) reads them back instead of attacking again. The attacks dominate an
-    audit's cost (an hour per EfficientNet cell on a CPU core), and, seeded per batch, a measurement read
+    audit's cost (20 to 30 minutes per EfficientNet cell on a CPU core), and, seeded per batch, a measurement read
     back equals the one an uninterrupted audit makes.
     """
 
