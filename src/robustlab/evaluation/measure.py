@@ -289,19 +289,19 @@ def _attack_checkpoint(
 
 
 def _save_columns(path: Path, tag: str, columns: dict[int, tuple[np.ndarray, ...]], seconds: float) -> None:
+    """One attack's per-batch arrays as ``"<batch>.<column>"`` entries, with its batches and seconds."""
     arrays = {f"{batch}.{i}": column for batch, parts in columns.items() for i, column in enumerate(parts)}
     save_tagged_arrays(path, tag, {**arrays, "batches": np.array(sorted(columns)), "seconds": np.array(seconds)})
 
 
 def _load_columns(path: Path, tag: str) -> tuple[dict[int, tuple[np.ndarray, ...]], float] | None:
+    """What :func:`_save_columns` wrote under ``tag``; None when there is no such file."""
     saved = load_tagged_arrays(path, tag)
     if saved is None:
         return None
-    columns = {}
-    for batch in saved["batches"].tolist():
-        parts = sorted((int(key.split(".")[1]), value) for key, value in saved.items() if key.startswith(f"{batch}."))
-        columns[batch] = tuple(value for _, value in parts)
-    return columns, float(saved["seconds"])
+    batches = saved["batches"].tolist()
+    width = sum(key.startswith(f"{batches[0]}.") for key in saved) if batches else 0
+    return {batch: tuple(saved[f"{batch}.{i}"] for i in range(width)) for batch in batches}, float(saved["seconds"])
 
 
 def _attack_batches(
