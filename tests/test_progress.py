@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
+from robustlab import progress
 from robustlab.evaluation import evaluate_run
 from robustlab.progress import is_terminal, progress_bar
 from robustlab.training import train
@@ -35,6 +36,30 @@ def test_the_bar_is_drawn_on_a_terminal_and_not_in_a_log(monkeypatch):
     assert log.getvalue() == ""
     monkeypatch.setattr(sys, "stderr", terminal)
     assert progress_bar(total=3, desc="work", enabled=False).disable  # --no-progress on a terminal
+
+
+def test_a_log_gets_a_heartbeat_line_for_long_work_and_nothing_once_it_is_done(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(progress, "HEARTBEAT_SECONDS", 0.0)
+    bar = progress_bar(total=4, desc="work", unit="batch", initial=1)
+    bar.set_postfix_str("pgd-20")
+    bar.update(1)
+    bar.set_postfix({"loss": "0.123"})
+    bar.update(1)
+    bar.update(1)  # the work is done: its caller's own line says so
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert [line.split(" [")[0] for line in lines] == ["work: 2/4 batch", "work: 3/4 batch"]
+    assert lines[0].endswith(", pgd-20]") and lines[1].endswith(", loss=0.123]")
+    assert "\r" not in log.getvalue()
+
+    monkeypatch.setattr(progress, "HEARTBEAT_SECONDS", 3600.0)
+    log.truncate(0)
+    bar = progress_bar(total=4, desc="work")
+    bar.update(2)
+    assert log.getvalue() == ""  # at most one line an hour
+    assert progress_bar(total=4, desc="work", enabled=False).disable
 
 
 def test_training_and_evaluation_write_one_line_per_step_to_a_log(digits, tmp_path, capsys):

@@ -4,16 +4,23 @@ A tqdm bar redraws itself with a carriage return on every update. On a terminal 
 moves; in a log file (a grid worker's output, CI, ``nohup``, ``| tee``) it is thousands of partial
 lines. So the bar is drawn only when standard error is a terminal, and long work reports its steps
 (one line per epoch, one per attack) with :func:`progress_line`, which reads the same in both places.
+Between those lines a log gets a heartbeat instead of the bar: the bar's count and time left, one
+line at most every :data:`HEARTBEAT_SECONDS`, so that an hour-long epoch or attack is not an hour of
+silence.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import IO
+import time
+from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["is_terminal", "progress_bar", "progress_line"]
+__all__ = ["HEARTBEAT_SECONDS", "is_terminal", "progress_bar", "progress_line"]
+
+HEARTBEAT_SECONDS = 60.0
+"""The least time between two heartbeat lines of one bar in a log."""
 
 
 def is_terminal(stream: IO[str] | None = None) -> bool:
@@ -26,14 +33,52 @@ def is_terminal(stream: IO[str] | None = None) -> bool:
         return False
 
 
-def progress_bar(*, total: int, desc: str, enabled: bool = True, unit: str = "batch", initial: int = 0) -> tqdm:
-    """A tqdm bar that is drawn only when ``enabled`` and standard error is a terminal.
+def progress_bar(
+    *, total: int, desc: str, enabled: bool = True, unit: str = "batch", initial: int = 0
+) -> tqdm | _Heartbeat:
+    """A tqdm bar, drawn when ``enabled`` and standard error is a terminal; in a log, its heartbeat.
 
-    Elsewhere the returned bar is disabled (its ``update`` / ``set_postfix`` cost nothing), and the
-    caller's :func:`progress_line` calls are all that reaches the log.
+    Either way the result has ``disable`` set when no live bar is drawn, so that callers print their
+    per-step :func:`progress_line` calls only where no bar shows the same.
     """
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False,
-                disable=not (enabled and is_terminal()))
+    if enabled and not is_terminal():
+        return _Heartbeat(total=total, desc=desc, unit=unit, initial=initial)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, disable=not enabled)
+
+
+class _Heartbeat:
+    """What stands for a bar in a log: a whole line with the bar's count, elapsed and remaining time,
+    written to standard error at most every :data:`HEARTBEAT_SECONDS` and never once the work is done.
+
+    Takes the calls a tqdm bar takes (``update``, ``set_postfix``, ``set_postfix_str``, ``close``).
+    """
+
+    disable = True  # no live bar: the callers' per-step lines are still wanted
+
+    def __init__(self, *, total: int, desc: str, unit: str, initial: int) -> None:
+        self.total, self.desc, self.unit, self.initial, self.n = total, desc, unit, initial, initial
+        self.postfix = ""
+        self._started = self._last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if self.n < self.total and now - self._last >= HEARTBEAT_SECONDS:
+            self._last = now
+            line = tqdm.format_meter(
+                self.n, self.total, now - self._started, prefix=self.desc, unit=self.unit, postfix=self.postfix,
+                initial=self.initial, bar_format="{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]",
+            )
+            print(line, file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def set_postfix(self, ordered_dict: dict[str, Any] | None = None, refresh: bool = True, **kwargs: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in {**(ordered_dict or {}), **kwargs}.items())
+
+    def close(self) -> None:
+        """Nothing to clear: a log keeps its lines."""
 
 
 def progress_line(text: str, enabled: bool = True, file: IO[str] | None = None) -> None:
