@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -454,3 +455,73 @@ def test_state_file_digest_covers_models_with_scalar_buffers():
     batch_norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     batch_norm.num_batches_tracked += 1
     assert model_digest(model) != before
+
+
+def test_the_rand_version_keeps_an_earlier_stage_candidate_that_a_later_stage_does_not_beat(monkeypatch):
+    """Stage by stage as in one batch: a point no stage breaks keeps the highest-loss candidate of all its
+    stages (the ``rand`` version's contract), not the last stage's or its clean image."""
+    from torch import nn
+
+    import robustlab.stages as stages
+    from robustlab.attacks import autoattack
+    from robustlab.data import Split
+
+    class Sum(nn.Module):  # class 0 until the pixel sum passes 10: a brighter image has a higher loss
+        def forward(self, x):
+            s = x.flatten(1).sum(1)
+            return torch.stack([10 - s, torch.zeros_like(s)], 1)
+
+    def shift(delta):
+        def attack(model, x, y, *, eps, norm, generator=None, validate=True, **kwargs):
+            return (x + delta).clamp(0, 1)
+        return attack
+
+    fixed = [("brighter", shift(0.1), {}), ("darker", shift(-0.05), {})]
+    monkeypatch.setattr(stages, "autoattack_stages", lambda *args: fixed)
+    images = torch.full((3, 1, 2, 2), 128, dtype=torch.uint8)
+    split, labels = Split(images, torch.zeros(3, dtype=torch.long)), torch.zeros(3, dtype=torch.long)
+    run = stages.run_autoattack(Sum(), Sum(), split, [0], 3, torch.device("cpu"), {"version": "rand"}, eps=0.1,
+                                norm="linf", seed=0, stream=1, label="autoattack-rand")
+    x = split.float_images()
+    assert torch.allclose(run.x_adv[0] - x, torch.full_like(x, 0.1)), "the brighter candidate survives"
+    monkeypatch.setattr(sys.modules["robustlab.attacks.autoattack"], "autoattack_stages", lambda *args: fixed)
+    direct = autoattack(Sum(), x, labels, eps=0.1, version="rand")
+    assert torch.equal(run.x_adv[0], direct.x_adv)
+
+
+def test_an_autoattack_state_file_is_not_resumed_under_another_eot(trained_digits, tmp_path, monkeypatch):
+    """EOT's draws per step shape every stage's result but are not a parameter of the stages: the state's
+    tag must record them, so that a rerun with another EOT attacks again instead of reading back."""
+    import robustlab.evaluation.measure as measure
+    import robustlab.stages as stages
+    from robustlab.defenses.preprocessing import Defended, GaussianNoise
+
+    noisy = Defended(trained_digits.model, GaussianNoise(sigma=0.1))
+
+    def evaluate(eot_samples):
+        return evaluate_model(noisy, trained_digits.data.test, eps=0.1, attacks=(SMALL_AA,), suite="quick", n=20,
+                              batch_size=20, n_boot=10, eot_samples=eot_samples, random_passes=1, state_dir=tmp_path)
+
+    real_batches, real_stage, stages_run = measure._attack_batches, stages.run_stage, []
+
+    def stopped_after_the_stages(job, index, label, *args):  # every stage done and saved, nothing else
+        if label != "clean":
+            raise KeyboardInterrupt
+        return real_batches(job, index, label, *args)
+
+    monkeypatch.setattr(measure, "_attack_batches", stopped_after_the_stages)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(eot_samples=4)
+    assert list(tmp_path.glob("*autoattack*.partial.npz"))
+    monkeypatch.setattr(measure, "_attack_batches", real_batches)
+    monkeypatch.setattr(stages, "run_stage", lambda *a, **k: (stages_run.append(a[0][0]), real_stage(*a, **k))[1])
+    evaluate(eot_samples=2)
+    assert stages_run[0] == "apgd-ce", "attacked again from the first stage"
+    stages_run.clear()
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(measure, "_attack_batches", stopped_after_the_stages)
+        evaluate(eot_samples=2)
+    monkeypatch.setattr(measure, "_attack_batches", real_batches)
+    stages_run.clear()
+    evaluate(eot_samples=2)
+    assert stages_run == [], "the same EOT reads the stages back"

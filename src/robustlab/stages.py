@@ -126,9 +126,11 @@ def run_autoattack(
     stages = [(name, split_on_oom(fn), kw)
               for name, fn, kw in autoattack_stages(p["version"], p["steps"], p["queries"])]
     attacked = attacked_model(grad_model, p["version"], p["eot_samples"])
+    keep_candidates = p["version"] == "rand"
     tag = json.dumps({**(fingerprint or {}), "format": STATE_FORMAT, "params": p, "eps": eps, "norm": norm,
-                      "seed": seed, "stream": stream, "batches": list(mine), "batch_size": batch_size}, sort_keys=True,
-                     default=str)
+                      "seed": seed, "stream": stream, "batches": list(mine), "batch_size": batch_size,
+                      **({"survivors": "keep their best candidate"} if keep_candidates else {})},
+                     sort_keys=True, default=str)
 
     def batches() -> Any:
         return zip(mine, iterate(split, batch_size, device, mine), strict=True)
@@ -150,7 +152,7 @@ def run_autoattack(
                       progress, sys.stderr)
     _run_stages(stages, done, masks, seconds, x_adv, batches, grad_model, attacked, device, eps=eps, norm=norm,
                 seed=seed, stream=stream, label=label, tag=tag, state_path=state_path, progress=progress,
-                total=total, batch_size=batch_size, keep_candidates=p["version"] == "rand")
+                total=total, batch_size=batch_size, keep_candidates=keep_candidates)
     return StagedResult(x_adv, masks, seconds, done)
 
 
@@ -170,7 +172,9 @@ def _run_stages(
         tic = time.perf_counter()
         x, y, owners = _still_robust(batches, previous, device)
         robust = torch.ones(len(y), dtype=torch.bool, device=device)
-        adv = x.clone()  # a still-robust point's adversarial image so far is the point itself
+        # each still-robust point's adversarial image so far: the point itself, or with ``keep_candidates``
+        # the best candidate of the stages before, which this stage's candidate must beat to replace it
+        adv = torch.cat([x_adv[batch][where] for batch, where in owners]).to(device) if owners else x.clone()
         chunks = range(0, len(y), batch_size)
         bar = progress_bar(total=len(chunks), desc=f"{label} {k + 1}/{len(stages)} {name}", enabled=progress)
         for chunk, start in enumerate(chunks):

@@ -47,6 +47,8 @@ from robustlab.validation import check_eps
 
 #: ``model_info["attack_model"]`` when the attacks differentiate a fused copy.
 FUSED_LABEL = "fused copy (BatchNorm folded into convolutions, channels_last); verdicts from the model"
+#: ``model_info["adaptive"]`` of a model that declares no transform: attacks differentiate it as it is.
+PLAIN_MODEL = "none (plain model)"
 #: One attack as :func:`_attack_all` runs it: (label, attack callable, record).
 Built = tuple[str, Any, dict[str, Any]]
 
@@ -254,8 +256,8 @@ def _attack_all(
                     Path(job.state_dir), threat_key(job.norm, job.eps), label, job.group.rank, job.group.world_size)
                 run = run_autoattack(job.model, job.grad_model, job.split, job.mine, job.batch_size, job.device,
                                      parse_attack_spec(record["spec"])[1], eps=job.eps, norm=job.norm, seed=job.seed,
-                                     stream=index, label=label, state_path=path, fingerprint=fingerprint,
-                                     progress=job.speak)
+                                     stream=index, label=label, state_path=path,
+                                     fingerprint=_autoattack_fingerprint(fingerprint, record), progress=job.speak)
                 staged[label] = {"masks": run.masks, "seconds": run.seconds}
                 finished_states += [path] if path is not None else []
                 found = run.x_adv
@@ -271,6 +273,15 @@ def _attack_all(
             progress_line(f"evaluate: {label} done in {seconds[label]:.1f}s", job.speak, sys.stderr)
     bar.close()
     return columns, seconds, staged, finished_states
+
+
+def _autoattack_fingerprint(fingerprint: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any] | None:
+    """AutoAttack's state tag: the evaluation's fingerprint and, where the stages differentiate an adapted
+    model (EOT over its randomness, BPDA through a transform), that adaptation, which the stage
+    parameters do not show (a plain model has none to record)."""
+    if fingerprint is None or record["adaptive"] == PLAIN_MODEL:
+        return fingerprint
+    return {**fingerprint, "adaptive": record["adaptive"]}
 
 
 def _attack_checkpoint(
@@ -387,7 +398,7 @@ def _adaptive(model: nn.Module, eot_samples: int, fuse: bool) -> tuple[nn.Module
     random = getattr(model, "random", None)
     attacked = fused_classifier(model) if fuse else model
     if differentiable is None and random is None:
-        grad_model, info = attacked, {"adaptive": "none (plain model)", "differentiable": True, "random": False}
+        grad_model, info = attacked, {"adaptive": PLAIN_MODEL, "differentiable": True, "random": False}
     else:
         # looked up on the package, so that replacing ``robustlab.evaluation.adaptive_model`` reaches here
         grad_model, description = _package.adaptive_model(attacked, eot_samples=eot_samples)
