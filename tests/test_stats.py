@@ -90,6 +90,35 @@ def test_clustered_mcnemar_keeps_its_level_when_images_are_correlated_across_see
     assert naive / trials > 2 * clustered / trials
 
 
+def test_clustered_mcnemar_is_exact_with_few_discordant_pairs():
+    """The chi-square approximation is too coarse for few discordant pairs: 16 vs 6 pairs, none of them an
+    image discordant in two seeds, is McNemar's exact binomial test (p = 0.052, not the approximation's
+    0.033); images discordant in several seeds get the exact sign-flip test of their differences."""
+    a, other = _paired(16, 6)
+    both_seeds_a, both_seeds_other = np.ones((2, a.size), dtype=bool), np.ones((2, a.size), dtype=bool)
+    both_seeds_a[0], both_seeds_other[0] = a, other  # seed 0: the 22 discordant images; seed 1: none
+    result = clustered_mcnemar(both_seeds_a, both_seeds_other)
+    assert (result.b, result.c, result.method) == (16, 6, "clustered-exact")
+    assert result.p_value == pytest.approx(scipy_stats.binomtest(6, 22).pvalue, rel=1e-9)
+    assert result.p_value > 0.05 > _chi2_sf((16 - 6) ** 2 / 22)
+
+    # image 0 discordant for A in both seeds (d = 2), images 1-4 for A once, image 5 for B once: the sum is
+    # 5 = 2 + 4 - 1. Of the 2^6 sign choices, |sum| >= 5 needs the 2 and the five 1s to sum to 3 or 5 with
+    # the same sign as the 2 (5 + 1 ways), or the mirror image of one of those: 12 of 64
+    a = np.ones((2, 6), dtype=bool)
+    b = np.ones((2, 6), dtype=bool)
+    b[:, 0] = False
+    b[0, 1:5] = False
+    a[0, 5] = False
+    result = clustered_mcnemar(a, b)
+    assert (result.b, result.c) == (6, 1)
+    assert result.p_value == pytest.approx(12 / 64)
+
+
+def _chi2_sf(statistic: float) -> float:
+    return float(scipy_stats.chi2.sf(statistic, 1))
+
+
 def test_clustered_mcnemar_rejects_bad_input():
     with pytest.raises(InputError, match="matrix"):
         clustered_mcnemar([1, 0, 1], [1, 0, 1])

@@ -134,6 +134,12 @@ def clustered_mcnemar(a_correct: object, b_correct: object) -> McNemarResult:
     counts of seeds where only A / only B was right, ``X^2 = (sum_k d_k)^2 / sum_k d_k^2`` is chi-square with
     one degree of freedom under the null. With one seed it is McNemar's statistic without continuity
     correction; ``b`` and ``c`` are the pooled counts.
+
+    With fewer than ``EXACT_MCNEMAR_BELOW`` discordant pairs the chi-square approximation is too coarse
+    (as for :func:`mcnemar`), and the p-value is the exact sign-flip (randomisation) test of the same
+    clusters instead (method ``clustered-exact``): under the null each image's ``d_k`` is as likely
+    ``-d_k``, so ``p = P(|sum_k s_k |d_k|| >= |sum_k d_k|)`` over independent random signs ``s_k``. When
+    every ``|d_k|`` is 1 (no image discordant in two seeds) that is McNemar's exact binomial test.
     """
     a = _correctness_matrix(a_correct, "a_correct")
     b_mat = _correctness_matrix(b_correct, "b_correct")
@@ -147,7 +153,23 @@ def clustered_mcnemar(a_correct: object, b_correct: object) -> McNemarResult:
     if denominator == 0:
         return McNemarResult(b, c, 0.0, 1.0, "clustered")
     statistic = float(difference.sum()) ** 2 / denominator
+    if b + c < EXACT_MCNEMAR_BELOW:
+        return McNemarResult(b, c, statistic, _sign_flip_two_sided(difference), "clustered-exact")
     return McNemarResult(b, c, statistic, _chi2_one_dof_p(statistic), "clustered")
+
+
+def _sign_flip_two_sided(differences: np.ndarray) -> float:
+    """``P(|sum_k s_k |d_k|| >= |sum_k d_k|)`` over independent fair signs ``s_k``, computed exactly by
+    convolving the integer distribution of the signed sum one cluster at a time."""
+    sizes = np.abs(differences[differences != 0]).astype(np.int64)
+    total = int(sizes.sum())
+    probability = np.zeros(2 * total + 1)  # index: the signed sum + total
+    probability[total] = 1.0
+    for size in sizes:  # a partial sum never exceeds the sizes so far, so nothing rolls past either end
+        probability = (np.roll(probability, size) + np.roll(probability, -size)) / 2
+    observed = abs(int(differences.sum()))
+    sums = np.arange(-total, total + 1)
+    return float(min(1.0, probability[np.abs(sums) >= observed].sum()))
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
