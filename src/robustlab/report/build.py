@@ -38,6 +38,7 @@ from robustlab.report.data import (
     HYBRID,
     STANDARD,
     Results,
+    audit_flagged,
     audit_sweep,
     grouped,
     history,
@@ -156,8 +157,8 @@ def group_section(
     doc.add(Heading("Table 2: training cost", 3))
     cost = table2(stats, claimed2)
     cost.caption = (
-        "Ratios are to standard training measured in the same run of the grid (wall-clock time, so they "
-        "carry the machine's load at the time). On CPU, peak memory is "
+        "Ratios are to standard training of the same training seed, averaged over the seeds both have "
+        "(wall-clock time, so they carry the machine's load at the time). On CPU, peak memory is "
         "the training process's peak resident set size (cells train in separate processes)."
         + execution_note(by_defense)
     )
@@ -183,9 +184,10 @@ def _group_figures(
     where = f"{norm} eps = {_eps_text(eps)}"
     confidences = {}
     for defense, rows in by_defense.items():
-        entry = (rows[0].get("evaluation") or {}).get("worst_case")
+        finished = [r for r in rows if r.get("status") == "finished"]
+        entry = (finished[0].get("evaluation") or {}).get("worst_case") if finished else None
         if entry and (entry.get("confidence") or {}).get("histogram"):
-            confidences[defense] = entry["confidence"]
+            confidences[audit_flagged(defense, rows)] = entry["confidence"]
     if confidences:
         doc.add(
             Figure(
@@ -195,15 +197,17 @@ def _group_figures(
                 f"({worst}; measured, first seed), {where}.",
             )
         )
-    clean = {d: s["clean"] for d, s in stats.items()}
-    robust = {d: s.get("worst_case") for d, s in stats.items()}
-    if any(robust.values()):
+    measured = [d for d, s in stats.items() if s.get("worst_case")]  # an unmeasured defence is no 0% bar
+    clean = {audit_flagged(d, by_defense[d]): stats[d]["clean"] for d in measured}
+    robust = {audit_flagged(d, by_defense[d]): stats[d]["worst_case"] for d in measured}
+    if measured:
+        left_out = [d for d in stats if d not in measured]
         doc.add(
             Figure(
                 f"{slug}-fig2-defenses",
                 figures.defenses_figure(clean, robust, "worst case", f"{dataset}/{model}, {where}: {worst}"),
                 f"Figure 2: clean and per-sample worst-case accuracy per defence ({worst}; measured; error bars: "
-                "std over seeds).",
+                "std over seeds)." + (f" Not measured yet, so not drawn: {', '.join(left_out)}." if left_out else ""),
             )
         )
     curves = {
@@ -223,10 +227,10 @@ def _group_figures(
 
 def eps_section(results: Results, doc: Document, rows: list[dict[str, Any]], index: int) -> None:
     """Accuracy vs eps: across the grid's eps axis when it has several values, else the audit's sweep."""
-    by_model: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    by_model: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        by_model.setdefault((row["dataset"], row["model"]), []).append(row)
-    for (dataset, model), members in by_model.items():
+        by_model.setdefault((row["dataset"], row["model"], row["norm"]), []).append(row)
+    for (dataset, model, norm), members in by_model.items():
         curves: dict[str, tuple[list[float], list[float]]] = {}
         attack = None
         grid_eps = sorted({float(r["eps"]) for r in members})
@@ -242,25 +246,33 @@ def eps_section(results: Results, doc: Document, rows: list[dict[str, Any]], ind
                         points.append((eps, stat["worst_case"].mean))
                         seen[f"{defense}@{eps}"] = stat
                 if points:
-                    curves[defense] = ([p[0] for p in points], [p[1] for p in points])
+                    label = audit_flagged(defense, [r for r in members if r["defense"] == defense])
+                    curves[label] = ([p[0] for p in points], [p[1] for p in points])
             attack = _worst_case_text(seen) if seen else None
             source = "one point per eps of the grid (each model trained at that eps), seed mean"
+            axis = "the worst case"
         else:
-            for row in members:
+            attacks, seeds = [], []
+            for row in sorted(members, key=lambda r: r["seed"]):
                 sweep = audit_sweep(results, row)
-                if sweep:
-                    curves[row["defense"]] = (sweep[0], sweep[1])
-                    attack = attack or sweep[2]
-            source = "the gradient-masking audit's sweep of one trained model over eps"
+                label = audit_flagged(row["defense"], [r for r in members if r["defense"] == row["defense"]])
+                if sweep and label not in curves:  # one trained model per defence: its first seed audited
+                    curves[label] = (sweep[0], sweep[1])
+                    attacks.append(sweep[2])
+                    seeds.append(row["seed"])
+            attack = f"{'/'.join(dict.fromkeys(attacks))} (UPPER BOUND: the audit's PGD only, not AutoAttack)"
+            source = (f"the gradient-masking audit's sweep of one trained model per defence over eps, seed "
+                      f"{'/'.join(map(str, dict.fromkeys(seeds)))}")
+            axis = "PGD (upper bound)"
         if curves:
             doc.add(
                 Figure(
-                    f"{index:02d}-{dataset}-{model}-eps-curves",
-                    figures.eps_curves_figure(curves, "the worst case" if len(grid_eps) > 1 else attack or "PGD",
-                                              f"{dataset}/{model}: accuracy vs eps, {attack or 'PGD'}"),
-                    f"Accuracy vs eps under {attack or 'PGD'} ({source}).",
+                    f"{index:02d}-{dataset}-{model}-{norm}-eps-curves",
+                    figures.eps_curves_figure(curves, axis, f"{dataset}/{model}: accuracy vs eps, {attack}", norm),
+                    f"Accuracy vs eps ({norm}) under {attack} ({source}).",
                 )
             )
+
 
 
 def samples_text(rows: list[dict[str, Any]]) -> str:
@@ -271,6 +283,9 @@ def samples_text(rows: list[dict[str, Any]]) -> str:
              for r in rows if r.get("test_n")}
     parts = []
     for clean_n, n, of, name in sorted(kinds, key=str):
+        if of is None:  # a row that does not record the test split's size, nor so which images
+            parts.append(f"every number on {n} test images")
+            continue
         attacked = subset_text({"n": n, "of": of, "subset": name}) + (f" ({name})" if name and name != "all" else "")
         if n != of and clean_n == of:
             parts.append(f"clean accuracy on all {of} test images; attacks, worst case and gaps on {attacked}")

@@ -209,6 +209,7 @@ def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "train_seconds": Stat.of([r.get("train_seconds") for r in trained]),
         "seconds_per_epoch": Stat.of([r.get("seconds_per_epoch") for r in trained]),
         "peak_memory_mb": Stat.of([r.get("peak_memory_mb") for r in trained]),
+        "cost_by_seed": {r.get("seed"): {k: r.get(k) for k in ("train_seconds", "peak_memory_mb")} for r in trained},
         "devices": sorted({str(r.get("device")) for r in trained if r.get("device")}),
         "shared_training": sorted({str(r["training_shared_with"]) for r in trained if r.get("training_shared_with")}),
         "audit": sorted({str(r["audit_verdict"]) for r in finished if r.get("audit_verdict")})
@@ -226,6 +227,14 @@ def seed_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key, values in per_attack.items():
         out[key] = Stat.of(values)
     return out
+
+
+def audit_flagged(defense: str, rows: list[dict[str, Any]]) -> str:
+    """``defense``, with the audit's warning or failure when one of its finished cells got one: a figure or
+    a comparison must not show masked gradients' robustness without saying so."""
+    flags = sorted({str(r["audit_verdict"]) for r in rows
+                    if r.get("status") == "finished" and r.get("audit_verdict") in ("fail", "warn")})
+    return f"{defense} [audit {'/'.join(flags)}]" if flags else defense
 
 
 def history(results: Results, row: dict[str, Any]) -> list[dict[str, Any]]:

@@ -77,13 +77,14 @@ def defenses_figure(
 
 
 def eps_curves_figure(
-    curves: dict[str, tuple[Sequence[float], Sequence[float]]], attack: str, title: str
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]], attack: str, title: str, norm: str = "linf"
 ) -> bytes:
-    """Accuracy under ``attack`` as a function of the budget, one line per defence."""
+    """Accuracy under ``attack`` as a function of the ``norm`` budget, one line per defence."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, (eps, acc) in curves.items():
         ax.plot(list(eps), [100 * a for a in acc], marker="o", label=name)
-    ax.set(xlabel="eps (Linf, pixels)", ylabel=f"accuracy under {attack} (%)", ylim=(0, 100), title=title)
+    axis = {"linf": "Linf", "l2": "L2"}.get(norm, norm)
+    ax.set(xlabel=f"eps ({axis}, pixels)", ylabel=f"accuracy under {attack} (%)", ylim=(0, 100), title=title)
     ax.legend(fontsize=7)
     return _png(fig)
 

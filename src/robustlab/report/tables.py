@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from robustlab.report.data import ATTACK_COLUMNS, HYBRID, STANDARD, Results, Stat
+from robustlab.report.data import ATTACK_COLUMNS, HYBRID, STANDARD, Results, Stat, audit_flagged
 from robustlab.report.document import Table
 
 if TYPE_CHECKING:
@@ -36,10 +36,15 @@ def _number(stat: Stat | None, fmt: str = "{:.1f}", unit: str = "") -> str:
     return (text if stat.std is None else f"{text} ± {fmt.format(stat.std)}") + unit
 
 
-def _ratio(value: Stat | None, reference: Stat | None) -> str:
-    if value is None or reference is None or reference.mean == 0:
+def _cost_ratio(stats: dict[str, Any], reference: dict[str, Any] | None, key: str) -> str:
+    """``key``'s ratio to the reference defence's, seed by seed, averaged over the training seeds both
+    have: another seed of the reference may have run at another time, load or code path."""
+    if reference is None:
         return "-"
-    return f"{value.mean / reference.mean:.2f}x"
+    mine, theirs = stats["cost_by_seed"], reference["cost_by_seed"]
+    ratios = [mine[seed][key] / theirs[seed][key] for seed in mine
+              if seed in theirs and mine[seed][key] is not None and theirs[seed][key]]
+    return f"{sum(ratios) / len(ratios):.2f}x" if ratios else "-"
 
 
 def _not_measured(stats: dict[str, Any]) -> str:
@@ -158,8 +163,8 @@ def table2(stats: dict[str, dict[str, Any]], claims: list[dict[str, Any]]) -> Ta
                 _number(s["train_seconds"], unit=" s"),
                 _number(s["seconds_per_epoch"], "{:.2f}"),
                 _number(s["peak_memory_mb"], "{:.0f}", " MB"),
-                _ratio(s["train_seconds"], reference and reference["train_seconds"]),
-                _ratio(s["peak_memory_mb"], reference and reference["peak_memory_mb"]),
+                _cost_ratio(s, reference, "train_seconds"),
+                _cost_ratio(s, reference, "peak_memory_mb"),
                 ", ".join(s["devices"]) or "-",
             ]
         )
@@ -227,7 +232,7 @@ def mcnemar_table(
         adjusted.update(zip(members, holm([tests[i][3].p_value for i in members]), strict=True))
     rows = [
         [
-            f"{reference} vs {defense}",
+            f"{audit_flagged(reference, by_defense[reference])} vs {audit_flagged(defense, by_defense[defense])}",
             seed,
             what.replace("_", " "),
             str(test.b),
@@ -256,5 +261,6 @@ def mcnemar_table(
         "p (Holm): adjusted for the comparisons of one seed and correctness (Holm 1979); a difference is "
         "significant at 5% across the family only where it is below 0.05. Pooled rows test every seed "
         "together, each test image one cluster of its seeds' pairs (Durkalski et al. 2003; b and c are "
-        "summed over the seeds), and are adjusted as one family per correctness.",
+        "summed over the seeds; with fewer than 25 discordant pairs the exact sign-flip test of those "
+        "clusters, method clustered-exact), and are adjusted as one family per correctness.",
     )
