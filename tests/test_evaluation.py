@@ -44,11 +44,26 @@ def test_worst_case_is_per_sample_and_below_every_attack(result):
         # robust in the worst case => robust to each attack
         assert not np.any(result.worst_case.correct & ~m.correct)
         assert result.worst_case.accuracy <= m.accuracy
-    stacked = np.stack([m.correct for m in result.attacks.values()])
+    stacked = np.stack([m.correct for m in [result.clean, *result.attacks.values()]])
     assert np.array_equal(result.worst_case.correct, stacked.all(axis=0))
     assert result.robust_accuracy == result.worst_case.accuracy
     # an eps of 0.1 breaks a standard model on many digits, but not all of them
     assert 0 < result.worst_case.accuracy < result.clean.accuracy
+
+
+def test_a_sample_misclassified_clean_is_not_robust_whatever_the_attacks_output():
+    """FGSM's step can carry a misclassified image to the right side; it still must not count as robust."""
+    from robustlab.evaluation.measure import _worst_case
+    from robustlab.evaluation.result import Measurement
+
+    def measurement(label, correct):
+        correct = np.array([correct], dtype=bool)
+        return Measurement(label, None, correct, np.full(correct.shape, 0.9, dtype=np.float32))
+
+    clean = measurement("clean", [True, False, True])
+    attacks = {"fgsm": (measurement("fgsm", [True, True, False]), np.array([0.9, 0.8, 0.2]))}
+    worst, _ = _worst_case(clean, attacks, n_boot=10, seed=0)
+    assert worst.correct.tolist() == [[True, False, False]]
 
 
 def test_clean_accuracy_matches_plain_prediction(result, trained_digits):

@@ -160,11 +160,11 @@ def evaluate(
 ) -> None:
     """Clean, per-attack and worst-case robust accuracy with 95% CIs; writes metrics.json.
 
-    A sample counts as robust only if every attack failed on it. By default AutoAttack runs beside the
-    other attacks and the worst case is AutoAttack-grade (--suite quick: an upper bound); an interrupted
-    AutoAttack resumes after its last finished stage. Preprocessing defences are attacked adaptively
-    (BPDA/EOT) automatically. Results merge into RUN_DIR/metrics.json, per-sample correctness into
-    RUN_DIR/evaluation/.
+    A sample counts as robust only if it is classified correctly and every attack failed on it. By default
+    AutoAttack runs beside the other attacks and the worst case is AutoAttack-grade (--suite quick: an
+    upper bound); an interrupted AutoAttack resumes after its last finished stage. Preprocessing defences
+    are attacked adaptively (BPDA/EOT) automatically. Results merge into RUN_DIR/metrics.json, per-sample
+    correctness into RUN_DIR/evaluation/.
     """
     from robustlab.config import parse_number
     from robustlab.distributed import from_environment

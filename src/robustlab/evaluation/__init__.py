@@ -13,11 +13,11 @@ over the batches with a per-stage record and a resumable state file (:mod:`robus
 
 :func:`evaluate_model` measures, on the same test samples: clean accuracy; robust accuracy under each
 attack (by registry spec, e.g. ``fgsm``, ``pgd-20``, ``cw_linf``, ``autoattack``); the per-sample worst
-case over all attacks (a sample counts as robust only if every attack failed on it); the robustness
-gap ``clean - worst case`` and the paper's gap ``clean - CW`` (paper Table 1 uses CW); mean max-softmax
-confidence, split by correct / wrong, with histogram counts, and the expected calibration error
-(Guo et al. 2017, 15 bins) of every measurement; bootstrap 95% intervals over test samples. Every
-robust number is stored with the attack name and parameters that produced it.
+case over all attacks (a sample counts as robust only if it is classified correctly and every attack
+failed on it); the robustness gap ``clean - worst case`` and the paper's gap ``clean - CW`` (paper
+Table 1 uses CW); mean max-softmax confidence, split by correct / wrong, with histogram counts, and the
+expected calibration error (Guo et al. 2017, 15 bins) of every measurement; bootstrap 95% intervals over
+test samples. Every robust number is stored with the attack name and parameters that produced it.
 
 Preprocessing defences (anything exposing ``.differentiable`` / ``.random``, e.g.
 :class:`robustlab.defenses.preprocessing.Defended`) are attacked adaptively, always:

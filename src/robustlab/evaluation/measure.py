@@ -364,7 +364,7 @@ def _result(
     clean, _ = _measurement("clean", None, columns, seconds, staged, n_boot, seed)
     measured = {label: _measurement(label, record, columns, seconds, staged, n_boot, seed)
                 for label, _, record in built}
-    worst, worst_index = _worst_case(measured, n_boot, seed)
+    worst, worst_index = _worst_case(clean, measured, n_boot, seed)
     grade = AUTOATTACK_GRADE if any(is_full_autoattack(record) for _, _, record in built) else UPPER_BOUND
     return EvaluationResult(
         threat={"norm": job.norm, "eps": job.eps},
@@ -485,9 +485,14 @@ def _stage_summary(staged: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def _worst_case(
-    measured: dict[str, tuple[Measurement, np.ndarray]], n_boot: int, seed: int
+    clean: Measurement, measured: dict[str, tuple[Measurement, np.ndarray]], n_boot: int, seed: int
 ) -> tuple[Measurement, np.ndarray]:
-    """Per sample (and pass): robust only if every attack failed; its adversarial is the strongest one.
+    """Per sample (and pass): robust only if it is classified correctly clean and every attack failed;
+    its adversarial is the strongest one.
+
+    A sample misclassified clean is not robust even where every attack's output happens to be
+    classified correctly (a single FGSM step or a random start can land on the right side), as in
+    AutoAttack, which never attacks such a sample and counts it wrong.
 
     The adversarial kept for the confidence statistics is, per sample, a misclassified one if any
     attack succeeded, and among those (or among all when none did) the one giving the true class the
@@ -501,7 +506,7 @@ def _worst_case(
     choice = np.argmin(correct * 2.0 + p_true, axis=0)
     pick = np.take_along_axis(confidence, choice[None], axis=0)[0]
     seconds = sum(measured[k][0].seconds for k in labels)
-    worst = Measurement("worst_case", record, correct.all(axis=0), pick, seconds)
+    worst = Measurement("worst_case", record, correct.all(axis=0) & clean.correct, pick, seconds)
     worst.ci95 = bootstrap_ci(worst.per_sample, n_boot, seed)
     return worst, choice.astype(np.int16)
 

@@ -149,7 +149,8 @@ def group_section(
     doc.add(Heading("Table 1: accuracy under attack (%)", 3))
     table = table1(stats, claimed1)
     table.caption = (
-        note + " Worst case: a sample counts as robust only if every attack failed on it. "
+        note + " Worst case: a sample counts as robust only if it is classified correctly and every attack "
+        "failed on it. "
         "Gap (clean - CW) is the paper's definition. * marks a claimed gap inconsistent with the "
         "claimed clean and CW numbers."
     )
