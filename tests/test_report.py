@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from robustlab.defenses import DEFENSES
@@ -136,6 +137,29 @@ def test_mcnemar_skips_an_unfinished_hybrid_cell_and_says_so_when_none_is_finish
     assert {r[1] for r in rows} == {"0"}, "the finished seed's test was dropped, or the running one's kept"
     by_defense["hybrid"][0] = {**by_defense["hybrid"][0], "status": "pending"}
     assert mcnemar_table(results, by_defense) == "McNemar's test not available yet: the hybrid cell is pending/running."
+
+
+def test_mcnemar_pairs_only_finished_cells_on_the_same_test_images(results_dir, tmp_path):
+    """A cell being evaluated again still has its previous samples on disk: it is not compared until it is
+    done. Nor is a cell evaluated on other test images, even with the same labels."""
+    from robustlab.report.build import mcnemar_table
+    from robustlab.report.data import load_results
+
+    out = tmp_path / "pairs"
+    shutil.copytree(results_dir, out)
+    results = load_results(out)
+    by_defense: dict[str, list] = {}
+    for row in results.rows:
+        by_defense.setdefault(row["defense"], []).append(row)
+    reference = "hybrid" if "hybrid" in by_defense else "standard"
+    other = next(d for d in by_defense if d != reference)
+    by_defense[other][1] = {**by_defense[other][1], "status": "evaluating"}
+    assert {r[1] for r in mcnemar_table(results, by_defense, reference).rows} == {"0"}
+    samples = next((out / by_defense[other][0]["run_dir"] / "evaluation").glob("*.npz"))
+    arrays = dict(np.load(samples))
+    arrays["indices"] = arrays["indices"] + 1
+    np.savez(samples, **arrays)
+    assert "not available" in mcnemar_table(results, by_defense, reference)
 
 
 @pytest.mark.skipif("hybrid" not in DEFENCES, reason="hybrid is not registered")

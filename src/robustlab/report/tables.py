@@ -198,17 +198,17 @@ def mcnemar_table(
         except RobustlabError as error:
             return f"McNemar's test not available: {error}"
         for defense, others in by_defense.items():
-            other = next((r for r in others if r["seed"] == reference_row["seed"]), None)
-            if defense == reference or other is None:
+            other = next((r for r in others if r["seed"] == reference_row["seed"] and r.get("status") == "finished"),
+                         None)
+            if defense == reference or other is None:  # unfinished: its samples on disk may be being replaced
                 continue
             try:
                 theirs = read_samples(results.path / other["run_dir"], other["eps"], other["norm"])
             except RobustlabError:
                 continue
-            if not (
-                mine["labels"].shape == theirs["labels"].shape and (mine["labels"] == theirs["labels"]).all()
-            ):
-                continue
+            if not all(key in mine and key in theirs and mine[key].shape == theirs[key].shape
+                       and (mine[key] == theirs[key]).all() for key in ("labels", "indices") if key in mine):
+                continue  # not the same test images
             for what in ("clean", "worst_case"):
                 key = f"correct:{what}"
                 if key in mine and key in theirs:
