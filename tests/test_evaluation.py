@@ -540,3 +540,12 @@ def test_an_autoattack_state_file_is_not_resumed_under_another_eot(trained_digit
     stages_run.clear()
     evaluate(eot_samples=2)
     assert stages_run == [], "the same EOT reads the stages back"
+
+
+def test_the_record_says_autoattack_crafts_in_fp32_under_bf16_attacks(trained_digits):
+    def precision(attacks):
+        return evaluate_model(trained_digits.model, trained_digits.data.test, eps=0.1, attacks=attacks, suite="quick",
+                              n=20, n_boot=10, attack_precision="bf16").model_info["attack_precision"]
+
+    assert precision(("fgsm",)) == "bf16"
+    assert precision(("fgsm", SMALL_AA)) == "bf16 (AutoAttack in fp32)"

@@ -93,7 +93,8 @@ def evaluate_model(
         random_passes: forward passes per input for a random model (deterministic models use one).
         attack_precision: ``"fp32"`` (default) or ``"bf16"``: the attacks craft their examples under
             bfloat16 autocast (faster on a GPU); every verdict is still the float32 model's prediction
-            on the crafted images. Recorded as ``model_info["attack_precision"]``.
+            on the crafted images. AutoAttack, the reference, always crafts in float32. Recorded as
+            ``model_info["attack_precision"]``.
         state_dir: where AutoAttack saves its per-sample state after every stage
             (:mod:`robustlab.stages`), so an interrupted evaluation resumes; the file is removed when
             the evaluation finishes. None: no state is kept.
@@ -186,11 +187,13 @@ def _prepare(
         plan = resolve_attacks(attacks, "rand")
         info["suite"] = "rand (standard asked for; the model is random)"
     passes = random_passes if info["random"] else 1
-    info.update(random_passes=passes, eot_samples=eot_samples if info["random"] else None,
-                attack_precision=attack_precision)
     built = [
         (label, *_attack_record(label, spec, eps, norm, info["adaptive"], info["random"])) for label, spec in plan
     ]
+    if attack_precision == "bf16" and any(record["name"] == "autoattack" for _, _, record in built):
+        attack_precision = "bf16 (AutoAttack in fp32)"
+    info.update(random_passes=passes, eot_samples=eot_samples if info["random"] else None,
+                attack_precision=attack_precision)
     return grad_model, info, passes, built
 
 
