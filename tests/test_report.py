@@ -415,3 +415,12 @@ def test_samples_paragraph_of_rows_that_do_not_record_the_test_size():
 
     rows = [{"test_n": 1000, "test_of": None, "clean_n": None, "test_subset": None}]
     assert samples_text(rows) == "Samples: every number on 1000 test images."
+
+
+def test_table1_says_when_its_gaps_are_not_the_difference_of_its_columns():
+    from robustlab.report.build import _gap_note
+
+    attacked_subset = {"hybrid": [{"clean_n": 10000, "test_n": 1000}], "standard": [{"clean_n": 10000, "test_n": 1000}]}
+    assert "covers all 10000 test images; both gaps are taken on the attacked images" in _gap_note(attacked_subset)
+    assert _gap_note({"hybrid": [{"clean_n": 1000, "test_n": 1000}]}) == ""
+    assert _gap_note({"hybrid": [{"clean_n": None, "test_n": 1000}]}) == "", "an older row says nothing of it"

@@ -103,6 +103,17 @@ def _worst_case_text(stats: dict[str, dict[str, Any]]) -> str:
     return text
 
 
+def _gap_note(by_defense: dict[str, list[dict[str, Any]]]) -> str:
+    """Table 1's note when its clean column covers more test images than the attacks: the gaps are taken
+    on the attacked images, so they are not the difference of the printed columns."""
+    sizes = {(r.get("clean_n"), r.get("test_n")) for rows in by_defense.values() for r in rows if r.get("test_n")}
+    wider = sorted({clean for clean, attacked in sizes if clean and clean != attacked})
+    if not wider:
+        return ""
+    return (f" The clean column covers all {'/'.join(map(str, wider))} test images; both gaps are taken on the "
+            "attacked images, from their own clean accuracy.")
+
+
 def execution_note(by_defense: dict[str, list[dict[str, Any]]]) -> str:
     """Table 2's warning when the group's finished cells trained with different execution settings.
 
@@ -152,7 +163,7 @@ def group_section(
         note + " Worst case: a sample counts as robust only if it is classified correctly and every attack "
         "failed on it. "
         "Gap (clean - CW) is the paper's definition. * marks a claimed gap inconsistent with the "
-        "claimed clean and CW numbers."
+        "claimed clean and CW numbers." + _gap_note(by_defense)
     )
     doc.add(table)
     doc.add(Heading("Table 2: training cost", 3))
