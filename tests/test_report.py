@@ -155,11 +155,23 @@ def test_mcnemar_pairs_only_finished_cells_on_the_same_test_images(results_dir, 
     other = next(d for d in by_defense if d != reference)
     by_defense[other][1] = {**by_defense[other][1], "status": "evaluating"}
     assert {r[1] for r in mcnemar_table(results, by_defense, reference).rows} == {"0"}
-    samples = next((out / by_defense[other][0]["run_dir"] / "evaluation").glob("*.npz"))
-    arrays = dict(np.load(samples))
-    arrays["indices"] = arrays["indices"] + 1
-    np.savez(samples, **arrays)
-    assert "not available" in mcnemar_table(results, by_defense, reference)
+    pooled = [r for r in mcnemar_table(results, {**by_defense, other: [by_defense[other][0], {
+        **by_defense[other][1], "status": "finished"}]}, reference).rows if r[1].startswith("pooled")]
+    assert pooled, "both seeds on the same images: pooled"
+
+    def shift_images(row):  # the same labels, other test images
+        samples = next((out / row["run_dir"] / "evaluation").glob("*.npz"))
+        arrays = dict(np.load(samples))
+        arrays["indices"] = arrays["indices"] + 1
+        np.savez(samples, **arrays)
+
+    for defense in (reference, other):  # seed 1 of both on other images: each seed pairs, the seeds do not pool
+        shift_images(by_defense[defense][1])
+    by_defense[other][1] = {**by_defense[other][1], "status": "finished"}
+    rows = mcnemar_table(results, by_defense, reference).rows
+    assert {r[1] for r in rows} == {"0", "1"}, "no pooled row over seeds evaluated on different images"
+    shift_images(by_defense[other][0])
+    assert {r[1] for r in mcnemar_table(results, by_defense, reference).rows} == {"1"}
 
 
 @pytest.mark.skipif("hybrid" not in DEFENCES, reason="hybrid is not registered")

@@ -190,6 +190,7 @@ def mcnemar_table(
         return f"No {reference} cell in this group: McNemar's test of {reference} vs the others is not applicable."
     tests: list[tuple[str, str, str, McNemarResult, str]] = []  # (other defence, seed, correctness, test, family)
     paired: dict[tuple[str, str], list[tuple[str, Any, Any]]] = {}  # (defence, correctness) -> per seed
+    images: dict[tuple[str, str], list[Any]] = {}  # the test images (indices) behind each seed's pair
     finished = [r for r in by_defense[reference] if r.get("status") == "finished"]
     unfinished = sorted({str(r.get("status")) for r in by_defense[reference]} - {"finished"})
     for reference_row in finished:
@@ -215,8 +216,11 @@ def mcnemar_table(
                     seed = str(reference_row["seed"])
                     tests.append((defense, seed, what, mcnemar(mine[key][0], theirs[key][0]), seed))
                     paired.setdefault((defense, what), []).append((seed, mine[key][0], theirs[key][0]))
+                    images.setdefault((defense, what), []).append(mine.get("indices", mine["labels"]))
     for (defense, what), seeds in paired.items():
-        if len(seeds) > 1:
+        first, *others = images[(defense, what)]
+        same_images = all(o.shape == first.shape and (o == first).all() for o in others)
+        if len(seeds) > 1 and same_images:  # a cluster is one test image across the seeds
             pooled = clustered_mcnemar([m for _, m, _ in seeds], [t for _, _, t in seeds])
             label = f"{POOLED} ({', '.join(seed for seed, _, _ in seeds)})"
             tests.append((defense, label, what, pooled, POOLED))
