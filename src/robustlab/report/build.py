@@ -244,7 +244,6 @@ def eps_section(results: Results, doc: Document, rows: list[dict[str, Any]], ind
         by_model.setdefault((row["dataset"], row["model"], row["norm"]), []).append(row)
     for (dataset, model, norm), members in by_model.items():
         curves: dict[str, tuple[list[float], list[float]]] = {}
-        attack = None
         grid_eps = sorted({float(r["eps"]) for r in members})
         if len(grid_eps) > 1:
             seen: dict[str, dict[str, Any]] = {}
@@ -284,7 +283,6 @@ def eps_section(results: Results, doc: Document, rows: list[dict[str, Any]], ind
                     f"Accuracy vs eps ({norm}) under {attack} ({source}).",
                 )
             )
-
 
 
 def samples_text(rows: list[dict[str, Any]]) -> str:
