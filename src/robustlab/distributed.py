@@ -156,6 +156,8 @@ def batch_seed(*keys: int) -> int:
     """A seed for the random draws on one batch, from e.g. ``(seed, stream, batch number)``.
 
     Independent of which process handles the batch and of how many batches came before it, which is
-    what makes a data-parallel evaluation or audit equal the single-process one.
+    what makes a data-parallel evaluation or audit equal the single-process one, except for AutoAttack's
+    stages: each process packs its own still-robust points into batches (:mod:`robustlab.stages`), so
+    their draws depend on the number of processes. Trailing zero keys do not change the seed.
     """
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
