@@ -158,6 +158,7 @@ def batch_seed(*keys: int) -> int:
     Independent of which process handles the batch and of how many batches came before it, which is
     what makes a data-parallel evaluation or audit equal the single-process one, except for AutoAttack's
     stages: each process packs its own still-robust points into batches (:mod:`robustlab.stages`), so
-    their draws depend on the number of processes. Trailing zero keys do not change the seed.
+    their draws depend on the number of processes. ``batch_seed(a, b, c, 0)`` equals ``batch_seed(a, b, c)``
+    (NumPy's ``SeedSequence``): streams that must differ should differ in a non-zero key.
     """
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
