@@ -81,10 +81,12 @@ def test_hybrid_uses_schedule_alpha_and_guard():
     assert plan == AttackPlan("fgsm", pytest.approx(0.03), 1, pytest.approx(1.25 * 0.03))
     state.step = 10
     assert objective.attack_plan(state).eps == pytest.approx(0.03 + 0.27 / 2)
-    row = objective.on_epoch_end(state, {"val_clean_acc": 0.9, "val_robust_acc": 0.6, "train_adv_acc": 0.0})
+    row = objective.on_epoch_end(state, {"val_clean_acc": 0.7, "val_robust_clean_acc": 0.9, "val_robust_acc": 0.6,
+                                         "train_adv_acc": 0.0})
+    # clean accuracy of the images PGD saw (the subset), not of the whole validation split
     assert objective.alpha == pytest.approx(0.6 / 1.5) and row["alpha_next"] == objective.alpha
     # robust accuracy collapses while the training FGSM accuracy is high: switch to pgd-2 and log it
-    row = objective.on_epoch_end(state, {"val_clean_acc": 0.95, "val_robust_acc": 0.05, "train_adv_acc": 0.9})
+    row = objective.on_epoch_end(state, {"val_robust_clean_acc": 0.95, "val_robust_acc": 0.05, "train_adv_acc": 0.9})
     assert row["attack"] == "pgd-2" and any("catastrophic" in line for line in state.log)
     plan = objective.attack_plan(state)
     assert (plan.method, plan.steps, plan.step_size) == ("pgd", 2, pytest.approx(2.5 * plan.eps / 2))
@@ -121,7 +123,7 @@ def test_pgd_at_warmup_is_logged_per_epoch(digits, tmp_path):
 def test_hybrid_guard_catches_fgsm_that_never_became_pgd_robust():
     objective = build_objective("hybrid", {"ramp_epochs": 1})
     state = TrainState(epoch=0, epochs=3, step=10, steps_per_epoch=10, eps=0.3)
-    train = {"val_clean_acc": 0.96, "train_adv_acc": 0.7}  # train FGSM acc 0.7 at eps_t = eps
+    train = {"val_robust_clean_acc": 0.96, "train_adv_acc": 0.7}  # train FGSM acc 0.7 at eps_t = eps
     assert objective.on_epoch_end(state, {**train, "val_robust_acc": 0.5})["attack"] == "fgsm"
     assert objective.on_epoch_end(state, {**train, "val_robust_acc": 0.07})["attack"] == "pgd-2"
     state = TrainState(epoch=0, epochs=3, step=5, steps_per_epoch=10, eps=0.3)  # still ramping: no verdict
@@ -147,12 +149,13 @@ def test_hybrid_guard_ignores_a_drop_at_the_noise_floor():
     objective = build_objective("hybrid", {})
     state = TrainState(epoch=0, epochs=50, step=10, steps_per_epoch=10, eps=0.3)  # eps_t still ramping
     train = {"train_adv_acc": 0.95}  # train FGSM acc 0.95 at the small eps_t
-    assert objective.on_epoch_end(state, {**train, "val_clean_acc": 0.97, "val_robust_acc": 0.01})["attack"] == "fgsm"
-    assert objective.on_epoch_end(state, {**train, "val_clean_acc": 0.98, "val_robust_acc": 0.0})["attack"] == "fgsm"
+    for clean, robust in ((0.97, 0.01), (0.98, 0.0)):
+        row = objective.on_epoch_end(state, {**train, "val_robust_clean_acc": clean, "val_robust_acc": robust})
+        assert row["attack"] == "fgsm"
     assert not state.log
     collapsing = build_objective("hybrid", {})
-    collapsing.on_epoch_end(state, {**train, "val_clean_acc": 0.97, "val_robust_acc": 0.4})
-    row = collapsing.on_epoch_end(state, {**train, "val_clean_acc": 0.98, "val_robust_acc": 0.05})
+    collapsing.on_epoch_end(state, {**train, "val_robust_clean_acc": 0.97, "val_robust_acc": 0.4})
+    row = collapsing.on_epoch_end(state, {**train, "val_robust_clean_acc": 0.98, "val_robust_acc": 0.05})
     assert row["attack"] == "pgd-2"
 
 
@@ -255,11 +258,20 @@ def test_objective_beats_standard_under_pgd(defense, params, digits, standard_pg
     assert result.metrics["clean_accuracy"] >= 0.65  # robust training costs clean accuracy, not all of it
 
 
+def test_hybrid_alpha_compares_clean_and_pgd_accuracy_of_the_same_validation_images(digits, tmp_path):
+    config = _config("hybrid", epochs=2)
+    config["train"]["val_robust_size"] = 50  # of 200 validation images
+    rows = train(config, tmp_path / "h", progress=False, data=digits).history
+    first = rows[0]
+    assert first["val_robust_clean_acc"] * 50 == pytest.approx(round(first["val_robust_clean_acc"] * 50))
+    assert rows[1]["alpha"] == pytest.approx(adaptive_alpha(first["val_robust_clean_acc"], first["val_robust_acc"]))
+
+
 def test_hybrid_history_logs_eps_t_and_alpha(digits, tmp_path):
     result = train(_config("hybrid", epochs=2), tmp_path / "h", progress=False, data=digits)
     rows = result.history
     assert [r["alpha"] for r in rows][0] == 0.5
-    assert rows[1]["alpha"] == pytest.approx(adaptive_alpha(rows[0]["val_clean_acc"], rows[0]["val_robust_acc"]))
+    assert rows[1]["alpha"] == pytest.approx(adaptive_alpha(rows[0]["val_robust_clean_acc"], rows[0]["val_robust_acc"]))
     assert rows[0]["eps_t"] == pytest.approx(eps_schedule(rows[0]["epoch"] * 1.0, 0.8, EPS, 0.1))
     header = (tmp_path / "h" / "history.csv").read_text().splitlines()[0].split(",")
-    assert {"alpha", "eps_t", "train_eps_t", "val_robust_acc"} <= set(header)
+    assert {"alpha", "eps_t", "train_eps_t", "val_robust_acc", "val_robust_clean_acc"} <= set(header)

@@ -276,7 +276,12 @@ class Trainer:
             attack = partial(
                 pgd, eps=eps, norm=norm, steps=t.val_attack_steps, generator=self.generator, early_stop=True
             )
-            metrics["val_robust_acc"] = robust_accuracy(self.model, self.data.val.head(t.val_robust_size), attack)
+            subset = self.data.val.head(t.val_robust_size)
+            metrics["val_robust_acc"] = robust_accuracy(self.model, subset, attack)
+            # the clean accuracy of the same images, for a ratio of the two (the hybrid's alpha)
+            metrics["val_robust_clean_acc"] = (
+                metrics["val_clean_acc"] if len(subset) == len(self.data.val) else accuracy(self.model, subset)
+            )
         return metrics
 
     def _select(self) -> str:

@@ -132,7 +132,8 @@ class HybridObjective(AdversarialObjective):
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> dict[str, Any]:
         p = self.params
-        clean, robust = metrics["val_clean_acc"], metrics["val_robust_acc"]
+        # clean and PGD accuracy of the same validation images (the PGD subset, train.val_robust_size)
+        clean, robust = metrics["val_robust_clean_acc"], metrics["val_robust_acc"]
         train_adv_acc = metrics["train_adv_acc"]  # the epoch's mean, over every rank's batches
         best = self.best_val_robust
         collapsed = best >= p.co_min_best and robust < p.co_drop * best and train_adv_acc >= p.co_train_acc
