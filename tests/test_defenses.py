@@ -202,6 +202,26 @@ def test_craft_stays_in_ball_and_restores_model(method, bn_mode):
     assert changed == [] if bn_mode == "eval" else all("running" in k or "num_batches" in k for k in changed)
 
 
+@pytest.mark.parametrize("defense", ["pgd_at", "trades", "hybrid"])
+def test_awp_updates_batchnorm_statistics_once_per_batch_as_without_it(defense):
+    """AWP's ascent step is a forward pass on the train-mode model: it must not move the running
+    statistics a second time. The loss's own forward pass moves them once, with or without AWP (with
+    it, at the perturbed weights, as in Wu et al.'s reference, so only the count is the same)."""
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+
+    def running_after_one_batch(**params):
+        torch.manual_seed(1)
+        model = build_model("resnet18", 10, 3, 32, width=4).train()
+        objective = build_objective(defense, {"steps": 1, **params} if defense != "hybrid" else params)
+        state = TrainState(epoch=0, epochs=1, step=0, steps_per_epoch=1, eps=0.03, generator=torch.Generator())
+        objective.loss(model, x, y, state)
+        return {k: int(v) for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
+
+    plain, awp = running_after_one_batch(), running_after_one_batch(awp_gamma=0.005)
+    assert set(plain.values()) == {1} and awp == plain, "AWP's ascent step updated the running statistics"
+
+
 def test_awp_gradient_is_taken_at_perturbed_weights():
     torch.manual_seed(0)
     model = build_model("lenet5", 10, 1, 8)

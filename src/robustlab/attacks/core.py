@@ -26,16 +26,28 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 
 
 @contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore on exit, exactly, the buffers of every module in train mode (BatchNorm's ``running_mean``,
+    ``running_var`` and ``num_batches_tracked``): forward passes inside still normalise with each batch's
+    statistics, as training does, but leave no trace in the running ones. Modules in eval mode are not
+    snapshotted: torch's modules never write their buffers there."""
+    saved = [(b, b.detach().clone()) for m in model.modules() if m.training for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+@contextlib.contextmanager
 def frozen(model: Model) -> Iterator[None]:
     """Turn off parameter gradients for the attack, then restore every flag, the train/eval mode and buffers.
 
     The model is *not* switched to eval mode: the caller decides (evaluation runs in eval mode; a
-    training objective may attack in either). Parameter tensors are never written. Buffers are
-    restored exactly: a module in train mode updates its buffers on every forward pass (BatchNorm's
-    ``running_mean``, ``running_var`` and ``num_batches_tracked``), and an attack's forward passes must
-    not leave a trace there. Attacking a train-mode model therefore uses each batch's statistics, as
-    training does, while the running statistics end as they were ("restore exactly"). Only modules in
-    train mode are snapshotted: in eval mode torch's modules never write their buffers.
+    training objective may attack in either). Parameter tensors are never written, and the buffers of
+    a train-mode model are restored (:func:`buffers_kept`): an attack's forward passes must not leave a
+    trace in the running statistics.
     """
     if not isinstance(model, nn.Module):
         yield
@@ -43,19 +55,16 @@ def frozen(model: Model) -> Iterator[None]:
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     modes = [m.training for m in model.modules()]
-    saved = [(b, b.detach().clone()) for m in model.modules() if m.training for b in m.buffers(recurse=False)]
     try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
+        with buffers_kept(model):
+            for p in params:
+                p.requires_grad_(False)
+            yield
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
         for m, mode in zip(model.modules(), modes, strict=True):
             m.training = mode
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
 
 
 def input_gradient(

@@ -34,7 +34,15 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from robustlab.attacks.core import ascent_direction, clip_to_ball, fgsm, frozen, input_gradient, pgd
+from robustlab.attacks.core import (
+    ascent_direction,
+    buffers_kept,
+    clip_to_ball,
+    fgsm,
+    frozen,
+    input_gradient,
+    pgd,
+)
 from robustlab.defenses.base import LossAndStats, Objective, ObjectiveParams, TrainState, batch_accuracy
 from robustlab.defenses.preprocessing import Defended
 from robustlab.defenses.schedule import eps_schedule
@@ -138,7 +146,8 @@ def awp_forward(model: nn.Module, loss_of: Callable[[Forward], torch.Tensor], ga
     ``w`` and equal the gradient at ``w + v``.
     """
     weights = {name: p for name, p in model.named_parameters() if p.dim() > 1 and p.requires_grad}
-    grads = torch.autograd.grad(loss_of(model), list(weights.values()), allow_unused=True)
+    with buffers_kept(model):  # the ascent step's forward must not update BatchNorm's running statistics
+        grads = torch.autograd.grad(loss_of(model), list(weights.values()), allow_unused=True)
     perturbed: dict[str, torch.Tensor] = {}
     for (name, weight), grad in zip(weights.items(), grads, strict=True):
         if grad is None:
