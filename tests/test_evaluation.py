@@ -549,3 +549,22 @@ def test_the_record_says_autoattack_crafts_in_fp32_under_bf16_attacks(trained_di
 
     assert precision(("fgsm",)) == "bf16"
     assert precision(("fgsm", SMALL_AA)) == "bf16 (AutoAttack in fp32)"
+
+
+def test_state_file_digest_tells_transforms_of_one_classifier_apart():
+    """A sweep of squeezer or noise settings over one trained classifier must not resume one setting's
+    state (evaluation or audit) for another: the settings are attributes, not in the state dict."""
+    from torch import nn
+
+    from robustlab.defenses.preprocessing import Defended, FeatureSqueezing, GaussianNoise
+    from robustlab.models import build_model
+    from robustlab.stages import model_digest
+
+    base = build_model("lenet5", 10, 1, 28)
+    digests = {model_digest(m) for m in (
+        base, Defended(base, FeatureSqueezing(bits=1, median=1)), Defended(base, FeatureSqueezing(bits=5, median=3)),
+        Defended(base, GaussianNoise(sigma=0.05)), Defended(base, GaussianNoise(sigma=0.5)),
+        nn.Sequential(FeatureSqueezing(bits=2, median=1), base),
+    )}
+    assert len(digests) == 6
+    assert model_digest(Defended(base, GaussianNoise(sigma=0.5))) == model_digest(Defended(base, GaussianNoise(0.5)))

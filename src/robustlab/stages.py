@@ -46,6 +46,7 @@ from robustlab.attacks.autoattack import (
 from robustlab.attacks.core import frozen
 from robustlab.attacks.wrappers import EOT_SAMPLES
 from robustlab.data import Split
+from robustlab.defenses.preprocessing import InputTransform
 from robustlab.distributed import batch_seed
 from robustlab.errors import ConfigError
 from robustlab.memory import split_on_oom
@@ -82,11 +83,16 @@ def stage_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_digest(model: nn.Module) -> str:
-    """A hash of every parameter and buffer: a state file only resumes the very same weights."""
+    """A hash of every parameter and buffer, and of the settings of every input transform (a squeezer's
+    bit depth, a noise level: plain attributes, not in the state dict): a state file only resumes the very
+    same model, not the same classifier behind another transform."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
+    for name, module in model.named_modules():
+        if isinstance(module, InputTransform):
+            digest.update(f"{name}={module!r}".encode())
     return digest.hexdigest()[:16]
 
 
