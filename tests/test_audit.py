@@ -295,9 +295,11 @@ class _Accuracies:
 
     n, eps, norm, steps, huge_eps = 200, 0.1, "linf", 10, 1.0
 
-    def __init__(self, pgd_accuracy, fgsm_accuracy: float = 0.9, clean: float = 0.95, blackbox: float = 0.9) -> None:
+    def __init__(self, pgd_accuracy, fgsm_accuracy: float = 0.9, clean: float = 0.95, blackbox: float = 0.9,
+                 blackbox_shift: int = 0) -> None:
         self.pgd_accuracy, self.clean = pgd_accuracy, clean
         self.accuracy_of = {"fgsm": fgsm_accuracy, "square": blackbox, "transfer": blackbox}
+        self.shift = {"square": blackbox_shift, "transfer": blackbox_shift}  # robust on other images
         self.model = None
 
     def _mask(self, accuracy: float) -> torch.Tensor:
@@ -310,7 +312,7 @@ class _Accuracies:
         return self._mask(self.pgd_accuracy(eps, steps, restarts))
 
     def run(self, key, attack, stream=0) -> torch.Tensor:
-        return self._mask(self.accuracy_of[key])
+        return self._mask(self.accuracy_of[key]).roll(self.shift.get(key, 0))
 
 
 def _curve(points: dict[float, float], huge: float = 0.0):
@@ -389,6 +391,17 @@ def test_surrogate_cache_reuses_the_trained_weights(digits, tmp_path):
                                                  strict=True))
     train_surrogate(digits, epochs=1, seed=4, cache_dir=tmp_path)  # another recipe, another entry
     assert len(list(tmp_path.glob("surrogate-*.safetensors"))) == 2
+
+
+def test_blackbox_rule_looks_at_the_images_a_blackbox_attack_breaks_not_only_at_its_accuracy():
+    """White-box 40%, Square 45%, but on other images: Square breaks 40 of the 80 images PGD could not."""
+    from robustlab.audit import _check_blackbox
+
+    stub = _Accuracies(lambda eps, steps, restarts: 0.4, blackbox=0.45, blackbox_shift=40)
+    check = _check_blackbox(stub, surrogate=nn.Identity(), queries=10)
+    assert check.status == "fail", check.message
+    assert check.evidence["square-10"]["broken_only_by_this_attack"] == 40
+    assert "breaks 40 images" in check.message
 
 
 @pytest.mark.parametrize(("blackbox", "status"), [(0.45, "pass"), (0.37, "pass"), (0.33, "warn"), (0.25, "fail")])
