@@ -9,6 +9,7 @@ Honest models: the standard LeNet-5 of ``trained_digits`` and a PGD-trained LeNe
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -174,6 +175,9 @@ def test_binomial_tolerance_is_never_zero_and_shrinks_with_n():
     assert binomial_se(0.0, 100) > 0 and binomial_se(1.0, 100) > 0
     assert noise_tolerance(0.5, 0.5, 1000) < noise_tolerance(0.5, 0.5, 100)
     assert noise_tolerance(0.2, 0.4, 200) == pytest.approx(noise_tolerance(0.4, 0.2, 200))
+    # Agresti-Coull: two successes and two failures added, p~ = (k + 2) / (n + 4); 0 of 96 -> p~ = 1/50
+    assert binomial_se(0.0, 96) == pytest.approx(math.sqrt(0.02 * 0.98 / 100))
+    assert binomial_se(0.5, 96) == pytest.approx(math.sqrt(0.25 / 100))
 
 
 def test_verdict_is_the_worst_status_and_serialises():
