@@ -108,6 +108,24 @@ def test_a_data_parallel_run_resumes_where_it_stopped(tmp_path):
         assert torch.allclose(one[name], two[name], atol=1e-5), name
 
 
+def test_a_data_parallel_run_with_random_starts_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Fast-AT draws a random start on every rank: a two-rank run resumed after epoch 1 must draw on rank 1
+    what the uninterrupted two-rank run drew there, and end with the same weights."""
+    options = ["--defense", "fast_at", "--eps", "0.1", "--set", "train.schedule=constant"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert _train(whole, "--epochs", "2", *options, nproc=2).returncode == 0
+    assert _train(resumed, "--epochs", "1", *options, nproc=2).returncode == 0
+    config = resumed / "config.yaml"
+    config.write_text(config.read_text().replace("epochs: 1\n", "epochs: 2\n"))
+    metadata = json.loads((resumed / "metadata.json").read_text())
+    (resumed / "metadata.json").write_text(json.dumps({**metadata, "status": "running"}))
+    done = _train(resumed, "--epochs", "2", *options, nproc=2)
+    assert done.returncode == 0, done.stderr
+    one, two = load_file(whole / "last.safetensors"), load_file(resumed / "last.safetensors")
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-6), name
+
+
 def test_two_ranks_evaluate_exactly_what_one_process_evaluates(tmp_path):
     """Each rank attacks every other batch (random starts seeded per batch); rank 0 gathers and writes."""
     single = tmp_path / "single"

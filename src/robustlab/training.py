@@ -181,11 +181,11 @@ class Trainer:
         self.selected: dict[str, torch.Tensor] = {}
         self.start_epoch = 0
         self.generator = torch.Generator().manual_seed(config.seed + 1)
-        if self.dist.rank:
-            self._draw_apart_from_rank_0(0)
 
     def _draw_apart_from_rank_0(self, epoch: int) -> None:
-        """Give a rank > 0 its own random starts and dropout masks (rank 0 draws as one process would)."""
+        """Give a rank > 0 its own random starts and dropout masks for ``epoch`` (rank 0 draws as one process
+        would, and its random state travels in resume.pt). Seeded afresh every epoch, so that a run
+        resumed after any epoch draws what the uninterrupted run draws."""
         seed = self.config.seed + 7919 * self.dist.rank + 104_729 * epoch
         torch.manual_seed(seed)
         self.generator.manual_seed(seed + 1)
@@ -250,8 +250,6 @@ class Trainer:
         if not self.run.weights.exists() and self.dist.is_main:
             restore_selected_weights(self.run.path)
         self.start_epoch = int(state["epoch"]) + 1
-        if self.dist.rank:  # the checkpoint holds rank 0's random state
-            self._draw_apart_from_rank_0(self.start_epoch)
         self.history = read_csv(self.run.history)[: self.start_epoch]
         if [row.get("epoch") for row in self.history] != list(range(1, self.start_epoch + 1)):
             raise CheckpointError(
@@ -337,6 +335,8 @@ class Trainer:
             desc=f"{config.defense.name} {config.model.name}/{config.data.dataset}",
         )
         for epoch in range(self.start_epoch, config.train.epochs):
+            if self.dist.rank:
+                self._draw_apart_from_rank_0(epoch)
             state.epoch = epoch
             state.log.clear()
             self.loader.set_epoch(epoch)
