@@ -86,44 +86,43 @@ def test_a_mistake_stops_every_rank_with_one_line(tmp_path):
     assert "robustlab/training.py" not in done.stderr, "a user error, not a traceback (torchrun adds its own)"
 
 
-def test_a_data_parallel_run_resumes_where_it_stopped(tmp_path):
-    """A two-rank run stopped after epoch 1 of 2 resumes on two ranks and ends where one process ends.
+def _two_ranks_resumed_after_epoch_1(out, *options: str) -> None:
+    """A two-rank run of 2 epochs stopped after epoch 1, then resumed on two ranks.
 
     The stop is staged: a finished 1-epoch run is marked unfinished with 2 epochs (its resume.pt is
     the state a 2-epoch run has after epoch 1, given a constant learning rate).
     """
-    constant = ["--set", "train.schedule=constant"]
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    assert _train(reference, "--epochs", "2", *constant).returncode == 0
-    assert _train(resumed, "--epochs", "1", *constant, nproc=2).returncode == 0
-    config = resumed / "config.yaml"
+    assert _train(out, "--epochs", "1", *options, nproc=2).returncode == 0
+    config = out / "config.yaml"
     config.write_text(config.read_text().replace("epochs: 1\n", "epochs: 2\n"))
-    metadata = json.loads((resumed / "metadata.json").read_text())
-    (resumed / "metadata.json").write_text(json.dumps({**metadata, "status": "running"}))
-    done = _train(resumed, "--epochs", "2", *constant, nproc=2)
+    metadata = json.loads((out / "metadata.json").read_text())
+    (out / "metadata.json").write_text(json.dumps({**metadata, "status": "running"}))
+    done = _train(out, "--epochs", "2", *options, nproc=2)
     assert done.returncode == 0, done.stderr
-    assert len((resumed / "history.csv").read_text().splitlines()) == 3
-    one, two = load_file(reference / "last.safetensors"), load_file(resumed / "last.safetensors")
+    assert len((out / "history.csv").read_text().splitlines()) == 3
+
+
+def _same_weights(a, b, atol: float) -> None:
+    one, two = load_file(a / "last.safetensors"), load_file(b / "last.safetensors")
     for name in one:
-        assert torch.allclose(one[name], two[name], atol=1e-5), name
+        assert torch.allclose(one[name], two[name], atol=atol), name
+
+
+def test_a_data_parallel_run_resumes_where_it_stopped(tmp_path):
+    """A two-rank run stopped after epoch 1 of 2 resumes on two ranks and ends where one process ends."""
+    constant = ["--set", "train.schedule=constant"]
+    assert _train(tmp_path / "reference", "--epochs", "2", *constant).returncode == 0
+    _two_ranks_resumed_after_epoch_1(tmp_path / "resumed", *constant)
+    _same_weights(tmp_path / "reference", tmp_path / "resumed", atol=1e-5)
 
 
 def test_a_data_parallel_run_with_random_starts_resumes_to_the_uninterrupted_weights(tmp_path):
     """Fast-AT draws a random start on every rank: a two-rank run resumed after epoch 1 must draw on rank 1
     what the uninterrupted two-rank run drew there, and end with the same weights."""
     options = ["--defense", "fast_at", "--eps", "0.1", "--set", "train.schedule=constant"]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert _train(whole, "--epochs", "2", *options, nproc=2).returncode == 0
-    assert _train(resumed, "--epochs", "1", *options, nproc=2).returncode == 0
-    config = resumed / "config.yaml"
-    config.write_text(config.read_text().replace("epochs: 1\n", "epochs: 2\n"))
-    metadata = json.loads((resumed / "metadata.json").read_text())
-    (resumed / "metadata.json").write_text(json.dumps({**metadata, "status": "running"}))
-    done = _train(resumed, "--epochs", "2", *options, nproc=2)
-    assert done.returncode == 0, done.stderr
-    one, two = load_file(whole / "last.safetensors"), load_file(resumed / "last.safetensors")
-    for name in one:
-        assert torch.allclose(one[name], two[name], atol=1e-6), name
+    assert _train(tmp_path / "whole", "--epochs", "2", *options, nproc=2).returncode == 0
+    _two_ranks_resumed_after_epoch_1(tmp_path / "resumed", *options)
+    _same_weights(tmp_path / "whole", tmp_path / "resumed", atol=1e-6)
 
 
 def test_two_ranks_evaluate_exactly_what_one_process_evaluates(tmp_path):
