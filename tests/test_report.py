@@ -174,6 +174,23 @@ def test_mcnemar_pairs_only_finished_cells_on_the_same_test_images(results_dir, 
     assert {r[1] for r in mcnemar_table(results, by_defense, reference).rows} == {"1"}
 
 
+def test_mcnemar_compares_worst_cases_only_of_evaluations_of_the_same_strength(results_dir):
+    from robustlab.report.build import mcnemar_table
+    from robustlab.report.data import load_results
+
+    results = load_results(results_dir)
+    by_defense: dict[str, list] = {}
+    for row in results.rows:
+        by_defense.setdefault(row["defense"], []).append(row)
+    reference = "hybrid" if "hybrid" in by_defense else "standard"
+    other = next(d for d in by_defense if d != reference)
+    by_defense[other][0] = {**by_defense[other][0], "strength": "autoattack-grade"}  # the reference: upper bound
+    rows = mcnemar_table(results, by_defense, reference).rows
+    seed0 = {r[2] for r in rows if r[1] == "0"}
+    assert seed0 == {"clean"}, "an upper bound against an AutoAttack-grade worst case is not a paired test"
+    assert {r[2] for r in rows if r[1] == "1"} == {"clean", "worst case"}
+
+
 @pytest.mark.skipif("hybrid" not in DEFENCES, reason="hybrid is not registered")
 def test_table2_says_when_cells_trained_with_different_execution_settings(results_dir, tmp_path):
     """channels_last does not change what a cell trains, so a grid keeps cells trained without it; their
