@@ -309,6 +309,8 @@ def test_autoattack_stages_are_recorded_and_an_interrupted_evaluation_resumes_id
     monkeypatch.setattr(stages, "run_stage", lambda *a, **k: (calls.append(a[0][0]), real(*a, **k))[1])
     resumed = _small_autoattack(model, test, state_dir=tmp_path / "resumed")
     assert set(calls) == {"fab-t", "square"}, "APGD-CE and APGD-T are not run again"
+    stages_seconds = sum(s["seconds"] for s in resumed.attacks[label].stages.values())
+    assert resumed.attacks[label].seconds >= stages_seconds, "its time counts the stages read back too"
     for name in ("correct", "confidence"):
         for m in ("clean", label, "worst_case"):
             first = getattr(whole.attacks.get(m, whole.clean if m == "clean" else whole.worst_case), name)

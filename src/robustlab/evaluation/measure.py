@@ -252,6 +252,7 @@ def _attack_all(
                           job.speak, sys.stderr)
             continue
         tic = time.perf_counter()
+        earlier = 0.0  # seconds an interrupted run already spent on the stages read back
         with torch.random.fork_rng(devices=job.rng_devices):
             found = None
             if record is not None and record["name"] == "autoattack":
@@ -264,11 +265,12 @@ def _attack_all(
                 staged[label] = {"masks": run.masks, "seconds": run.seconds}
                 finished_states += [path] if path is not None else []
                 found = run.x_adv
+                earlier = sum(run.seconds.get(name, 0.0) for name in list(run.masks)[1 : 1 + run.resumed_stages])
             results, outside = _attack_batches(job, index, label, attack, found, bar)
         if bool(outside):
             raise RuntimeError(f"attack '{label}' left the {job.norm} ball of radius {job.eps} or the [0, 1] box")
         columns[label] = _to_host(results)
-        seconds[label] = time.perf_counter() - tic
+        seconds[label] = time.perf_counter() - tic + earlier
         if checkpoint is not None:
             _save_columns(*checkpoint, columns[label], seconds[label])
             finished_states.append(checkpoint[0])
