@@ -82,11 +82,12 @@ def test_hybrid_uses_schedule_alpha_and_guard():
     state.step = 10
     assert objective.attack_plan(state).eps == pytest.approx(0.03 + 0.27 / 2)
     row = objective.on_epoch_end(state, {"val_clean_acc": 0.7, "val_robust_clean_acc": 0.9, "val_robust_acc": 0.6,
-                                         "train_adv_acc": 0.0})
+                                         "train_adv_acc": 0.0, "train_eps_t": 0.1})
     # clean accuracy of the images PGD saw (the subset), not of the whole validation split
     assert objective.alpha == pytest.approx(0.6 / 1.5) and row["alpha_next"] == objective.alpha
     # robust accuracy collapses while the training FGSM accuracy is high: switch to pgd-2 and log it
-    row = objective.on_epoch_end(state, {"val_robust_clean_acc": 0.95, "val_robust_acc": 0.05, "train_adv_acc": 0.9})
+    row = objective.on_epoch_end(state, {"val_robust_clean_acc": 0.95, "val_robust_acc": 0.05, "train_adv_acc": 0.9,
+                                         "train_eps_t": 0.1})
     assert row["attack"] == "pgd-2" and any("catastrophic" in line for line in state.log)
     plan = objective.attack_plan(state)
     assert (plan.method, plan.steps, plan.step_size) == ("pgd", 2, pytest.approx(2.5 * plan.eps / 2))
@@ -123,12 +124,13 @@ def test_pgd_at_warmup_is_logged_per_epoch(digits, tmp_path):
 def test_hybrid_guard_catches_fgsm_that_never_became_pgd_robust():
     objective = build_objective("hybrid", {"ramp_epochs": 1})
     state = TrainState(epoch=0, epochs=3, step=10, steps_per_epoch=10, eps=0.3)
-    train = {"val_robust_clean_acc": 0.96, "train_adv_acc": 0.7}  # train FGSM acc 0.7 at eps_t = eps
+    # train FGSM acc 0.7 over an epoch wholly at eps
+    train = {"val_robust_clean_acc": 0.96, "train_adv_acc": 0.7, "train_eps_t": 0.3}
     assert objective.on_epoch_end(state, {**train, "val_robust_acc": 0.5})["attack"] == "fgsm"
     assert objective.on_epoch_end(state, {**train, "val_robust_acc": 0.07})["attack"] == "pgd-2"
-    state = TrainState(epoch=0, epochs=3, step=5, steps_per_epoch=10, eps=0.3)  # still ramping: no verdict
+    # the epoch that finished the ramp trained FGSM below eps (mean eps_t 0.165): no verdict yet
     ramping = build_objective("hybrid", {"ramp_epochs": 1})
-    assert ramping.on_epoch_end(state, {**train, "val_robust_acc": 0.07})["attack"] == "fgsm"
+    assert ramping.on_epoch_end(state, {**train, "train_eps_t": 0.165, "val_robust_acc": 0.07})["attack"] == "fgsm"
 
 
 def test_hybrid_guard_reads_the_epoch_training_stats_the_history_logs(digits, tmp_path, monkeypatch):
@@ -148,7 +150,7 @@ def test_hybrid_guard_ignores_a_drop_at_the_noise_floor():
     """Early in a ramp to eps 0.3 val PGD at the target eps is ~0: 1% -> 0% is not catastrophic overfitting."""
     objective = build_objective("hybrid", {})
     state = TrainState(epoch=0, epochs=50, step=10, steps_per_epoch=10, eps=0.3)  # eps_t still ramping
-    train = {"train_adv_acc": 0.95}  # train FGSM acc 0.95 at the small eps_t
+    train = {"train_adv_acc": 0.95, "train_eps_t": 0.05}  # train FGSM acc 0.95 at the small eps_t
     for clean, robust in ((0.97, 0.01), (0.98, 0.0)):
         row = objective.on_epoch_end(state, {**train, "val_robust_clean_acc": clean, "val_robust_acc": robust})
         assert row["attack"] == "fgsm"

@@ -17,8 +17,8 @@ Our reading (``DESIGN.md``, "The hybrid defence, made precise"), every free choi
    augmentation to PGD-2 for the remaining epochs when the validation PGD accuracy collapses (below
    ``co_drop`` x its best, a best of at least ``co_min_best``: early in a ramp to a large eps the
    accuracy at the target eps sits near 0, where 1% -> 0% is noise, not a collapse) while the
-   training FGSM accuracy stays high (>= ``co_train_acc``), or, once
-   the ramp has reached eps, when the training FGSM accuracy exceeds the validation PGD accuracy by
+   training FGSM accuracy stays high (>= ``co_train_acc``), or, after an epoch trained entirely at
+   eps (its mean ``train_eps_t`` is eps), when the training FGSM accuracy exceeds the validation PGD accuracy by
    ``co_gap`` or more (PGD never rose: single-step training that only learned to mask FGSM). The event
    goes to the history's ``events`` column.
 
@@ -137,7 +137,9 @@ class HybridObjective(AdversarialObjective):
         train_adv_acc = metrics["train_adv_acc"]  # the epoch's mean, over every rank's batches
         best = self.best_val_robust
         collapsed = best >= p.co_min_best and robust < p.co_drop * best and train_adv_acc >= p.co_train_acc
-        masked = self.eps_t(state) >= state.eps and train_adv_acc - robust >= p.co_gap
+        # FGSM accuracy at a smaller budget than PGD's says nothing of masking: only an epoch wholly at eps counts
+        whole_epoch_at_eps = metrics["train_eps_t"] >= state.eps * (1 - 1e-6)
+        masked = whole_epoch_at_eps and train_adv_acc - robust >= p.co_gap
         if p.co_guard and self.attack == "fgsm" and (collapsed or masked):
             self.attack, self.attack_steps = "pgd", 2
             state.log.append(
