@@ -107,6 +107,10 @@ def test_a_cell_awaiting_its_audit_is_marked_audit_pending(tmp_path, monkeypatch
     row = cell_row(cell, audit=True)
     assert row["status"] == "finished" and row["audit_pending"] and "audit_verdict" not in row
     assert "audit_pending" not in cell_row(cell), "a grid without audits has none pending"
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    first = next(r for r in rows if r["cell"] == cell.id)
+    assert first["status"] == "finished" and first["audit_pending"] and first["worst_case"] is not None, \
+        "the results table has the evaluation while the (long) audit runs"
 
 
 def test_a_grid_run_with_its_data_elsewhere_keeps_its_cells_and_evaluates_from_there(tmp_path, monkeypatch):

@@ -139,11 +139,14 @@ def run_cell(
     log: Callable[[str], None] = print,
     isolate: bool = True,
     reevaluate_before: float | None = None,
+    evaluated: Callable[[], None] | None = None,
 ) -> bool:
     """Train (or resume), evaluate and audit one cell; returns False when everything was already done.
 
     ``reevaluate_before`` (a Unix time): evaluate the cell again if its evaluation was made before then,
-    for example before a fix to an attack; its training and audit are kept.
+    for example before a fix to an attack; its training and audit are kept. ``evaluated`` is called once
+    the evaluation is recorded, before the audit (the grid updates its results table there: an audit
+    takes long, and the numbers are there to report with the audit marked pending).
     """
     from robustlab.evaluation import evaluate_run
     from robustlab.training import restore_selected_weights
@@ -186,6 +189,8 @@ def run_cell(
         evaluate_run(cell.run_dir, **kwargs, progress=progress)
         state.update(evaluation=signature, evaluated_at=time.time())
         write_json(cell.state_path, state)
+        if evaluated is not None and audit_now:
+            evaluated()
     if audit_now:
         log(f"[{cell.id}] auditing")
         audit(cell.run_dir, **settings.audit_options, progress=progress)
@@ -393,6 +398,7 @@ def _run_locked(
             log=log,
             isolate=isolate,
             reevaluate_before=reevaluate_before,
+            evaluated=lambda: collect_results(plan, result.failed),
         )
     except RobustlabError as error:
         log(f"[{cell.id}] failed: {error}")
