@@ -3,7 +3,8 @@
 For a change to AutoAttack (here: its ``rand`` version for random defences), this measures what the
 change does to a committed cell without re-running the cell's other attacks: AutoAttack runs on the
 first ``--n`` of the images the cell was evaluated on (same seed, EOT, forward passes), and the new
-worst case is the per-sample, per-pass minimum of the committed attacks and the new AutoAttack::
+worst case is the per-sample, per-pass minimum of the committed clean pass and attacks and the new
+AutoAttack (a sample misclassified clean is not robust, as in the evaluation)::
 
     RUN=benchmarks/paper-cifar10-cpu/runs/cifar10-resnet18-noise_injection-eps0.03-s0
     OMP_NUM_THREADS=1 python benchmarks/reevaluate_autoattack.py $RUN --n 200
@@ -47,7 +48,7 @@ def main() -> None:
     old = arrays[f"correct:{label}"][:, : args.n]
     others = [arrays[f"correct:{a}"][:, : args.n] for a in entry["attacks"] if a != label]
     old_worst = arrays["correct:worst_case"][:, : args.n]
-    new_worst = np.logical_and.reduce([*others, new])
+    new_worst = np.logical_and.reduce([arrays["correct:clean"][:, : args.n], *others, new])
     print(f"{args.run_dir.name} ({key}), first {args.n} evaluated images, accuracy in % (mean over passes):")
     print(f"  {label}: committed {100 * old.mean():.1f} -> now {100 * new.mean():.1f}")
     print(f"  worst case: committed {100 * old_worst.mean():.1f} -> now {100 * new_worst.mean():.1f}")
