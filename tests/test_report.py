@@ -36,6 +36,14 @@ def _digits_grid(name: str, seeds: list[int]) -> dict:
     }
 
 
+def _by_defense(results) -> dict[str, list]:
+    """The rows of the digits grid's one (dataset, model, eps) group, by defence, as the report groups them."""
+    from robustlab.report.data import grouped
+
+    (by_defense,) = grouped(results.rows).values()
+    return by_defense
+
+
 @pytest.fixture(scope="module")
 def results_dir(tmp_path_factory) -> Path:
     """A finished 2-seed digits grid (standard, and hybrid when registered), evaluated with 3 attacks."""
@@ -111,9 +119,7 @@ def test_mcnemar_holm_adjusts_within_one_seed_and_correctness(results_dir):
     from robustlab.report.data import load_results
 
     results = load_results(results_dir)
-    by_defense: dict[str, list] = {}
-    for row in results.rows:
-        by_defense.setdefault(row["defense"], []).append(row)
+    by_defense = _by_defense(results)
     by_defense["hybrid copy"] = by_defense["hybrid"]
     table = mcnemar_table(results, by_defense, reference="standard")
     p_raw, p_holm = table.header.index("p-value"), table.header.index("p (Holm)")
@@ -129,9 +135,7 @@ def test_mcnemar_skips_an_unfinished_hybrid_cell_and_says_so_when_none_is_finish
     from robustlab.report.data import load_results
 
     results = load_results(results_dir)
-    by_defense: dict[str, list] = {}
-    for row in results.rows:
-        by_defense.setdefault(row["defense"], []).append(row)
+    by_defense = _by_defense(results)
     by_defense["hybrid"][1] = {**by_defense["hybrid"][1], "status": "running"}
     rows = mcnemar_table(results, by_defense).rows
     assert {r[1] for r in rows} == {"0"}, "the finished seed's test was dropped, or the running one's kept"
@@ -148,9 +152,7 @@ def test_mcnemar_pairs_only_finished_cells_on_the_same_test_images(results_dir, 
     out = tmp_path / "pairs"
     shutil.copytree(results_dir, out)
     results = load_results(out)
-    by_defense: dict[str, list] = {}
-    for row in results.rows:
-        by_defense.setdefault(row["defense"], []).append(row)
+    by_defense = _by_defense(results)
     reference = "hybrid" if "hybrid" in by_defense else "standard"
     other = next(d for d in by_defense if d != reference)
     by_defense[other][1] = {**by_defense[other][1], "status": "evaluating"}
@@ -179,9 +181,7 @@ def test_mcnemar_compares_worst_cases_only_of_evaluations_of_the_same_strength(r
     from robustlab.report.data import load_results
 
     results = load_results(results_dir)
-    by_defense: dict[str, list] = {}
-    for row in results.rows:
-        by_defense.setdefault(row["defense"], []).append(row)
+    by_defense = _by_defense(results)
     reference = "hybrid" if "hybrid" in by_defense else "standard"
     other = next(d for d in by_defense if d != reference)
     by_defense[other][0] = {**by_defense[other][0], "strength": "autoattack-grade"}  # the reference: upper bound
