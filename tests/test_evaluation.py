@@ -66,6 +66,19 @@ def test_a_sample_misclassified_clean_is_not_robust_whatever_the_attacks_output(
     assert worst.correct.tolist() == [[True, False, False]]
 
 
+def test_a_sample_counted_wrong_keeps_a_wrong_prediction_for_its_confidence():
+    """Clean-misclassified, every attack's output right: the worst case keeps the clean image (index -1)."""
+    from robustlab.evaluation.measure import _worst_case
+    from robustlab.evaluation.result import Measurement
+
+    clean = Measurement("clean", None, np.array([[True, False]]), np.array([[0.9, 0.4]], dtype=np.float32))
+    fgsm = Measurement("fgsm", None, np.array([[False, True]]), np.array([[0.7, 0.95]], dtype=np.float32))
+    worst, choice = _worst_case(clean, {"fgsm": (fgsm, np.array([[0.1, 0.95]]))}, n_boot=10, seed=0)
+    assert choice.tolist() == [[0, -1]]
+    assert worst.confidence[0].tolist() == pytest.approx([0.7, 0.4])
+    assert worst.summary()["confidence"]["mean_wrong"] == pytest.approx(0.55)
+
+
 def test_clean_accuracy_matches_plain_prediction(result, trained_digits):
     test, indices = subset(trained_digits.data.test, 120)
     expected = float((predict(trained_digits.model, test) == test.labels).float().mean())

@@ -61,8 +61,9 @@ Per-sample arrays (``evaluation/<threat key>.npz``, read with :func:`read_sample
 ``indices`` (n,) into the test split (with ``n`` below the split size: a fixed-seed random subset),
 ``labels`` (n,), ``correct:<label>`` bool and ``confidence:<label>`` float32 of shape (passes, n) for
 ``clean``, every attack label and ``worst_case``, ``worst_case_attack`` (passes, n) index into
-``attack_labels``. ``correct:clean[0]`` and ``correct:worst_case[0]`` are what McNemar's test
-(:func:`robustlab.stats.mcnemar`) compares between two defences evaluated on the same samples.
+``attack_labels`` (-1: the clean image, for a sample misclassified clean that no attack misclassified).
+``correct:clean[0]`` and ``correct:worst_case[0]`` are what McNemar's test (:func:`robustlab.stats.mcnemar`)
+compares between two defences evaluated on the same samples.
 """
 
 from __future__ import annotations

@@ -499,9 +499,11 @@ def _worst_case(
     classified correctly (a single FGSM step or a random start can land on the right side), as in
     AutoAttack, which never attacks such a sample and counts it wrong.
 
-    The adversarial kept for the confidence statistics is, per sample, a misclassified one if any
+    The image kept for the confidence statistics is, per sample, a misclassified adversarial if any
     attack succeeded, and among those (or among all when none did) the one giving the true class the
-    lowest probability.
+    lowest probability. A sample misclassified clean that no attack's output misclassifies keeps its
+    clean image instead (index -1 in the returned choice), so a sample counted wrong is never
+    described by the confidence of a correct prediction.
     """
     labels = list(measured)
     record = {"name": "worst_case", "over": labels}
@@ -510,6 +512,9 @@ def _worst_case(
     p_true = np.stack([measured[k][1] for k in labels])
     choice = np.argmin(correct * 2.0 + p_true, axis=0)
     pick = np.take_along_axis(confidence, choice[None], axis=0)[0]
+    wrong_only_clean = ~clean.correct & np.take_along_axis(correct, choice[None], axis=0)[0]
+    pick = np.where(wrong_only_clean, clean.confidence, pick)
+    choice = np.where(wrong_only_clean, -1, choice)
     seconds = sum(measured[k][0].seconds for k in labels)
     worst = Measurement("worst_case", record, correct.all(axis=0) & clean.correct, pick, seconds)
     worst.ci95 = bootstrap_ci(worst.per_sample, n_boot, seed)
