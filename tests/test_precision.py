@@ -124,3 +124,54 @@ def test_bf16_attacks_agree_with_fp32_within_noise(trained_digits):
     assert abs(a - b) <= noise_tolerance(a, b, len(test)), (a, b)
     agreement = (fp32.worst_case.correct == bf16.worst_case.correct).mean()
     assert agreement >= 0.9, agreement
+
+
+class _BoundaryTie(torch.nn.Module):
+    """Class 1 leads class 0 by 0.01 on a black image: float32 classifies it correctly, bfloat16 (spacing
+    1/32 at 4) sees a tie that argmax resolves to class 0. Lightening any pixel by 0.01 crosses over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 4)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.weight[0] = 1.0
+            self.linear.bias.copy_(torch.tensor([4.0, 4.01, 3.0, 2.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("spec", [
+    "apgd_ce", "apgd_dlr", "apgd_t", {"name": "autoattack", "steps": 5, "queries": 20},
+    {"name": "pgd", "steps": 5, "random_start": False, "early_stop": True},
+    {"name": "pgd", "steps": 5, "random_start": False, "early_stop": True, "restarts": 2},
+], ids=str)
+def test_attacks_under_bf16_take_the_float32_models_decisions(spec):
+    """A success seen only in bfloat16 (here: on the clean image) must not stop an attack: the evaluation's
+    float32 verdict would count the untouched image as robust."""
+    from robustlab.attacks import make_attack
+    from robustlab.devices import bf16_autocast
+
+    model, x, y = _BoundaryTie().eval(), torch.zeros(4, 1, 4, 4), torch.ones(4, dtype=torch.long)
+    with torch.no_grad(), bf16_autocast("cpu"):
+        assert (model(x).argmax(1) != y).all()  # the premise: bf16 alone calls the clean image fooled
+    with bf16_autocast("cpu"):
+        x_adv = make_attack(spec, eps=0.1)(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert (model(x_adv).argmax(1) != y).all()
+
+
+@pytest.mark.parametrize("spec", [{"name": "fab_t", "steps": 10}, {"name": "square", "queries": 30}], ids=str)
+def test_fab_and_square_run_in_float32_under_bf16_autocast(trained_digits, spec):
+    """FAB linearises the boundary from a logit difference and Square accepts queries by the margin; both
+    decide next to the boundary, where bfloat16 rounds, so autocast must not change a single pixel."""
+    from robustlab.attacks import make_attack
+    from robustlab.devices import bf16_autocast
+
+    model, test = trained_digits.model.eval(), trained_digits.data.test
+    x, y = test.float_images()[:64], test.labels[:64]
+    attack = make_attack(spec, eps=0.1)
+    fp32 = attack(model, x, y, generator=torch.Generator().manual_seed(0))
+    with bf16_autocast("cpu"):
+        bf16 = attack(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fp32, bf16)

@@ -152,8 +152,9 @@ def evaluate(
     data_dir: Annotated[str | None, typer.Option(help="dataset root for --dataset")] = None,
     out: Annotated[Path | None, typer.Option(help="with --checkpoint: where metrics.json goes")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
-    attack_precision: Annotated[str, typer.Option(help="fp32, or bf16: craft under bfloat16 autocast "
-                                                  "(verdicts stay fp32; AutoAttack crafts in fp32)")] = "fp32",
+    attack_precision: Annotated[str, typer.Option(help="fp32, or bf16: gradient passes under bfloat16 "
+                                                  "autocast (decisions and verdicts stay fp32; AutoAttack, "
+                                                  "FAB and Square run in fp32)")] = "fp32",
     fuse: Annotated[bool, typer.Option(help="attacks differentiate a fused copy of the model (BatchNorm folded, "
                                        "channels_last; same function, faster); verdicts stay the model's")] = True,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,

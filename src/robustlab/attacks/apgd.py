@@ -32,8 +32,11 @@ from robustlab.attacks.core import (
     ascent_direction,
     check_attack_inputs,
     clip_to_ball,
+    float32_confirmed,
+    float32_logits,
     frozen,
     input_gradient,
+    misclassified,
     per_sample,
     random_init,
 )
@@ -91,9 +94,8 @@ def apgd(
     if eps == 0:
         return out
     with frozen(model):
-        with torch.no_grad():
-            clean_logits = model(x)
-        fooled = clean_logits.argmax(1) != y
+        clean_logits = float32_logits(model, x)
+        fooled = misclassified(clean_logits, y)
         if targeted:
             order = clean_logits.sort(dim=1, descending=True).indices
             runs = [
@@ -147,12 +149,16 @@ def _apgd_run(
     last_mark = 0
     x_orig, y_orig, labels_all = x, y, labels
 
+    def confirmed_hits(logits: torch.Tensor) -> torch.Tensor:
+        y_now = y_orig[idx]
+        return float32_confirmed(model, x_adv, misclassified(logits, y_now), misclassified, y_now)
+
     def record(hit: torch.Tensor) -> None:
         # writes through the index tensor idx, never a boolean mask: no host synchronisation
         result[idx] = torch.where(per_sample(hit, x_adv), x_adv, result[idx])
         fooled[idx] = fooled[idx] | hit
 
-    hit = logits.argmax(1) != y_orig[idx]
+    hit = confirmed_hits(logits)
     record(hit)
     for k in range(1, steps + 1):
         if early_stop:  # the batch shrinks to the samples still robust (its size is read once per step)
@@ -170,7 +176,7 @@ def _apgd_run(
         x_next = clip_to_ball(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x0, eps, norm)
         x_prev, x_adv = x_adv, x_next
         grad, loss, logits = input_gradient(model, x_adv, labels_all[idx], loss_fn)
-        hit = logits.argmax(1) != y_orig[idx]
+        hit = confirmed_hits(logits)
         record(hit)
         increases += (loss > loss_prev).float()
         loss_prev = loss

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from robustlab.attacks.apgd import apgd
-from robustlab.attacks.core import Model, check_attack_inputs, frozen
+from robustlab.attacks.core import Model, check_attack_inputs, float32_logits, frozen
 from robustlab.attacks.fab import fab_t
 from robustlab.attacks.square import square
 from robustlab.attacks.wrappers import EOT, EOT_SAMPLES
@@ -83,8 +83,8 @@ def autoattack(
     attacked = attacked_model(model, version, eot_samples)
     x = x.detach()
     x_adv = x.clone()
-    with frozen(model), torch.no_grad():
-        robust = model(x).argmax(1) == y
+    with frozen(model):
+        robust = float32_logits(model, x).argmax(1) == y
     accuracy = {"clean": float(robust.float().mean())}
     for stage in stages:
         run_stage(stage, model, attacked, x, y, x_adv, robust, eps=eps, norm=norm, generator=generator,
@@ -130,12 +130,12 @@ def run_stage(
     if not todo.numel():
         return
     candidate = attack(attacked, x[todo], y[todo], eps=eps, norm=norm, generator=generator, validate=False, **kwargs)
-    with frozen(model), torch.no_grad():
-        logits = model(candidate)
+    with frozen(model):
+        logits = float32_logits(model, candidate)
         broken = logits.argmax(1) != y[todo]
         take = broken
         if keep_candidates:  # a survivor keeps this stage's point or an earlier one's, whichever has the higher loss
-            earlier = F.cross_entropy(model(x_adv[todo]), y[todo], reduction="none")
+            earlier = F.cross_entropy(float32_logits(model, x_adv[todo]), y[todo], reduction="none")
             take = broken | (F.cross_entropy(logits, y[todo], reduction="none") > earlier)
     x_adv[todo[take]] = candidate[take]
     robust[todo[broken]] = False

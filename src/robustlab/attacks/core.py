@@ -11,6 +11,7 @@ buffers (BatchNorm running statistics) are restored exactly, and every output sa
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -263,8 +264,44 @@ def pgd(
 
 
 def is_fooled(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor, targeted: bool) -> torch.Tensor:
-    prediction = logits.argmax(1)
-    return prediction == target if targeted else prediction != y
+    return logits.argmax(1) == target if targeted else misclassified(logits, y)
+
+
+def misclassified(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(1) != y
+
+
+def float32_logits(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits without gradients and in float32, even inside a bfloat16 autocast region.
+
+    Every decision an attack takes on a sample (already misclassified, broken, closer adversarial found)
+    is the float32 model's: bfloat16 logits near the decision boundary can tie or flip, and an attack
+    that stopped on a bfloat16-only success would leave an image the evaluation's float32 verdict
+    counts as robust.
+    """
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        return model(x)
+
+
+def float32_confirmed(
+    model: Model, x: torch.Tensor, hit: torch.Tensor, judge: Callable[..., torch.Tensor], *labels: torch.Tensor
+) -> torch.Tensor:
+    """``hit``, judged on logits of ``x`` from the attack's own (gradient) forward pass, kept only where
+    the float32 model agrees.
+
+    Outside autocast the logits already are the float32 model's: ``hit`` is returned as is, with no
+    extra forward pass and no host synchronisation. Under autocast the rows that hit are re-classified
+    by :func:`float32_logits` (one host read for their indices) and ``judge(logits, *labels)`` decides
+    them again, each of ``labels`` (aligned with ``x``) restricted to those rows.
+    """
+    if not torch.is_autocast_enabled(x.device.type):
+        return hit
+    rows = hit.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return hit
+    confirmed = hit.clone()
+    confirmed[rows] = judge(float32_logits(model, x[rows]), *(t[rows] for t in labels))
+    return confirmed
 
 
 def _pgd_run(
@@ -302,7 +339,9 @@ def _pgd_run(
             model, x_adv[active], labels[active], loss_fn, check_labels if step_index == 0 else ()
         )
         if isinstance(active, torch.Tensor):
-            hit = is_fooled(logits, y[active], labels[active], targeted)
+            judge = functools.partial(is_fooled, targeted=targeted)
+            y_now, labels_now = y[active], labels[active]
+            hit = float32_confirmed(model, x_adv[active], judge(logits, y_now, labels_now), judge, y_now, labels_now)
             fooled[active] = hit  # every active sample was unfooled: an index write, no host read
             keep = ~hit
             active, grad = active[keep], grad[keep]
@@ -318,8 +357,7 @@ def _pgd_run(
         else:
             x_adv[active] = clip_to_ball(step, x[active], eps, norm)
     if verdict and (not isinstance(active, torch.Tensor) or active.numel()):
-        with torch.no_grad():
-            logits = model(x_adv[active])
+        logits = float32_logits(model, x_adv[active])
         fooled[active] = is_fooled(logits, y[active], labels[active], targeted)
     return x_adv.detach(), fooled
 

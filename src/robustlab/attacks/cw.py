@@ -20,11 +20,20 @@ eps-ball, so it obeys the library's budget contract like every other attack.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from robustlab.attacks.core import Model, check_attack_inputs, clip_to_ball, frozen, lp_norm, per_sample
+from robustlab.attacks.core import (
+    Model,
+    check_attack_inputs,
+    clip_to_ball,
+    float32_confirmed,
+    frozen,
+    lp_norm,
+    per_sample,
+)
 from robustlab.attacks.losses import cw_margin
 from robustlab.errors import InputError
 
@@ -155,7 +164,8 @@ def _optimise(
             objective = dist + const[active] * attack_term
             (grad,) = torch.autograd.grad(objective.sum(), w_a)
         with torch.no_grad():
-            hit = _succeeds(logits, labels[active], kappa, targeted)
+            judge = functools.partial(_succeeds, kappa=kappa, targeted=targeted)
+            hit = float32_confirmed(model, x_adv, judge(logits, labels[active]), judge, labels[active])
             l2 = dist.sqrt()
             better = hit & (l2 < best_l2[active])
             best_l2[active] = torch.where(better, l2, best_l2[active])

@@ -25,7 +25,15 @@ from __future__ import annotations
 
 import torch
 
-from robustlab.attacks.core import Model, check_attack_inputs, clip_to_ball, frozen, lp_norm, per_sample
+from robustlab.attacks.core import (
+    Model,
+    check_attack_inputs,
+    clip_to_ball,
+    float32_logits,
+    frozen,
+    lp_norm,
+    per_sample,
+)
 from robustlab.devices import to_device
 from robustlab.errors import InputError
 
@@ -83,6 +91,9 @@ def fab_t(
     With ``early_stop`` a sample stops once it has an adversarial example inside the eps-ball (it is
     already counted as broken at eps); otherwise FAB keeps shrinking the distance.
 
+    FAB runs in float32 even inside a bfloat16 autocast region: it linearises the boundary from the
+    difference of two logits, which bfloat16 rounds away exactly where FAB works, next to the boundary.
+
     Returns:
         x_adv with ``||x_adv - x||_norm <= eps`` and values in [0, 1] (x itself where nothing was found).
     """
@@ -93,9 +104,8 @@ def fab_t(
     x = x.detach()
     best = x.clone()
     best_dist = torch.full((x.shape[0],), float("inf"), device=x.device)
-    with frozen(model):
-        with torch.no_grad():
-            logits = model(x)
+    with frozen(model), torch.autocast(x.device.type, enabled=False):
+        logits = float32_logits(model, x)
         correct = logits.argmax(1) == y
         best_dist[~correct] = 0.0
         order = logits.sort(dim=1, descending=True).indices
@@ -180,8 +190,7 @@ def _fab_run(
         n_orig = lp_norm(d_orig, norm)
         alpha = (n_here / (n_here + n_orig).clamp_min(1e-12)).clamp(max=alpha_max)[:, None]
         z = ((1 - alpha) * (z + eta * d_here) + alpha * (flat_x[idx] + eta * d_orig)).clamp(0, 1)
-        with torch.no_grad():
-            adversarial = model(z.view(-1, *shape[1:])).argmax(1) != y[idx]
+        adversarial = float32_logits(model, z.view(-1, *shape[1:])).argmax(1) != y[idx]
         dist = lp_norm(z - flat_x[idx], norm)
         rows = where[idx]
         closer = adversarial & (dist < best_dist[rows])

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from robustlab.attacks.core import Model, check_attack_inputs, clip_to_ball, frozen, per_sample
+from robustlab.attacks.core import Model, check_attack_inputs, clip_to_ball, float32_logits, frozen, per_sample
 from robustlab.attacks.losses import cw_margin
 from robustlab.devices import to_device
 from robustlab.errors import InputError
@@ -39,8 +39,8 @@ def square_size_fraction(iteration: int, queries: int, p_init: float) -> float:
 
 
 def _margin(model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return -cw_margin(model(x), y)
+    """The score Square minimises, from the float32 model: it both accepts proposals and decides broken."""
+    return -cw_margin(float32_logits(model, x), y)
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

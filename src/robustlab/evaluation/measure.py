@@ -91,9 +91,11 @@ def evaluate_model(
             is left untouched.
         eot_samples: gradient samples per step for random defences (EOT).
         random_passes: forward passes per input for a random model (deterministic models use one).
-        attack_precision: ``"fp32"`` (default) or ``"bf16"``: the attacks craft their examples under
-            bfloat16 autocast (faster on a GPU); every verdict is still the float32 model's prediction
-            on the crafted images. AutoAttack, the reference, always crafts in float32. Recorded as
+        attack_precision: ``"fp32"`` (default) or ``"bf16"``: the attacks' gradient passes run under
+            bfloat16 autocast (faster on a GPU). Every decision an attack takes (misclassified already,
+            broken, closer adversarial found) and every verdict on the crafted images is still the
+            float32 model's (:func:`robustlab.attacks.core.float32_logits`); FAB and Square run wholly
+            in float32, and AutoAttack, the reference, always crafts in float32. Recorded as
             ``model_info["attack_precision"]``.
         state_dir: where AutoAttack saves its per-sample state after every stage
             (:mod:`robustlab.stages`), so an interrupted evaluation resumes; the file is removed when
