@@ -50,8 +50,9 @@ def _batch(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         (lambda x: x[:, 0], "shape (N, C, H, W)"),
         (lambda x: x[:0], "empty"),
         (lambda x: x.numpy(), "must be a torch.Tensor"),
+        (lambda x: x.permute(0, 2, 3, 1), "x.permute(0, 3, 1, 2)"),
     ],
-    ids=["nan", "inf", "0-255", "negative", "uint8", "3d", "empty", "numpy"],
+    ids=["nan", "inf", "0-255", "negative", "uint8", "3d", "empty", "numpy", "channels-last"],
 )
 def test_bad_images_are_refused_by_attacks(lenet, make, message):
     x, y = _batch()
@@ -115,6 +116,28 @@ def test_bad_eps_in_config_and_cli(eps, capsys):
         load_config(None, [f"threat.eps={eps}"])
     code, _, err = main_in_process([*TRAIN, "--eps", eps, "--out", "/nonexistent/never-written"], capsys)
     assert_one_error_line(code, err, "eps")
+
+
+def test_an_eps_in_255ths_is_pointed_to_its_pixel_value():
+    with pytest.raises(InputError, match=re.escape("for 8/255 write 8/255")):
+        check_eps(8, "linf")
+
+
+# --- splits ------------------------------------------------------------------------------------
+def test_a_split_holds_bytes_and_float_pixels_come_in_through_from_pixels():
+    """A float Split would be divided by 255 again (and in place) by float_images(): it is refused."""
+    from robustlab.data import Split
+
+    x, y = _batch()
+    with pytest.raises(DataError, match=re.escape("Split.from_pixels")):
+        Split(x, y)
+    with pytest.raises(DataError, match="labels of shape"):
+        Split((x * 255).round().to(torch.uint8), y[:2])
+    pixels = (x * 255).round() / 255
+    split = Split.from_pixels(pixels, y)
+    assert torch.equal(split.float_images(), pixels) and torch.equal(split.float_images(), pixels)
+    with pytest.raises(DataError, match="not 8-bit"):
+        Split.from_pixels(pixels.clamp(max=0.999) + 0.0005, y)
 
 
 def test_l2_budget_may_exceed_one_but_linf_may_not():

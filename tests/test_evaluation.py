@@ -583,3 +583,15 @@ def test_state_file_digest_tells_transforms_of_one_classifier_apart():
     )}
     assert len(digests) == 6
     assert model_digest(Defended(base, GaussianNoise(sigma=0.5))) == model_digest(Defended(base, GaussianNoise(0.5)))
+
+
+def test_evaluate_model_takes_float_pixels_with_labels_as_a_split(trained_digits):
+    from robustlab.data import Split
+
+    model, test = trained_digits.model, trained_digits.data.test
+    part = Split(test.images[:40], test.labels[:40])
+    options = {"eps": 0.1, "attacks": ["fgsm"], "suite": "quick", "n_boot": 10}
+    from_split = evaluate_model(model, part, **options)
+    from_pixels = evaluate_model(model, (part.float_images(), part.labels), **options)
+    assert np.array_equal(from_split.worst_case.correct, from_pixels.worst_case.correct)
+    assert from_split.samples["digest"] == from_pixels.samples["digest"]

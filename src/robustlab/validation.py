@@ -28,6 +28,9 @@ def check_images(x: torch.Tensor, name: str = "images") -> None:
         )
     if x.dim() != 4:
         raise InputError(f"{name} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        raise InputError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}, which looks like "
+                         "(N, H, W, C): use x.permute(0, 3, 1, 2)")
     if x.numel() == 0:
         raise InputError(f"{name} is empty")
     # one pass: NaN propagates through min/max and an infinity shows up as an extreme
@@ -66,7 +69,8 @@ def check_eps(eps: float, norm: str = "linf", name: str = "eps") -> float:
     if not math.isfinite(value) or value < 0:
         raise InputError(f"{name} must be a finite number >= 0, got {eps!r}")
     if norm == "linf" and value > 1:
-        raise InputError(f"{name}={value:g} is larger than the [0, 1] pixel range; Linf budgets must be <= 1")
+        hint = f" (for {value:g}/255 write {value:g}/255)" if value <= 255 else ""
+        raise InputError(f"{name}={value:g} is larger than the [0, 1] pixel range; Linf budgets must be <= 1{hint}")
     return value
 
 

@@ -28,6 +28,7 @@ from robustlab.data.sources import (
     load_npz,
 )
 from robustlab.errors import DataError
+from robustlab.validation import check_batch
 
 __all__ = [
     "DATASETS",
@@ -59,8 +60,41 @@ def validate_dataset_name(name: str) -> None:
 
 @dataclass
 class Split:
+    """Images as stored, uint8 (N, C, H, W) in [0, 255], and their int64 labels (N,).
+
+    Keeping the bytes makes a split cheap to hold, exact to hash (:meth:`digest`, which proves which
+    images a run was evaluated on) and unambiguous: :meth:`float_images` is the one conversion to the
+    [0, 1] pixels models and attacks take. Float pixels from elsewhere come in through :meth:`from_pixels`.
+    """
+
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8:
+            got = self.images.dtype if isinstance(self.images, torch.Tensor) else type(self.images).__name__
+            raise DataError(f"a Split holds uint8 images in [0, 255], got {got}; "
+                            "for float pixels in [0, 1] use Split.from_pixels(x, y)")
+        if self.images.dim() != 4:
+            raise DataError(f"a Split's images must have shape (N, C, H, W), got {tuple(self.images.shape)}")
+        labels = self.labels
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise DataError("a Split's labels must be an integer tensor")
+        if labels.shape != (self.images.shape[0],):
+            raise DataError(f"a Split of {self.images.shape[0]} images needs labels of shape "
+                            f"({self.images.shape[0]},), got {tuple(labels.shape)}")
+
+    @classmethod
+    def from_pixels(cls, x: torch.Tensor, y: torch.Tensor) -> Split:
+        """A split of float images in [0, 1] that are 8-bit images divided by 255 (every dataset robustlab
+        reads); other values cannot be stored exactly as bytes and are refused."""
+        check_batch(x, y)
+        scaled = x.detach().cpu().double() * 255
+        stored = scaled.round()
+        if (scaled - stored).abs().max() > 1e-3:
+            raise DataError("the images are not 8-bit pixels divided by 255, so a Split cannot hold them exactly; "
+                            "attack such tensors directly (robustlab.attacks) instead of through a Split")
+        return cls(stored.to(torch.uint8), y.detach().cpu().long())
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -55,7 +55,7 @@ Built = tuple[str, Any, dict[str, Any]]
 
 def evaluate_model(
     model: nn.Module,
-    split: Split,
+    split: Split | tuple[torch.Tensor, torch.Tensor],
     *,
     eps: float,
     norm: str = "linf",
@@ -77,6 +77,8 @@ def evaluate_model(
     """Clean, per-attack and worst-case accuracy of ``model`` on ``n`` samples of ``split`` (all by default).
 
     Args:
+        split: a :class:`~robustlab.data.Split`, or float images in [0, 1] with their labels (8-bit
+            pixels divided by 255, as every dataset robustlab reads: :meth:`Split.from_pixels`).
         n: how many samples the attacks see (all by default); with fewer than the whole split, clean
             accuracy is also measured on every sample of it (``clean_all``).
         subset: which ``n`` samples (:data:`SUBSETS`): ``random`` (a fixed-seed draw) or ``first``.
@@ -111,6 +113,10 @@ def evaluate_model(
     eps = _checked_eps(eps, norm, attack_precision, n=n, batch_size=batch_size, eot_samples=eot_samples,
                        random_passes=random_passes, n_boot=n_boot)
     plan = resolve_attacks(attacks, suite)
+    if isinstance(split, tuple | list) and len(split) == 2:
+        split = Split.from_pixels(*split)
+    elif not isinstance(split, Split):
+        raise InputError(f"evaluate_model takes a Split or an (images, labels) pair, got {type(split).__name__}")
     total, whole = len(split), split
     split, indices = choose_samples(split, n, subset)
     if len(split) == 0:
