@@ -36,7 +36,7 @@ def test_attack_command_saves_npz_and_figure(trained_digits, tmp_path, capsys):
     assert np.abs(saved["x_adv"] - saved["x"]).max() <= 0.2 + 1e-6
     assert saved["x_adv"].min() >= 0 and saved["x_adv"].max() <= 1
     robust = 100 * float((saved["pred_adv"] == saved["y"]).mean())
-    assert f"robust accuracy under pgd-5 (linf eps=0.2) on 40 test images: {robust:.2f}%" in printed
+    assert f"robust accuracy under pgd-5 (linf eps=0.2) on 40 test images: {robust:.2f}% (an upper bound" in printed
     assert str(saved["attack"]) == "pgd-5" and figure.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -48,6 +48,12 @@ def test_attack_command_saves_npz_and_figure(trained_digits, tmp_path, capsys):
         (["--eps", "2"], "pixel range"),
         (["--attack", "apgd_ce", "-p", "bogus=1"], "no parameter bogus"),
         (["-p", "steps"], "key=value"),
+        (["-p", "steps=abc"], "steps must be an int, got 'abc'"),
+        (["-p", "steps=-3"], "steps must be >= 1"),
+        (["--attack", "pgd-0"], "steps must be >= 1"),
+        (["-p", "step_size=-1"], "step_size must be > 0"),
+        (["-p", "eps=0.5"], "eps belongs to the threat model"),
+        (["-p", "loss=foo"], "unknown attack loss 'foo'"),
     ],
 )
 def test_attack_command_user_errors(trained_digits, tmp_path, capsys, extra, message):
@@ -72,3 +78,24 @@ def test_attack_command_is_adaptive_on_a_preprocessing_defence(tmp_path, capsys,
         main(["attack", str(run.run_dir), "-a", "pgd-3", "--eps", "0.1", "--n", "16", "--out", str(tmp_path / "a.npz")])
     assert info.value.code == 0
     assert "robust accuracy under pgd-3 with BPDA (linf eps=0.1)" in capsys.readouterr().out
+
+
+def test_attack_command_never_replaces_a_file_silently(trained_digits, tmp_path, capsys):
+    """An existing --out needs --overwrite, and --out / --figure must name an .npz / a .png: the weights
+    of a run (model.safetensors) cannot be written over by mistake."""
+    run = trained_digits.run_dir
+    weights = (run / "model.safetensors").read_bytes()
+    taken = tmp_path / "taken.npz"
+    taken.write_bytes(b"the first attack's results")
+    for target, message in ((["--out", str(run / "model.safetensors")], "must name a .npz file"),
+                            (["--out", str(taken)], "pass --overwrite"),
+                            (["--out", str(tmp_path / "a.npz"), "--figure", str(tmp_path / "a.jpg")], "a .png file")):
+        with pytest.raises(SystemExit) as info:
+            main(["attack", str(run), "-a", "fgsm", "--n", "8", *target])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and "Traceback" not in err
+    assert (run / "model.safetensors").read_bytes() == weights
+    assert taken.read_bytes() == b"the first attack's results"
+    with pytest.raises(SystemExit) as info:
+        main(["attack", str(run), "-a", "fgsm", "--n", "8", "--out", str(taken), "--overwrite"])
+    assert info.value.code == 0 and np.load(taken)["x_adv"].shape[0] == 8

@@ -118,6 +118,26 @@ def test_bad_eps_in_config_and_cli(eps, capsys):
     assert_one_error_line(code, err, "eps")
 
 
+@pytest.mark.parametrize("options", [{"steps": -3}, {"step_size": -0.01}, {"restarts": 0}], ids=str)
+def test_pgd_settings_that_would_leave_the_images_unattacked_are_refused(lenet, options):
+    """A negative step count or step size once returned the (random start) images: clean accuracy
+    reported as robust accuracy."""
+    x, y = _batch()
+    with pytest.raises(InputError, match="pgd needs"):
+        pgd(lenet, x, y, eps=0.1, **options)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"name": "pgd", "eps": 0.5}, "eps belongs to the threat model"),
+    ({"name": "apgd_ce", "steps": 0}, "steps must be >= 1"),
+    ({"name": "square", "queries": 2.5}, "queries must be an int"),
+    ({"name": "pgd", "early_stop": "yes"}, "early_stop must be a bool"),
+], ids=str)
+def test_make_attack_refuses_bad_parameters_before_attacking(spec, message):
+    with pytest.raises(RobustlabError, match=re.escape(message)):
+        make_attack(spec, eps=0.1)
+
+
 def test_an_eps_in_255ths_is_pointed_to_its_pixel_value():
     with pytest.raises(InputError, match=re.escape("for 8/255 write 8/255")):
         check_eps(8, "linf")

@@ -229,6 +229,9 @@ def pgd(
         raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if targeted and target is None:
         raise InputError("a targeted attack needs target labels")
+    if steps < 0 or restarts < 1 or (step_size is not None and not step_size > 0):
+        raise InputError(f"pgd needs steps >= 0, restarts >= 1 and step_size > 0, got steps={steps}, "
+                         f"restarts={restarts}, step_size={step_size}")
     if eps == 0 or steps == 0:
         if validate:  # no forward pass of our own follows to check the labels on
             check_attack_inputs(model, x, y, eps, norm)

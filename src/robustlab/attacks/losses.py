@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from robustlab.errors import InputError
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -55,7 +57,7 @@ LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_margin, "dlr": dlr_loss}
 def objective(name: str, targeted: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The per-sample function of (logits, label-or-target) that the attacker ascends."""
     if name not in LOSSES:
-        raise ValueError(f"unknown attack loss '{name}'; valid: {', '.join(LOSSES)}")
+        raise InputError(f"unknown attack loss '{name}'; valid: {', '.join(LOSSES)}")
     base = LOSSES[name]
     if not targeted:
         return base

@@ -19,6 +19,7 @@ from robustlab.attacks.autoattack import autoattack_x
 from robustlab.attacks.core import Model, fgsm, pgd
 from robustlab.attacks.cw import cw_l2
 from robustlab.attacks.fab import fab_t
+from robustlab.attacks.losses import objective
 from robustlab.attacks.square import square
 from robustlab.errors import RobustlabError
 
@@ -84,20 +85,49 @@ def parse_attack_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
+#: parameters that count iterations, restarts or queries: fewer than one would leave the images
+#: unattacked and report clean accuracy as robust accuracy
+_COUNTS = ("steps", "restarts", "queries", "n_target_classes", "binary_search_steps")
+
+
 def make_attack(spec: str | dict[str, Any], *, eps: float, norm: str = "linf", **defaults: Any) -> Attack:
     """A ready-to-call ``attack(model, x, y)`` for ``spec`` at budget ``eps``.
 
-    Unknown parameters for the chosen attack are rejected with the names it accepts.
+    Unknown parameters for the chosen attack are rejected with the names it accepts; so are values of
+    the wrong type (against the parameter's default), counts below one and a step size that is not
+    positive, each in one line, before any image is attacked.
     """
     name, params = parse_attack_spec(spec)
     fn = ATTACKS[name]
     merged = {**defaults, **params}
+    for key in ("eps", "norm"):
+        if key in merged:
+            raise RobustlabError(f"attack '{name}': {key} belongs to the threat model, not to the attack's "
+                                 "parameters (give it as --eps / --norm, or as make_attack's own argument)")
     accepted = inspect.signature(fn).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
         unknown = sorted(set(merged) - set(accepted))
         if unknown:
             names = ", ".join(k for k in accepted if k not in ("model", "x", "y"))
             raise RobustlabError(f"attack '{name}' has no parameter {', '.join(unknown)}; accepted: {names}")
+    for key, value in merged.items():
+        _check_parameter(name, key, value, accepted.get(key))
     attack = functools.partial(fn, eps=eps, norm=norm, **merged)
     attack.__name__ = name  # type: ignore[attr-defined]
     return attack
+
+
+def _check_parameter(attack: str, key: str, value: Any, parameter: inspect.Parameter | None) -> None:
+    """Raise RobustlabError for a value the attack would misread or that would leave it unattacked."""
+    default = None if parameter is None else parameter.default
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    expected = next((types for kind, types in kinds.items() if type(default) is kind), None)
+    if expected is not None and (not isinstance(value, expected) or (bool not in expected and isinstance(value, bool))):
+        kind = type(default).__name__
+        raise RobustlabError(f"attack '{attack}': {key} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
+    if key in _COUNTS and isinstance(value, int) and value < 1:
+        raise RobustlabError(f"attack '{attack}': {key} must be >= 1, got {value}")
+    if key == "step_size" and isinstance(value, int | float) and not value > 0:
+        raise RobustlabError(f"attack '{attack}': step_size must be > 0, got {value}")
+    if key == "loss" and isinstance(value, str):
+        objective(value, targeted=False)  # an unknown loss fails here, naming the valid ones

@@ -32,6 +32,9 @@ def _attack_params(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--param expects key=value, got '{item}'")
+        if key.strip() in ("eps", "norm"):
+            raise InputError(f"{key.strip()} belongs to the threat model, not to the attack's parameters: "
+                             f"give it as --{key.strip()}")
         params[key.strip()] = yaml.safe_load(value)
     return params
 
@@ -91,6 +94,7 @@ def attack(
     eot_samples: Annotated[int, typer.Option(help="EOT draws when the defence is random")] = EOT_SAMPLES,
     seed: Annotated[int, typer.Option(help="seed of the attack's random generator")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out / --figure file")] = False,
 ) -> None:
     """Attack a trained run's first N test images and save the adversarial examples."""
     from robustlab.attacks.registry import make_attack, parse_attack_spec
@@ -102,6 +106,7 @@ def attack(
 
     if n < 1 or batch_size < 1:
         raise InputError("--n and --batch-size must be >= 1")
+    _check_outputs(out, figure, overwrite)
     run = load_run(run_dir, device=select_device(device))
     norm = norm or run.config.threat.norm
     if norm not in ("linf", "l2"):
@@ -143,16 +148,28 @@ def attack(
     )
     atomic_write_bytes(out, buffer.getvalue())
     label = attack + ("" if adaptation == "none" else f" with {adaptation}")
+    bound = "" if name == "autoattack" else " (an upper bound on robustness: AutoAttack is the reference)"
     robust = float((pred_all == y_all).mean())
     if figure is not None:
         title = f"{label}, {norm} eps={budget:g}: robust accuracy {100 * robust:.2f}%"
         atomic_write_bytes(figure, _figure(x_all, adv_all, clean_all, pred_all, y_all, title))
     console.print(
         f"robust accuracy under {label} ({norm} eps={budget:g}) on {len(y_all)} test images: "
-        f"{100 * robust:.2f}% (clean {100 * float((clean_all == y_all).mean()):.2f}%) -> {out}",
+        f"{100 * robust:.2f}%{bound} (clean {100 * float((clean_all == y_all).mean()):.2f}%) -> {out}",
         markup=False,
         highlight=False,
     )
+
+
+def _check_outputs(out: Path, figure: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, an output that would replace a file silently or is not what it says."""
+    for path, suffix, flag in ((out, ".npz", "--out"), (figure, ".png", "--figure")):
+        if path is None:
+            continue
+        if path.suffix.lower() != suffix:
+            raise InputError(f"{flag} must name a {suffix} file, got '{path}'")
+        if path.exists() and not overwrite:
+            raise InputError(f"{path} exists; pass --overwrite to replace it, or choose another {flag}")
 
 
 def _accepted(name: str) -> set[str]:
