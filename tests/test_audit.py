@@ -30,7 +30,7 @@ from robustlab.audit import (
 )
 from robustlab.cli import main
 from robustlab.defenses.preprocessing import Defended, FeatureSqueezing, GaussianNoise
-from robustlab.errors import InputError
+from robustlab.errors import InputError, RobustlabError
 from robustlab.models import build_model
 
 EPS = 0.1
@@ -233,6 +233,13 @@ def test_audit_run_writes_audit_json(trained_digits):
     assert "transfer pgd-5" in data["checks"][3]["evidence"]
     assert 0 < data["seconds"] == pytest.approx(report.seconds, abs=1e-3), "a grid's budget adds up audit times"
     assert not (trained_digits.run_dir / "audit.partial.npz").exists(), "the finished audit left its checkpoint"
+    written = (trained_digits.run_dir / "audit.json").read_bytes()
+    with pytest.raises(RobustlabError, match="pass --overwrite"):
+        audit_run(trained_digits.run_dir, n=20, steps=2, surrogate=False, square_queries=10, device="cpu")
+    assert (trained_digits.run_dir / "audit.json").read_bytes() == written, "an audit is never replaced silently"
+    again = audit_run(trained_digits.run_dir, n=20, steps=2, surrogate=False, square_queries=10, device="cpu",
+                      overwrite=True)
+    assert json.loads((trained_digits.run_dir / "audit.json").read_text())["settings"]["n"] == again.settings["n"] == 20
 
 
 def test_an_interrupted_audit_resumes_its_finished_measurements_exactly(base, surrogate, digits, tmp_path,
@@ -277,7 +284,8 @@ def test_cli_strict_exits_1_on_a_masked_run(trained_digits, tmp_path, capsys):
     for key in ("net.classifier.4.weight", "net.classifier.4.bias"):
         weights[key] = weights[key] * 1e4  # a saturating softmax temperature baked into the weights
     save_file(weights, masked / "model.safetensors")
-    args = ["audit", str(masked), "--n", "40", "--steps", "3", "--queries", "30", "--no-surrogate", "--device", "cpu"]
+    args = ["audit", str(masked), "--n", "40", "--steps", "3", "--queries", "30", "--no-surrogate", "--device", "cpu",
+            "--overwrite"]
     assert _exit_code([*args, "--strict"]) == 1
     out = capsys.readouterr().out
     assert "gradient_health" in out and "verdict: fail" in out

@@ -79,3 +79,10 @@ def test_demo_prints_a_table(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "clean" in done.stdout and "PGD-20" in done.stdout and "standard" in done.stdout
     assert "upper bounds on robustness, not robustness claims" in done.stdout
+    weights = (tmp_path / "demo" / "pgd_at" / "model.safetensors").read_bytes()
+    again = run_cli("demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--no-progress")
+    assert again.returncode == 0 and "pgd_at: reusing the finished run" in again.stdout, again.stderr
+    assert (tmp_path / "demo" / "pgd_at" / "model.safetensors").read_bytes() == weights
+    other = run_cli("demo", "--out", str(tmp_path / "demo"), "--epochs", "3", "--no-progress")
+    assert other.returncode == 2 and "--overwrite" in other.stderr
+    assert (tmp_path / "demo" / "pgd_at" / "model.safetensors").read_bytes() == weights

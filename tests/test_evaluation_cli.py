@@ -67,6 +67,26 @@ def test_cli_evaluate_own_checkpoint(trained_digits, tmp_path, capsys):
     assert 0 <= b["clean"]["accuracy"] <= 1
 
 
+def test_cli_evaluate_never_replaces_a_recorded_evaluation_without_overwrite(run_copy, capsys):
+    _run(["evaluate", str(run_copy), "--attacks", "fgsm,pgd-5", *QUICK])
+    before = (run_copy / "metrics.json").read_bytes()
+    err = _fail(["evaluate", str(run_copy), "--attacks", "fgsm", *QUICK[:2], "--suite", "quick"], capsys)
+    assert "already holds an evaluation at linf-0.1 (upper-bound, 40 test images)" in err and "--overwrite" in err
+    assert (run_copy / "metrics.json").read_bytes() == before
+    _run(["evaluate", str(run_copy), "--attacks", "fgsm", *QUICK, "--overwrite"])
+    assert list(read_json(run_copy / "metrics.json")["evaluations"]["linf-0.1"]["attacks"]) == ["fgsm"]
+
+
+def test_cli_evaluate_checkpoint_refuses_to_write_into_a_training_run(trained_digits, run_copy, tmp_path, capsys):
+    weights = tmp_path / "mine.safetensors"
+    save_weights(weights, trained_digits.model)
+    before = (run_copy / "metrics.json").read_bytes()
+    err = _fail(["evaluate", "--checkpoint", str(weights), "--model", "lenet5", "--dataset", "digits",
+                 "--eps", "0.1", "--out", str(run_copy), *QUICK], capsys)
+    assert "is a training run" in err
+    assert (run_copy / "metrics.json").read_bytes() == before
+
+
 def test_cli_missing_run_dir(tmp_path, capsys):
     assert "run directory not found" in _fail(["evaluate", str(tmp_path / "nope"), *QUICK], capsys)
 

@@ -157,6 +157,7 @@ def evaluate(
                                                   "FAB and Square run in fp32)")] = "fp32",
     fuse: Annotated[bool, typer.Option(help="attacks differentiate a fused copy of the model (BatchNorm folded, "
                                        "channels_last; same function, faster); verdicts stay the model's")] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace an evaluation already recorded at this threat")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Clean, per-attack and worst-case robust accuracy with 95% CIs; writes metrics.json.
@@ -165,7 +166,8 @@ def evaluate(
     AutoAttack runs beside the other attacks and the worst case is AutoAttack-grade (--suite quick: an
     upper bound); an interrupted AutoAttack resumes after its last finished stage. Preprocessing defences
     are attacked adaptively (BPDA/EOT) automatically. Results merge into RUN_DIR/metrics.json, per-sample
-    correctness into RUN_DIR/evaluation/.
+    correctness into RUN_DIR/evaluation/; an evaluation already recorded at the same threat is only
+    replaced with --overwrite.
     """
     from robustlab.config import parse_number
     from robustlab.distributed import from_environment
@@ -178,7 +180,7 @@ def evaluate(
         "attacks": specs, "suite": suite, "n": n, "subset": subset, "batch_size": batch_size, "seed": seed,
         "n_boot": n_boot,
         "eot_samples": eot_samples, "random_passes": random_passes, "progress": progress,
-        "attack_precision": attack_precision, "fuse": fuse,
+        "attack_precision": attack_precision, "fuse": fuse, "overwrite": overwrite,
     }
     budgets = [None] if eps is None else [check_eps(parse_number(e), norm or "l2", "--eps") for e in eps.split(",")]
     if checkpoint is not None:
@@ -218,7 +220,8 @@ def demo(
     epochs: Annotated[int, typer.Option(min=1, max=200, help="epochs per defence")] = 15,
     eps: Annotated[str, typer.Option(help="Linf budget in pixels")] = "0.1",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="retrain even if the demo runs exist")] = True,
+    overwrite: Annotated[bool, typer.Option(help="train again (and replace) runs already in --out; without it a "
+                                            "finished demo run is reused")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Train defences on the embedded digits data and compare clean / FGSM / PGD accuracy (no download)."""

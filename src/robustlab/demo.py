@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from robustlab.attacks import fgsm, pgd
-from robustlab.config import build_config
+from robustlab.config import RunConfig, build_config, trained_identity
 from robustlab.defenses import DEFENSES
 from robustlab.metrics import accuracy, robust_accuracy
-from robustlab.runs import prepare_data
+from robustlab.rundir import RunDir
+from robustlab.runs import load_run, prepare_data
 from robustlab.training import train
 
 DEMO_DEFENSES = ("standard", "pgd_at", "hybrid")
@@ -36,20 +37,39 @@ def demo_config(defense: str, epochs: int, eps: float, seed: int) -> dict[str, A
 
 def run_demo(out: str | Path, *, epochs: int = 15, eps: float = 0.1, seed: int = 0, overwrite: bool = False,
              progress: bool = True) -> list[dict[str, Any]]:
-    """Train every available demo defence on digits and return one row of test metrics per defence."""
+    """Train every available demo defence on digits and return one row of test metrics per defence.
+
+    A finished run of the same demo settings in ``out`` is reused, not trained again (and whatever was
+    computed on it, evaluations and audits, stays); any other finished run there is only replaced with
+    ``overwrite``.
+    """
     rows = []
     defenses = [d for d in DEMO_DEFENSES if d in DEFENSES]
     data = None
     for defense in defenses:
         config = build_config(demo_config(defense, epochs, eps, seed))
         data = data or prepare_data(config)
-        result = train(config, Path(out) / defense, overwrite=overwrite, progress=progress, data=data)
-        model = result.model.eval()
+        path = Path(out) / defense
+        if not overwrite and _finished_with(path, config):
+            model, metrics = load_run(path).model, RunDir(path).read_metrics()
+            print(f"{defense}: reusing the finished run in {path} (--overwrite trains it again)", flush=True)
+        else:
+            result = train(config, path, overwrite=overwrite, progress=progress, data=data)
+            model, metrics = result.model, result.metrics
+        model = model.eval()
         rows.append({
             "defense": defense,
             "clean": accuracy(model, data.test),
             "fgsm": robust_accuracy(model, data.test, partial(fgsm, eps=eps)),
             "pgd-20": robust_accuracy(model, data.test, partial(pgd, eps=eps, steps=20, early_stop=True)),
-            "seconds": result.metrics["cost"]["train_seconds"],
+            "seconds": metrics["cost"]["train_seconds"],
         })
     return rows
+
+
+def _finished_with(path: Path, config: RunConfig) -> bool:
+    """Whether ``path`` holds a finished run that trained exactly what ``config`` trains."""
+    run = RunDir(path)
+    if not (run.exists() and run.is_finished()):
+        return False
+    return trained_identity(build_config(run.read_config_dict())) == trained_identity(config)

@@ -30,7 +30,7 @@ from robustlab.audit.checks import (
 from robustlab.audit.report import AuditCheck, AuditReport, Z
 from robustlab.config import build_config
 from robustlab.data import DatasetSplits, Split
-from robustlab.errors import InputError
+from robustlab.errors import InputError, RobustlabError
 from robustlab.progress import progress_line
 from robustlab.rundir import RunDir
 from robustlab.stages import model_digest
@@ -259,9 +259,12 @@ def audit_run(
     surrogate_epochs: int = 3,
     surrogate_cache: str | Path | None = None,
     progress: bool = False,
+    overwrite: bool = False,
     **options: Any,
 ) -> AuditReport:
     """Audit a finished run on its test split and write ``RUN_DIR/audit.json`` atomically.
+
+    An existing ``audit.json`` is only replaced with ``overwrite`` (checked before any work).
 
     Finished measurements are kept in ``RUN_DIR/audit.partial.npz`` until the report is written, so an
     interrupted audit run again continues where it stopped.
@@ -277,7 +280,10 @@ def audit_run(
 
     started = time.perf_counter()
     loaded = load_run(run_dir, select_device(device))  # under torchrun, audit_model moves it to the rank's GPU
-    budget = loaded.config.threat.eps if eps is None else eps
+    budget = check_eps(loaded.config.threat.eps if eps is None else eps, loaded.config.threat.norm)
+    written = RunDir(run_dir).path / "audit.json"
+    if written.exists() and not overwrite:
+        raise RobustlabError(f"{written} exists; pass --overwrite (overwrite=True) to audit again and replace it")
     source = None
     if surrogate:
         source = train_surrogate(

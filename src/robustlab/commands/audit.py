@@ -29,8 +29,11 @@ def audit(
     seed: Annotated[int, typer.Option(help="seed of every random start and of the surrogate")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="images attacked at once")] = 256,
+    overwrite: Annotated[bool, typer.Option(help="audit again and replace an existing audit.json")] = False,
 ) -> None:
     """Check that the run's robustness is not an artefact of gradient masking; writes RUN_DIR/audit.json.
+
+    An existing audit.json is only replaced with --overwrite; an interrupted audit resumes.
 
     Under ``torchrun`` each rank attacks its share of the batches and rank 0 prints and writes
     (``--samples`` is ``--n``, which torchrun would read as one of its own options).
@@ -43,7 +46,7 @@ def audit(
     budget = None if eps is None else check_eps(parse_number(eps), "l2", "--eps")
     report = audit_run(
         run_dir, n=n, eps=budget, steps=steps, square_queries=queries, surrogate=surrogate, seed=seed, device=device,
-        batch_size=batch_size, progress=True,
+        batch_size=batch_size, progress=True, overwrite=overwrite,
     )
     if from_environment().is_main:  # under torchrun rank 0 speaks for every rank
         settings = report.settings

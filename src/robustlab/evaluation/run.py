@@ -13,7 +13,7 @@ from robustlab.data import load_dataset
 from robustlab.errors import CheckpointError
 from robustlab.evaluation.plan import DEFAULT_ATTACKS, DEFAULT_SUITE, AttackSpec
 from robustlab.evaluation.result import EvaluationResult
-from robustlab.evaluation.store import _sha256, save_evaluation
+from robustlab.evaluation.store import _sha256, refuse_to_replace, save_evaluation
 from robustlab.rundir import RunDir, load_foreign_checkpoint
 from robustlab.runs import load_run, select_device
 
@@ -37,11 +37,14 @@ def evaluate_run(
     write: bool = True,
     attack_precision: str = "fp32",
     fuse: bool = True,
+    overwrite: bool = False,
 ) -> EvaluationResult:
     """Evaluate a run's selected weights on its test split at the run's threat (or ``eps``/``norm``).
 
     The training cost from ``metrics.json`` is copied into the result; with ``write`` the result is
-    merged into ``metrics.json`` under ``evaluations[threat_key]`` and per-sample arrays are saved.
+    merged into ``metrics.json`` under ``evaluations[threat_key]`` and per-sample arrays are saved. An
+    evaluation already there at the same threat is only replaced with ``overwrite`` (checked before
+    any attack runs); an interrupted one, which left only its state files, resumes.
     """
     run = RunDir(run_dir)
     # damaged metrics.json / metadata.json are reported now, not after every attack has run
@@ -49,6 +52,8 @@ def evaluate_run(
     loaded = load_run(run_dir, select_device(device))
     norm = norm or loaded.config.threat.norm
     eps = loaded.config.threat.eps if eps is None else eps
+    if write and not overwrite:
+        refuse_to_replace(run.path, norm, eps)
     result = _package.evaluate_model(  # looked up on the package, where tests replace it
         loaded.model, loaded.data.test, eps=eps, norm=norm, attacks=attacks, suite=suite,
         batch_size=batch_size, seed=seed, n=n, subset=subset, eot_samples=eot_samples,
@@ -74,19 +79,27 @@ def evaluate_checkpoint(
     data_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
     device: str = "auto",
+    overwrite: bool = False,
     **options: Any,
 ) -> EvaluationResult:
     """Evaluate a model of one's own: a registered architecture with weights from ``checkpoint``.
 
     ``checkpoint`` is safetensors (preferred) or a ``.pt`` state dict read with ``weights_only=True``.
     A robustlab checkpoint carries its ``Normalize`` buffers; a bare network state dict is evaluated
-    on [0, 1] pixels with identity normalisation. ``options`` are :func:`evaluate_model`'s.
+    on [0, 1] pixels with identity normalisation. ``options`` are :func:`evaluate_model`'s. ``out_dir``
+    must not be a training run, and an evaluation already there at the same threat is only replaced
+    with ``overwrite``.
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if out_dir is not None:  # a damaged metrics.json there is reported before the attacks, not after
+        if RunDir(out_dir).config.exists():
+            raise CheckpointError(f"{out_dir} is a training run: a checkpoint's evaluation needs a directory of "
+                                  "its own (--out)")
         RunDir(out_dir).read_metrics()
+        if not overwrite:
+            refuse_to_replace(out_dir, options.get("norm", "linf"), eps)
     from robustlab.models import build_model
 
     data = load_dataset(dataset, data_dir, val_size=1)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from robustlab.errors import CheckpointError
+from robustlab.errors import CheckpointError, RobustlabError
 from robustlab.evaluation.result import EvaluationResult, threat_key
 from robustlab.rundir import RunDir, atomic_write_bytes
 
@@ -26,6 +26,18 @@ def save_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str, 
     evaluations = dict(run.read_metrics().get("evaluations") or {})
     evaluations[result.key] = entry
     return run.update_metrics(evaluations=evaluations)
+
+
+def refuse_to_replace(out_dir: str | Path, norm: str, eps: float) -> None:
+    """Raise, before any attack runs, if ``out_dir/metrics.json`` already holds an evaluation at this threat:
+    nothing computed is replaced unless the caller says so (``--overwrite``, ``overwrite=True``)."""
+    key = threat_key(norm, float(eps))
+    entry = (RunDir(out_dir).read_metrics().get("evaluations") or {}).get(key)
+    if entry:
+        n = (entry.get("samples") or {}).get("n")
+        what = ", ".join(str(v) for v in (entry.get("strength"), n and f"{n} test images") if v)
+        raise RobustlabError(f"{out_dir} already holds an evaluation at {key}" + (f" ({what})" if what else "")
+                             + "; pass --overwrite (overwrite=True) to replace it")
 
 
 def _sha256(path: Path) -> str:

@@ -254,7 +254,7 @@ def check_evaluation(settings: EvaluationSettings) -> None:
             raise ConfigError(f"evaluation.attacks[{i}]: {error}") from None
     if settings.suite is not None and settings.suite not in SUITES:
         raise ConfigError(f"evaluation.suite: unknown suite '{settings.suite}'; valid: {', '.join(sorted(SUITES))}")
-    internal = {"run_dir", "write", "device", "model", "data", "options", "self", "progress", "checkpoint"}
+    internal = {"run_dir", "write", "device", "model", "data", "options", "self", "progress", "checkpoint", "overwrite"}
     checks = [("options", settings.options, _accepted(evaluate_run, exclude=internal))]
     audit = _audit_function()
     if audit is not None and settings.audit:

@@ -185,15 +185,17 @@ def run_cell(
             )
         _read_data_from_here(cell)
     if evaluate:
-        log(f"[{cell.id}] evaluating")
-        evaluate_run(cell.run_dir, **kwargs, progress=progress)
+        replaced = not trained and "evaluation" in state
+        log(f"[{cell.id}] evaluating" + (" again (the grid's evaluation settings changed, or --reevaluate-before): "
+                                        "its recorded evaluation is replaced" if replaced else ""))
+        evaluate_run(cell.run_dir, **kwargs, progress=progress, overwrite=True)
         state.update(evaluation=signature, evaluated_at=time.time())
         write_json(cell.state_path, state)
         if evaluated is not None and audit_now:
             evaluated()
     if audit_now:
         log(f"[{cell.id}] auditing")
-        audit(cell.run_dir, **settings.audit_options, progress=progress)
+        audit(cell.run_dir, **settings.audit_options, progress=progress, overwrite=True)
         state.update(audited=True)
         write_json(cell.state_path, state)
     if run.resume.exists():  # done: its resume state (weights included) must not stay in a committed results dir
