@@ -64,6 +64,16 @@ def test_unknown_defense_lists_valid_names():
         build_config({"defense": {"name": "magic"}})
 
 
+def test_a_hyphenated_or_capitalised_defense_name_points_to_the_registered_one():
+    with pytest.raises(ConfigError, match=r"unknown defense 'pgd-at' \(did you mean 'pgd_at'\?\)"):
+        build_config({"defense": {"name": "pgd-at"}})
+
+
+def test_a_sections_key_written_at_the_top_level_points_to_its_section():
+    with pytest.raises(ConfigError, match=r"unknown key 'dataset' \(did you mean 'data.dataset'\?\)"):
+        build_config({"dataset": "digits"})
+
+
 def test_overrides_are_yaml_values_on_dotted_paths():
     raw: dict = {}
     apply_override(raw, "train.epochs=5")

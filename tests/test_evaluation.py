@@ -595,3 +595,11 @@ def test_evaluate_model_takes_float_pixels_with_labels_as_a_split(trained_digits
     from_pixels = evaluate_model(model, (part.float_images(), part.labels), **options)
     assert np.array_equal(from_split.worst_case.correct, from_pixels.worst_case.correct)
     assert from_split.samples["digest"] == from_pixels.samples["digest"]
+
+
+def test_a_model_near_chance_is_called_out():
+    from robustlab.metrics import chance_warning
+
+    assert "close to chance (10.0% for 10 classes)" in chance_warning(0.1031, 10)
+    assert chance_warning(0.52, 2) is not None
+    assert chance_warning(0.5, 10) is None and chance_warning(0.9, 2) is None

@@ -36,7 +36,8 @@ app = typer.Typer(
     "an example; the documentation site (docs/, 'mkdocs serve') has the full guide.",
     epilog="\b\nGetting started (no download: digits is embedded):\n"
     "  robustlab demo\n"
-    "  robustlab train --dataset digits --defense hybrid --eps 0.1 --out runs/hybrid\n"
+    "  robustlab train --dataset digits --defense hybrid --eps 0.1 --set train.optimizer=adam --lr 0.003 "
+    "--set data.val_size=200 --epochs 10 --out runs/hybrid\n"
     "  robustlab evaluate runs/hybrid\n"
     "  robustlab audit runs/hybrid",
     no_args_is_help=True,
@@ -78,8 +79,7 @@ DataDirOpt = Annotated[
 
 @app.command(
     short_help="Train a model with a defence into a run directory (resumes if interrupted).",
-    epilog=example("robustlab train --dataset digits --model lenet5 --defense hybrid --eps 0.1 --epochs 10 "
-                   "--out runs/digits-hybrid"),
+    epilog=example("robustlab train configs/digits_lenet5.yaml --defense hybrid --eps 0.1 --out runs/digits-hybrid"),
 )
 def train(
     config: ConfigArg = None,
@@ -106,6 +106,7 @@ def train(
     """
     from robustlab.config import load_config
     from robustlab.distributed import from_environment
+    from robustlab.metrics import chance_warning
     from robustlab.training import train as run_training
 
     overrides = _flag_overrides(
@@ -122,6 +123,9 @@ def train(
         f"finished {cfg.defense.name} on {cfg.data.dataset}: clean test accuracy "
         f"{_percent(result.metrics['clean_accuracy'])}% in {result.metrics['cost']['train_seconds']:.1f}s -> {out}"
     )
+    warning = chance_warning(result.metrics["clean_accuracy"], result.data.num_classes)
+    if warning:
+        console.print(warning, markup=False, highlight=False)
 
 
 @app.command(

@@ -215,7 +215,11 @@ def format_validation_error(error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             section = _section_at(loc)
             allowed = _field_names(section)
-            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            # a section's key written at the top level ("dataset: digits" for "data: {dataset: digits}")
+            sections = {name: _section_at((name, loc[-1])) for name in allowed}
+            home = [f"{name}.{loc[-1]}" for name, model in sections.items()
+                    if model is not RunConfig and loc[-1] in model.model_fields]
+            close = home if len(loc) == 1 and home else difflib.get_close_matches(loc[-1], allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             lines.append(f"unknown key '{where}'{hint}; allowed: {', '.join(allowed)}")
         else:

@@ -36,6 +36,20 @@ def accuracy(model: nn.Module, split: Split, batch_size: int = 512) -> float:
     return float((predict(model, split, batch_size) == split.labels).float().mean())
 
 
+def chance_warning(clean_accuracy: float, num_classes: int) -> str | None:
+    """A warning when clean accuracy is within a tenth of the way from chance (1 / classes) to 100%.
+
+    Such a model has not learned: its "robust accuracy" is small because its clean accuracy is, and a
+    near-constant model even defeats some checks of the audit. None when the accuracy is above that.
+    """
+    chance = 1.0 / max(num_classes, 1)
+    if clean_accuracy >= chance + 0.1 * (1.0 - chance):
+        return None
+    return (f"warning: clean accuracy {100 * clean_accuracy:.2f}% is close to chance ({100 * chance:.1f}% for "
+            f"{num_classes} classes): the model has barely learned, so its robustness numbers mean little; "
+            "train longer, or with adam / a higher lr (configs/digits_lenet5.yaml trains digits)")
+
+
 def robust_accuracy(
     model: nn.Module,
     split: Split,

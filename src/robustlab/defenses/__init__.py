@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from pydantic import ValidationError
@@ -87,7 +88,9 @@ for _objective in (
 
 def _params(name: str, params: dict[str, Any]) -> ObjectiveParams:
     if name not in DEFENSES:
-        raise ConfigError(f"unknown defense '{name}'; valid: {', '.join(sorted(DEFENSES))}")
+        close = difflib.get_close_matches(name.lower().replace("-", "_"), list(DEFENSES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown defense '{name}'{hint}; valid: {', '.join(sorted(DEFENSES))}")
     model = DEFENSES[name].Params
     try:
         return model.model_validate(params)

@@ -9,6 +9,7 @@ import numpy as np
 from robustlab.attacks.registry import parse_attack_spec
 from robustlab.evaluation.result import AUTOATTACK_GRADE, ECE_BINS, UPPER_BOUND_NOTE, EvaluationResult
 from robustlab.evaluation.samples import subset_text
+from robustlab.metrics import chance_warning
 from robustlab.stats import calibration_error
 
 
@@ -72,6 +73,9 @@ def summary_lines(result: EvaluationResult) -> list[str]:
         + (f"; random model, accuracy = mean over {result.model_info['random_passes']} forward passes"
            if result.model_info["random"] else ""),
     ]
+    warning = chance_warning(result.clean.accuracy, len(np.unique(result.labels)))
+    if warning:
+        lines.append(warning)
     if result.extra.get("run_config", {}).get("finished") is False:
         lines.append("warning: this run has not finished training; these are the weights selected so far")
     if result.cost:
