@@ -12,7 +12,7 @@ import yaml
 from filelock import FileLock
 
 from robustlab.defenses import DEFENSES
-from robustlab.errors import ConfigError
+from robustlab.errors import ConfigError, RobustlabError
 from robustlab.experiments import BUILTIN_PROFILES, cell_row, load_experiment, plan_experiment, run_experiment
 from robustlab.report.data import load_results
 from robustlab.rundir import RunDir, read_csv
@@ -484,17 +484,18 @@ def test_failed_cell_is_recorded_others_run_and_rerun_fixes_it(tmp_path, monkeyp
     assert {r["status"] for r in second.rows} == {"finished"}
 
 
-def test_a_refused_config_leaves_the_finished_cell_untouched_and_finished(tmp_path):
-    """Running a grid with a changed config refuses its finished cells; the cells themselves are fine."""
+def test_a_refused_config_leaves_the_finished_cell_and_the_results_table_untouched(tmp_path):
+    """Running a grid with a changed config is refused before anything runs or is written: the finished
+    cells and the results table (which once turned them all into "failed" rows) stay as they are."""
     spec, out = tiny_experiment(), tmp_path / "out"
     run(spec, out)
     cell = plan_experiment(load_experiment(spec), out).cells[0]
-    state = cell.state_path.read_bytes()
+    state, table = cell.state_path.read_bytes(), (out / "results.csv").read_bytes()
     changed = json.loads(json.dumps(spec))
     changed["base"]["train"]["epochs"] = 2
-    refused = run(changed, out)
-    assert "holds a finished run with a different config" in refused.failed[cell.id]
-    assert [r["status"] for r in load_results(out).rows] == ["failed"], "this invocation's table says so"
+    with pytest.raises(RobustlabError, match="1 cell.* hold finished runs trained with another config"):
+        run(changed, out)
+    assert (out / "results.csv").read_bytes() == table
     assert cell.state_path.read_bytes() == state, "the refusal was written into the finished cell"
     again = run(spec, out)
     assert again.skipped == [cell.id] and [r["status"] for r in load_results(out).rows] == ["finished"]

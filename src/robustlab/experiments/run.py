@@ -300,6 +300,7 @@ def run_experiment(
         config = load_experiment(config)
     plan = plan_experiment(config, results_dir, profile=profile, data_dir=data_dir, overrides=overrides)
     selected = select_cells(plan, only)
+    _refuse_changed_cells(selected)
     pending = [c for c in selected if not _cell_done(c, plan.evaluation, reevaluate_before)]
     data = load_cell_data(pending)
     plan.results_dir.mkdir(parents=True, exist_ok=True)
@@ -370,6 +371,17 @@ def worker_environments(workers: int, gpus: int | None = None, cpus: int | None 
         {"OMP_NUM_THREADS": threads, **({"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]} if devices else {})}
         for i in range(workers)
     ]
+
+
+def _refuse_changed_cells(cells: list[Cell]) -> None:
+    """Raise, before anything runs or is written, if a cell's directory holds a finished run that another
+    config trained: its results stay as they are, and so does the grid's results table."""
+    changed = [c for c in cells if RunDir(c.run_dir).is_finished() and not _config_matches(c)]
+    if changed:
+        raise RobustlabError(
+            f"{len(changed)} cell(s) of this grid hold finished runs trained with another config (first: "
+            f"{changed[0].run_dir}); a changed grid needs another --out (or delete those run directories)"
+        )
 
 
 def _cell_done(cell: Cell, settings: EvaluationSettings, reevaluate_before: float | None = None) -> bool:
