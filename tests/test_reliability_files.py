@@ -180,6 +180,16 @@ def test_weights_of_another_architecture(run, capsys, tmp_path):
     rundir.save_weights(run / "model.safetensors", other)
     code, _, err = main_in_process(["evaluate", str(run), *EVALUATE], capsys)
     assert_one_error_line(code, err, "do not fit the model")
+    assert "Missing key(s)" in err or "size mismatch" in err, "the error says what does not fit"
+
+
+def test_a_pt_state_dict_of_another_architecture_says_what_does_not_fit(capsys, tmp_path):
+    pt = tmp_path / "other.pt"
+    torch.save(build_model("small_cnn", 10, 1, 8).net.state_dict(), pt)
+    code, _, err = main_in_process(["evaluate", "--checkpoint", str(pt), "--model", "lenet5", "--dataset", "digits",
+                                    "--eps", "0.1", "--out", str(tmp_path / "eval"), *EVALUATE], capsys)
+    assert_one_error_line(code, err, "do not fit the model")
+    assert "Missing key(s)" in err or "size mismatch" in err, "the error says what does not fit"
 
 
 def test_truncated_history_is_detected_on_resume(run, capsys):

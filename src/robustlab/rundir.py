@@ -240,8 +240,14 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
-        first = str(error).splitlines()[0:2]
-        raise CheckpointError(f"weights in {path} do not fit the model: {' '.join(first)}") from None
+        raise CheckpointError(f"weights in {path} do not fit the model: {_mismatch(error)}") from None
+
+
+def _mismatch(error: RuntimeError) -> str:
+    """What ``load_state_dict`` found wrong (missing / unexpected keys, shapes), in one bounded line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = " ".join(lines[1:3]) or (lines[0] if lines else type(error).__name__)
+    return detail if len(detail) <= 300 else detail[:297] + "..."
 
 
 def check_finite(tensors: dict[str, Any], path: str | Path) -> None:
@@ -278,7 +284,7 @@ def load_foreign_checkpoint(path: str | Path, model: nn.Module) -> None:
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"weights in {path} do not fit the model: {first_line(error)}") from None
+        raise CheckpointError(f"weights in {path} do not fit the model: {_mismatch(error)}") from None
 
 
 def _load_tensors_only(path: str | Path) -> Any:
@@ -292,7 +298,8 @@ def _load_tensors_only(path: str | Path) -> Any:
 def _torch_load_problem(error: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to load it unsafely."""
     if "Weights only load failed" in str(error):
-        return "it holds Python objects, not only tensors, and unpickling them could run code; refused"
+        return ("it holds Python objects, not only tensors, and unpickling them could run code; refused "
+                "(save the weights alone: torch.save(model.state_dict(), PATH))")
     return first_line(error)
 
 
