@@ -240,10 +240,18 @@ def test_hyperplane_projection_without_active_box_is_closed_form():
 
 
 def test_square_schedule_and_tile():
+    from robustlab.attacks.autoattack import autoattack_stages
+
     assert square_size_fraction(0, 10000, 0.8) == 0.8
     assert square_size_fraction(11, 10000, 0.8) == 0.4
     assert square_size_fraction(9000, 10000, 0.8) == pytest.approx(0.8 / 512)
     assert square_size_fraction(50, 1000, 0.8) == pytest.approx(0.8 / 8)  # rescaled to the budget
+    # AutoAttack's Square (5,000 queries, resc_schedule=False) counts iterations as they are: at query
+    # 4,999 it has halved p seven times, where the stretched schedule has halved it nine times
+    assert square_size_fraction(4999, 5000, 0.8, rescale=False) == pytest.approx(0.8 / 128)
+    assert square_size_fraction(4999, 5000, 0.8) == pytest.approx(0.8 / 512)
+    square_stage = dict((name, kwargs) for name, _, kwargs in autoattack_stages("standard"))["square"]
+    assert square_stage == {"queries": 5000, "rescale_schedule": False}
     tile = pseudo_gaussian_tile(7, torch.Generator().manual_seed(0))
     assert tile.shape == (7, 7) and float(tile.norm()) == pytest.approx(1.0)
     assert bool((tile > 0).any()) and bool((tile < 0).any())  # two halves of opposite sign

@@ -54,7 +54,7 @@ def autoattack_stages(version: str, steps: int = FULL_STEPS, queries: int = FULL
             ("apgd-ce", apgd, {"steps": steps, "loss": "ce"}),
             ("apgd-t", apgd, {"steps": steps, "targeted": True, "n_target_classes": 9}),
             ("fab-t", fab_t, {"steps": steps, "n_target_classes": 9}),
-            ("square", square, {"queries": queries}),
+            ("square", square, {"queries": queries, "rescale_schedule": False}),  # as the reference builds it
         ]
     if version == "rand":
         return [

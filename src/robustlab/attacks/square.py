@@ -31,9 +31,14 @@ from robustlab.errors import InputError
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def square_size_fraction(iteration: int, queries: int, p_init: float) -> float:
-    """The paper's schedule for ``p``, the fraction of pixels changed, at ``iteration`` of ``queries``."""
-    it = int(iteration / queries * 10000)
+def square_size_fraction(iteration: int, queries: int, p_init: float, rescale: bool = True) -> float:
+    """The paper's schedule for ``p``, the fraction of pixels changed, at ``iteration`` of ``queries``.
+
+    The schedule is written for 10,000 queries. ``rescale`` stretches it to ``queries`` (the Square
+    attack's own default); without it the iteration counts as is, so a shorter budget stops partway
+    through the schedule, as in AutoAttack, whose Square runs 5,000 queries with ``resc_schedule=False``.
+    """
+    it = int(iteration / queries * 10000) if rescale else iteration
     halvings = sum(it > t for t in _SCHEDULE)
     return p_init / 2**halvings
 
@@ -96,10 +101,13 @@ def square(
     queries: int = 5000,
     p_init: float = 0.8,
     restarts: int = 1,
+    rescale_schedule: bool = True,
     generator: torch.Generator | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """Untargeted Square attack with a budget of ``queries`` model evaluations per sample and restart.
+
+    ``rescale_schedule``: see :func:`square_size_fraction` (AutoAttack turns it off).
 
     Returns:
         x_adv with ``||x_adv - x||_norm <= eps`` and values in [0, 1] (the lowest-margin point found).
@@ -122,7 +130,9 @@ def square(
             start = init(x[todo], eps, generator)
             out[todo], fooled[todo] = _random_search(
                 model, x[todo], y[todo], start, queries,
-                lambda i, xs, cur: propose(xs, cur, eps, square_size_fraction(i, queries, p_init), generator),
+                lambda i, xs, cur: propose(
+                    xs, cur, eps, square_size_fraction(i, queries, p_init, rescale_schedule), generator
+                ),
             )
     return out
 
