@@ -62,6 +62,31 @@ def test_a_log_gets_a_heartbeat_line_for_long_work_and_nothing_once_it_is_done(m
     assert progress_bar(total=4, desc="work", enabled=False).disable
 
 
+def test_a_log_hears_that_a_long_step_is_still_running_until_the_bar_is_closed_or_dropped(monkeypatch):
+    """One batch of FAB-T on EfficientNet takes most of an hour: the log must not be silent for it."""
+    import gc
+    import threading
+    import time
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(progress, "STALL_SECONDS", 0.05)
+    bar = progress_bar(total=3, desc="autoattack 3/4 fab-t", unit="batch")
+    time.sleep(0.3)
+    assert "autoattack 3/4 fab-t: 0/3 batch, batch 1 still running (" in log.getvalue()
+    bar.close()
+    time.sleep(0.05)
+    said = log.getvalue()
+    time.sleep(0.3)
+    assert log.getvalue() == said, "a closed bar's watcher still spoke"
+
+    dropped = progress_bar(total=3, desc="dropped", unit="batch")
+    del dropped  # its loop raised: nobody closes it
+    gc.collect()
+    time.sleep(0.3)
+    assert "heartbeat dropped" not in [t.name for t in threading.enumerate()]
+
+
 def test_training_and_evaluation_write_one_line_per_step_to_a_log(digits, tmp_path, capsys):
     config = {"data": {"dataset": "digits", "val_size": 200, "train_subset": 256}, "model": {"name": "lenet5"},
               "train": {"epochs": 3, "batch_size": 64, "optimizer": "adam", "lr": 0.003}, "threat": {"eps": 0.1}}

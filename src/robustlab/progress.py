@@ -6,21 +6,27 @@ lines. So the bar is drawn only when standard error is a terminal, and long work
 (one line per epoch, one per attack) with :func:`progress_line`, which reads the same in both places.
 Between those lines a log gets a heartbeat instead of the bar: the bar's count and time left, one
 line at most every :data:`HEARTBEAT_SECONDS`, so that an hour-long epoch or attack is not an hour of
-silence.
+silence; and when a single step takes long (one batch of FAB-T on EfficientNet: most of an hour), a
+line every :data:`STALL_SECONDS` that says the step is still running and for how long.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
+import weakref
 from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["HEARTBEAT_SECONDS", "is_terminal", "progress_bar", "progress_line"]
+__all__ = ["HEARTBEAT_SECONDS", "STALL_SECONDS", "is_terminal", "progress_bar", "progress_line"]
 
 HEARTBEAT_SECONDS = 60.0
 """The least time between two heartbeat lines of one bar in a log."""
+
+STALL_SECONDS = 600.0
+"""Without an update for this long, a bar in a log says that its current step is still running."""
 
 
 def is_terminal(stream: IO[str] | None = None) -> bool:
@@ -48,7 +54,9 @@ def progress_bar(
 
 class _Heartbeat:
     """What stands for a bar in a log: a whole line with the bar's count, elapsed and remaining time,
-    written to standard error at most every :data:`HEARTBEAT_SECONDS` and never once the work is done.
+    written to standard error at most every :data:`HEARTBEAT_SECONDS` and never once the work is done;
+    and, from a watcher thread, a line after every :data:`STALL_SECONDS` without an update, until
+    :meth:`close`.
 
     Takes the calls a tqdm bar takes (``update``, ``set_postfix``, ``set_postfix_str``, ``close``).
     """
@@ -58,11 +66,15 @@ class _Heartbeat:
     def __init__(self, *, total: int, desc: str, unit: str, initial: int) -> None:
         self.total, self.desc, self.unit, self.initial, self.n = total, desc, unit, initial, initial
         self.postfix = ""
-        self._started = self._last = time.monotonic()
+        self._started = self._last = self._updated = time.monotonic()
+        self._closed = threading.Event()
+        # the watcher holds the bar only weakly: a bar dropped without close() (its loop raised) stops it too
+        threading.Thread(target=_watch, args=(weakref.ref(self), self._closed), name=f"heartbeat {desc}",
+                         daemon=True).start()
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        now = time.monotonic()
+        now = self._updated = time.monotonic()
         if self.n < self.total and now - self._last >= HEARTBEAT_SECONDS:
             self._last = now
             line = tqdm.format_meter(
@@ -71,6 +83,14 @@ class _Heartbeat:
             )
             print(line, file=sys.stderr, flush=True)
 
+    def _say_if_stalled(self) -> None:
+        now = time.monotonic()
+        if now - self._updated >= STALL_SECONDS and now - self._last >= STALL_SECONDS and self.n < self.total:
+            self._last = now
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}, {self.unit} {self.n + 1} still running "
+                  f"({tqdm.format_interval(now - self._updated)} on it, "
+                  f"{tqdm.format_interval(now - self._started)} in all)", file=sys.stderr, flush=True)
+
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         self.postfix = s
 
@@ -78,7 +98,18 @@ class _Heartbeat:
         self.postfix = ", ".join(f"{k}={v}" for k, v in {**(ordered_dict or {}), **kwargs}.items())
 
     def close(self) -> None:
-        """Nothing to clear: a log keeps its lines."""
+        """Stop the watcher; nothing to clear: a log keeps its lines."""
+        self._closed.set()
+
+
+def _watch(bar: weakref.ref[_Heartbeat], closed: threading.Event) -> None:
+    """Until the bar is closed or gone: after every STALL_SECONDS without an update, say so."""
+    while not closed.wait(STALL_SECONDS / 10):
+        alive = bar()
+        if alive is None:
+            return
+        alive._say_if_stalled()
+        del alive
 
 
 def progress_line(text: str, enabled: bool = True, file: IO[str] | None = None) -> None:
