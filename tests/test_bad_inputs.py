@@ -240,6 +240,7 @@ def test_missing_mnist_offline_names_data_dir(tmp_path, capsys, monkeypatch):
     code, _, err = main_in_process(argv, capsys)
     assert_one_error_line(code, err, "dataset 'mnist'", "--data-dir")
     assert time.perf_counter() - started < 60
+    assert not (tmp_path / "MNIST").exists(), "the failed download left its empty MNIST/raw behind"
 
 
 def test_stalled_download_fails_within_the_timeout(tmp_path, monkeypatch):

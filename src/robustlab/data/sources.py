@@ -8,6 +8,7 @@ and ``folder:PATH`` (an ImageFolder tree with ``train/`` and ``val/`` or ``test/
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -102,13 +103,26 @@ def _torchvision_split(cls: type, root: Path, train: bool, name: str, download: 
             raise _missing(name, root, "downloads disabled") from None
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(download_timeout())
+    existing = _directories(root)
     try:
         return cls(root=str(root), train=train, download=True)
     except Exception as error:  # network errors come in many types
+        _remove_new_empty_directories(root, existing)  # torchvision made e.g. MNIST/raw before it failed
         detail = (str(error).strip().splitlines() or [""])[0][:160]
         raise _missing(name, root, f"{type(error).__name__}: {detail}") from None
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _directories(root: Path) -> set[Path]:
+    return {Path(path) for path, _, _ in os.walk(root)} if root.is_dir() else set()
+
+
+def _remove_new_empty_directories(root: Path, existing: set[Path]) -> None:
+    """Remove the directories under (and including) ``root`` that a failed download created and left empty."""
+    for directory in sorted(_directories(root) - existing, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only succeeds when empty
 
 
 def _as_nchw(array: np.ndarray, name: str = "images") -> torch.Tensor:
