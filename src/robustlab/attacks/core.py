@@ -229,7 +229,10 @@ def pgd(
         raise InputError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if targeted and target is None:
         raise InputError("a targeted attack needs target labels")
-    if steps < 0 or restarts < 1 or (step_size is not None and not step_size > 0):
+    # a zero step is a zero budget's (an eps warm-up starts there); with a budget it attacks nothing
+    budget = isinstance(eps, int | float) and eps > 0
+    idle_step = step_size is not None and (step_size < 0 or (step_size == 0 and budget))
+    if steps < 0 or restarts < 1 or idle_step:
         raise InputError(f"pgd needs steps >= 0, restarts >= 1 and step_size > 0, got steps={steps}, "
                          f"restarts={restarts}, step_size={step_size}")
     if eps == 0 or steps == 0:
