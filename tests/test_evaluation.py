@@ -597,6 +597,19 @@ def test_evaluate_model_takes_float_pixels_with_labels_as_a_split(trained_digits
     assert from_split.samples["digest"] == from_pixels.samples["digest"]
 
 
+def test_the_chance_warning_counts_the_models_classes_not_the_evaluated_ones(trained_digits):
+    """20 images of one class are not a one-class problem: a good model on them is not near chance."""
+    from robustlab.data import Split
+    from robustlab.evaluation import summary_lines
+
+    test = trained_digits.data.test
+    threes = test.labels == 3
+    split = Split(test.images[threes][:20], test.labels[threes][:20])
+    result = evaluate_model(trained_digits.model, split, eps=0.1, attacks=["fgsm"], suite="quick", n_boot=10)
+    assert result.model_info["num_classes"] == 10
+    assert result.clean.accuracy > 0.5 and not any("close to chance" in line for line in summary_lines(result))
+
+
 def test_a_model_near_chance_is_called_out():
     from robustlab.metrics import chance_warning
 

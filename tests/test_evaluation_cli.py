@@ -77,6 +77,13 @@ def test_cli_evaluate_never_replaces_a_recorded_evaluation_without_overwrite(run
     assert list(read_json(run_copy / "metrics.json")["evaluations"]["linf-0.1"]["attacks"]) == ["fgsm"]
 
 
+def test_cli_evaluate_checks_every_budget_of_a_curve_before_attacking(run_copy, capsys):
+    _run(["evaluate", str(run_copy), "--attacks", "fgsm", *QUICK])  # the run's own eps, 0.1
+    err = _fail(["evaluate", str(run_copy), "--eps", "0.05,0.1", "--attacks", "fgsm", *QUICK], capsys)
+    assert "already holds an evaluation at linf-0.1" in err and "leave that budget out" in err
+    assert list(read_json(run_copy / "metrics.json")["evaluations"]) == ["linf-0.1"], "0.05 was attacked first"
+
+
 def test_cli_evaluate_checkpoint_refuses_to_write_into_a_training_run(trained_digits, run_copy, tmp_path, capsys):
     weights = tmp_path / "mine.safetensors"
     save_weights(weights, trained_digits.model)

@@ -177,6 +177,9 @@ def evaluate(
     from robustlab.distributed import from_environment
     from robustlab.errors import ConfigError
     from robustlab.evaluation import DEFAULT_ATTACKS, evaluate_checkpoint, evaluate_run, format_table, summary_lines
+    from robustlab.evaluation.result import threat_key
+    from robustlab.evaluation.run import recorded_threat_keys
+    from robustlab.evaluation.store import refuse_to_replace
     from robustlab.validation import check_eps
 
     specs = list(DEFAULT_ATTACKS) if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
@@ -187,6 +190,7 @@ def evaluate(
         "attack_precision": attack_precision, "fuse": fuse, "overwrite": overwrite,
     }
     budgets = [None] if eps is None else [check_eps(parse_number(e), norm or "l2", "--eps") for e in eps.split(",")]
+    budgets = list(dict.fromkeys(budgets))  # 0.1 and 0.10 are one budget
     if checkpoint is not None:
         if run_dir is not None:
             raise ConfigError("give either RUN_DIR or --checkpoint, not both")
@@ -197,6 +201,11 @@ def evaluate(
         out = out or Path("runs") / f"eval-{checkpoint.stem}"
     elif run_dir is None:
         raise ConfigError("give a RUN_DIR, or --checkpoint FILE --model NAME --dataset D --eps E")
+    if not overwrite:  # every budget of a curve is checked before the first is attacked
+        where = out if checkpoint is not None else run_dir
+        keys = [threat_key(norm or "linf", b) for b in budgets] if checkpoint is not None else \
+            recorded_threat_keys(run_dir, budgets, norm)
+        refuse_to_replace(where, keys)
     main = from_environment().is_main  # under torchrun each rank attacks its share; rank 0 writes
     for budget in budgets:  # several budgets give the points of an accuracy-vs-eps curve
         if checkpoint is not None:

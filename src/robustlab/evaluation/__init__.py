@@ -34,7 +34,8 @@ batch and the ranks' per-batch results are gathered into exactly the single-proc
 
 :func:`evaluate_run` evaluates a run directory and merges the result into ``RUN_DIR/metrics.json``
 (atomically; keys written by training or by evaluations at another budget are kept; a new evaluation at
-the same threat replaces that threat's entry and per-sample file as a whole). Schema::
+the same threat replaces that threat's entry and per-sample file as a whole, and only when asked to:
+``overwrite``). Schema::
 
     metrics.json
       clean_accuracy, test_size, cost, selected_epoch     # written by training, left untouched
@@ -42,7 +43,7 @@ the same threat replaces that threat's entry and per-sample file as a whole). Sc
         "linf-0.3":                                       #   e.g. norm "linf", eps 0.3
           threat:   {norm, eps}
           samples:  {split: "test", n, of, selection, digest, file}  # file: per-sample arrays (relative)
-          model:    {adaptive, differentiable, random, random_passes, eot_samples, weights_sha256}
+          model:    {adaptive, differentiable, random, random_passes, eot_samples, num_classes, weights_sha256}
           clean:      MEASUREMENT
           attacks:    {label: MEASUREMENT, ...}           # label = the spec as given, e.g. "pgd-20"
           worst_case: MEASUREMENT                         # attack: {name: "worst_case", over: [labels]}

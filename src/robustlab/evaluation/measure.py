@@ -131,6 +131,8 @@ def evaluate_model(
         job = _Job(model, grad_model, split, distributed.my_batches(math.ceil(len(split) / batch_size), group),
                    batch_size, device, group, eps, norm, seed, passes, attack_precision, state_dir,
                    progress and group.is_main)
+        with torch.random.fork_rng(devices=job.rng_devices), torch.no_grad():  # a random model draws no RNG of ours
+            info["num_classes"] = int(model(split.images[:1].to(device).float().div_(255)).shape[1])
         try:
             columns, seconds, staged, finished_states = _attack_all(job, built)
         except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from robustlab.attacks.wrappers import EOT_SAMPLES
 from robustlab.data import load_dataset
 from robustlab.errors import CheckpointError
 from robustlab.evaluation.plan import DEFAULT_ATTACKS, DEFAULT_SUITE, AttackSpec
-from robustlab.evaluation.result import EvaluationResult
+from robustlab.evaluation.result import EvaluationResult, threat_key
 from robustlab.evaluation.store import _sha256, refuse_to_replace, save_evaluation
 from robustlab.rundir import RunDir, load_foreign_checkpoint
 from robustlab.runs import load_run, select_device
@@ -53,7 +53,7 @@ def evaluate_run(
     norm = norm or loaded.config.threat.norm
     eps = loaded.config.threat.eps if eps is None else eps
     if write and not overwrite:
-        refuse_to_replace(run.path, norm, eps)
+        refuse_to_replace(run.path, [threat_key(norm, eps)])
     result = _package.evaluate_model(  # looked up on the package, where tests replace it
         loaded.model, loaded.data.test, eps=eps, norm=norm, attacks=attacks, suite=suite,
         batch_size=batch_size, seed=seed, n=n, subset=subset, eot_samples=eot_samples,
@@ -68,6 +68,15 @@ def evaluate_run(
     if write and distributed.from_environment().is_main:
         save_evaluation(result, run.path)
     return result
+
+
+def recorded_threat_keys(run_dir: str | Path, budgets: Sequence[float | None], norm: str | None) -> list[str]:
+    """The :func:`threat_key` of each budget (None: the run's own eps) at ``norm`` (None: the run's own)."""
+    from robustlab.config import parse_number
+
+    threat = (RunDir(run_dir).read_config_dict().get("threat") or {}) if RunDir(run_dir).config.exists() else {}
+    norm = norm or threat.get("norm", "linf")
+    return [threat_key(norm, parse_number(threat.get("eps", 0.0)) if eps is None else eps) for eps in budgets]
 
 
 def evaluate_checkpoint(
@@ -99,7 +108,7 @@ def evaluate_checkpoint(
                                   "its own (--out)")
         RunDir(out_dir).read_metrics()
         if not overwrite:
-            refuse_to_replace(out_dir, options.get("norm", "linf"), eps)
+            refuse_to_replace(out_dir, [threat_key(options.get("norm", "linf"), eps)])
     from robustlab.models import build_model
 
     data = load_dataset(dataset, data_dir, val_size=1)

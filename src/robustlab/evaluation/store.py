@@ -28,16 +28,20 @@ def save_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str, 
     return run.update_metrics(evaluations=evaluations)
 
 
-def refuse_to_replace(out_dir: str | Path, norm: str, eps: float) -> None:
-    """Raise, before any attack runs, if ``out_dir/metrics.json`` already holds an evaluation at this threat:
-    nothing computed is replaced unless the caller says so (``--overwrite``, ``overwrite=True``)."""
-    key = threat_key(norm, float(eps))
-    entry = (RunDir(out_dir).read_metrics().get("evaluations") or {}).get(key)
-    if entry:
+def refuse_to_replace(out_dir: str | Path, keys: list[str]) -> None:
+    """Raise, before any attack runs, if ``out_dir/metrics.json`` already holds an evaluation at any of the
+    threats ``keys`` (:func:`threat_key`): nothing computed is replaced unless the caller says so
+    (``--overwrite``, ``overwrite=True``)."""
+    evaluations = RunDir(out_dir).read_metrics().get("evaluations") or {}
+    recorded = [key for key in dict.fromkeys(keys) if evaluations.get(key)]
+    if recorded:
+        entry = evaluations[recorded[0]]
         n = (entry.get("samples") or {}).get("n")
         what = ", ".join(str(v) for v in (entry.get("strength"), n and f"{n} test images") if v)
-        raise RobustlabError(f"{out_dir} already holds an evaluation at {key}" + (f" ({what})" if what else "")
-                             + "; pass --overwrite (overwrite=True) to replace it")
+        raise RobustlabError(
+            f"{out_dir} already holds an evaluation at {', '.join(recorded)}" + (f" ({what})" if what else "")
+            + "; pass --overwrite (overwrite=True) to replace it, or leave that budget out"
+        )
 
 
 def _sha256(path: Path) -> str:

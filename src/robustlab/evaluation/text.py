@@ -73,7 +73,8 @@ def summary_lines(result: EvaluationResult) -> list[str]:
         + (f"; random model, accuracy = mean over {result.model_info['random_passes']} forward passes"
            if result.model_info["random"] else ""),
     ]
-    warning = chance_warning(result.clean.accuracy, len(np.unique(result.labels)))
+    num_classes = result.model_info.get("num_classes")
+    warning = chance_warning(result.clean.accuracy, num_classes) if num_classes else None
     if warning:
         lines.append(warning)
     if result.extra.get("run_config", {}).get("finished") is False:
