@@ -51,7 +51,8 @@ def test_attack_command_saves_npz_and_figure(trained_digits, tmp_path, capsys):
         (["-p", "steps=abc"], "steps must be an int, got 'abc'"),
         (["-p", "steps=-3"], "steps must be >= 1"),
         (["--attack", "pgd-0"], "steps must be >= 1"),
-        (["-p", "step_size=-1"], "step_size must be > 0"),
+        (["-p", "step_size=-1"], "step_size must be a number > 0"),
+        (["-p", "step_size=abc"], "step_size must be a number > 0, got 'abc'"),
         (["-p", "eps=0.5"], "eps belongs to the threat model"),
         (["-p", "loss=foo"], "unknown attack loss 'foo'"),
     ],
@@ -78,6 +79,19 @@ def test_attack_command_is_adaptive_on_a_preprocessing_defence(tmp_path, capsys,
         main(["attack", str(run.run_dir), "-a", "pgd-3", "--eps", "0.1", "--n", "16", "--out", str(tmp_path / "a.npz")])
     assert info.value.code == 0
     assert "robust accuracy under pgd-3 with BPDA (linf eps=0.1)" in capsys.readouterr().out
+
+
+def test_attack_parameters_take_fractions_and_exponents(trained_digits, tmp_path, capsys):
+    """YAML reads 2/255 and 1e-3 as strings; the command reads them as the numbers they are."""
+    out = tmp_path / "a.npz"
+    with pytest.raises(SystemExit) as info:
+        main(["attack", str(trained_digits.run_dir), "-a", "pgd-3", "-p", "step_size=2/255", "--n", "8",
+              "--out", str(out)])
+    assert info.value.code == 0, capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["attack", str(trained_digits.run_dir), "-a", "cw_l2", "-p", "lr=1e-3", "-p", "steps=2", "--n", "8",
+              "--out", str(tmp_path / "b.npz")])
+    assert info.value.code == 0, capsys.readouterr().err
 
 
 def test_attack_command_never_replaces_a_file_silently(trained_digits, tmp_path, capsys):

@@ -138,6 +138,11 @@ def test_make_attack_refuses_bad_parameters_before_attacking(spec, message):
         make_attack(spec, eps=0.1)
 
 
+def test_small_nchw_images_are_not_mistaken_for_channels_last():
+    check_images(torch.rand(4, 16, 1, 1))
+    check_images(torch.rand(4, 2, 8, 3))
+
+
 def test_an_eps_in_255ths_is_pointed_to_its_pixel_value():
     with pytest.raises(InputError, match=re.escape("for 8/255 write 8/255")):
         check_eps(8, "linf")

@@ -82,6 +82,8 @@ def test_demo_prints_a_table(tmp_path):
     weights = (tmp_path / "demo" / "pgd_at" / "model.safetensors").read_bytes()
     again = run_cli("demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--no-progress")
     assert again.returncode == 0 and "pgd_at: reusing the finished run" in again.stdout, again.stderr
+    table = [line for line in done.stdout.splitlines() if line.startswith("│")]
+    assert table == [line for line in again.stdout.splitlines() if line.startswith("│")], "same runs, same numbers"
     assert (tmp_path / "demo" / "pgd_at" / "model.safetensors").read_bytes() == weights
     other = run_cli("demo", "--out", str(tmp_path / "demo"), "--epochs", "3", "--no-progress")
     assert other.returncode == 2 and "--overwrite" in other.stderr

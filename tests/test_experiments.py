@@ -65,6 +65,7 @@ def test_bad_grid_fails_before_training_naming_the_field(tmp_path, grid, field):
     ("evaluation", "field"),
     [
         ({"attacks": ["fgsm", "no_such_attack"]}, "evaluation.attacks[1]"),
+        ({"attacks": ["fgsm", {"name": "pgd", "steps": 0}]}, "evaluation.attacks[1]: attack 'pgd': steps must be >= 1"),
         ({"suite": "nope"}, "evaluation.suite"),
         ({"options": {"eot_sample": 3}}, "evaluation.options.eot_sample"),
         ({"audit": True, "audit_options": {"bogus": 1}}, "evaluation.audit_options.bogus"),

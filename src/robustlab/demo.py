@@ -10,6 +10,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from robustlab.attacks import fgsm, pgd
 from robustlab.config import RunConfig, build_config, trained_identity
 from robustlab.defenses import DEFENSES
@@ -61,7 +63,9 @@ def run_demo(out: str | Path, *, epochs: int = 15, eps: float = 0.1, seed: int =
             "defense": defense,
             "clean": accuracy(model, data.test),
             "fgsm": robust_accuracy(model, data.test, partial(fgsm, eps=eps)),
-            "pgd-20": robust_accuracy(model, data.test, partial(pgd, eps=eps, steps=20, early_stop=True)),
+            # its own generator: the random starts are the same whether the run was trained now or reused
+            "pgd-20": robust_accuracy(model, data.test, partial(pgd, eps=eps, steps=20, early_stop=True,
+                                                                generator=torch.Generator().manual_seed(seed))),
             "seconds": metrics["cost"]["train_seconds"],
         })
     return rows

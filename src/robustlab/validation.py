@@ -28,7 +28,7 @@ def check_images(x: torch.Tensor, name: str = "images") -> None:
         )
     if x.dim() != 4:
         raise InputError(f"{name} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+    if x.shape[-1] in (1, 3) and x.shape[1] > 3 and x.shape[2] > 3:  # (N, H, W, C): an image's rows first
         raise InputError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}, which looks like "
                          "(N, H, W, C): use x.permute(0, 3, 1, 2)")
     if x.numel() == 0:

@@ -127,7 +127,9 @@ def _check_parameter(attack: str, key: str, value: Any, parameter: inspect.Param
         raise RobustlabError(f"attack '{attack}': {key} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
     if key in _COUNTS and isinstance(value, int) and value < 1:
         raise RobustlabError(f"attack '{attack}': {key} must be >= 1, got {value}")
-    if key == "step_size" and isinstance(value, int | float) and not value > 0:
-        raise RobustlabError(f"attack '{attack}': step_size must be > 0, got {value}")
+    if key == "step_size" and value is not None and (
+        not isinstance(value, int | float) or isinstance(value, bool) or not value > 0
+    ):
+        raise RobustlabError(f"attack '{attack}': step_size must be a number > 0, got {value!r}")
     if key == "loss" and isinstance(value, str):
         objective(value, targeted=False)  # an unknown loss fails here, naming the valid ones

@@ -8,6 +8,7 @@ run with an input-transform defence is attacked adaptively (BPDA / EOT, see
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ import yaml
 
 from robustlab.attacks.wrappers import EOT_SAMPLES, adaptive_model
 from robustlab.cli import app, console, example
+from robustlab.config import parse_number
 from robustlab.errors import InputError
 
 ParamOpt = Annotated[
@@ -35,7 +37,11 @@ def _attack_params(items: list[str]) -> dict[str, Any]:
         if key.strip() in ("eps", "norm"):
             raise InputError(f"{key.strip()} belongs to the threat model, not to the attack's parameters: "
                              f"give it as --{key.strip()}")
-        params[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML reads 2/255 and 1e-3 as strings: numbers, as everywhere else
+            with contextlib.suppress(ValueError):
+                parsed = parse_number(parsed)
+        params[key.strip()] = parsed
     return params
 
 

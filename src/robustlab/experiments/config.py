@@ -244,12 +244,12 @@ def _accepted(*functions: Callable[..., Any], exclude: set[str]) -> set[str]:
 
 def check_evaluation(settings: EvaluationSettings) -> None:
     """Validate attacks, suite and the option names of evaluation and audit before anything trains."""
-    from robustlab.attacks import parse_attack_spec
+    from robustlab.attacks import make_attack
     from robustlab.evaluation import SUITES, evaluate_run
 
     for i, spec in enumerate(settings.attacks or []):
         try:
-            parse_attack_spec(spec)
+            make_attack(spec, eps=0.0)  # names and parameters (types, counts), before hours of training
         except RobustlabError as error:
             raise ConfigError(f"evaluation.attacks[{i}]: {error}") from None
     if settings.suite is not None and settings.suite not in SUITES:
