@@ -87,9 +87,10 @@ class _Heartbeat:
         now = time.monotonic()
         if now - self._updated >= STALL_SECONDS and now - self._last >= STALL_SECONDS and self.n < self.total:
             self._last = now
-            print(f"{self.desc}: {self.n}/{self.total} {self.unit}, still working: no {self.unit} finished for "
-                  f"{tqdm.format_interval(now - self._updated)} ({tqdm.format_interval(now - self._started)} in all)",
-                  file=sys.stderr, flush=True)
+            line = (f"{self.desc}: {self.n}/{self.total} {self.unit}, still working: no {self.unit} finished for "
+                    f"{tqdm.format_interval(now - self._updated)} ({tqdm.format_interval(now - self._started)} in all)")
+            sys.stderr.write(line + "\n")  # one write: a line from this thread never splits another's
+            sys.stderr.flush()
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         self.postfix = s
