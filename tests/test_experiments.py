@@ -485,6 +485,15 @@ def test_failed_cell_is_recorded_others_run_and_rerun_fixes_it(tmp_path, monkeyp
     assert {r["status"] for r in second.rows} == {"finished"}
 
 
+def test_a_finished_cell_whose_config_cannot_be_read_is_named_as_such(tmp_path):
+    spec, out = tiny_experiment(), tmp_path / "out"
+    run(spec, out)
+    cell = plan_experiment(load_experiment(spec), out).cells[0]
+    (cell.run_dir / "config.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(RobustlabError, match="config.yaml cannot be read"):
+        run(spec, out)
+
+
 def test_a_refused_config_leaves_the_finished_cell_and_the_results_table_untouched(tmp_path):
     """Running a grid with a changed config is refused before anything runs or is written: the finished
     cells and the results table (which once turned them all into "failed" rows) stay as they are."""

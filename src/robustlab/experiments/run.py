@@ -378,9 +378,14 @@ def _refuse_changed_cells(cells: list[Cell]) -> None:
     config trained: its results stay as they are, and so does the grid's results table."""
     changed = [c for c in cells if RunDir(c.run_dir).is_finished() and not _config_matches(c)]
     if changed:
+        try:
+            build_config(RunDir(changed[0].run_dir).read_config_dict())
+            why = "trained with another config"
+        except RobustlabError as error:
+            why = f"whose config.yaml cannot be read ({error})"
         raise RobustlabError(
-            f"{len(changed)} cell(s) of this grid hold finished runs trained with another config (first: "
-            f"{changed[0].run_dir}); a changed grid needs another --out (or delete those run directories)"
+            f"{len(changed)} cell(s) of this grid hold finished runs {why} (first: {changed[0].run_dir}); "
+            "a changed grid needs another --out (or delete those run directories)"
         )
 
 
