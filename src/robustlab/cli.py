@@ -178,7 +178,7 @@ def evaluate(
     from robustlab.errors import ConfigError
     from robustlab.evaluation import DEFAULT_ATTACKS, evaluate_checkpoint, evaluate_run, format_table, summary_lines
     from robustlab.evaluation.result import threat_key
-    from robustlab.evaluation.run import recorded_threat_keys
+    from robustlab.evaluation.run import threat_keys_of
     from robustlab.evaluation.store import refuse_to_replace
     from robustlab.validation import check_eps
 
@@ -204,7 +204,7 @@ def evaluate(
     if not overwrite:  # every budget of a curve is checked before the first is attacked
         where = out if checkpoint is not None else run_dir
         keys = [threat_key(norm or "linf", b) for b in budgets] if checkpoint is not None else \
-            recorded_threat_keys(run_dir, budgets, norm)
+            threat_keys_of(run_dir, budgets, norm)
         refuse_to_replace(where, keys)
     main = from_environment().is_main  # under torchrun each rank attacks its share; rank 0 writes
     for budget in budgets:  # several budgets give the points of an accuracy-vs-eps curve

@@ -70,7 +70,7 @@ def evaluate_run(
     return result
 
 
-def recorded_threat_keys(run_dir: str | Path, budgets: Sequence[float | None], norm: str | None) -> list[str]:
+def threat_keys_of(run_dir: str | Path, budgets: Sequence[float | None], norm: str | None) -> list[str]:
     """The :func:`threat_key` of each budget (None: the run's own eps) at ``norm`` (None: the run's own)."""
     from robustlab.config import parse_number
 
