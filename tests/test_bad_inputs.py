@@ -132,6 +132,11 @@ def test_pgd_settings_that_would_leave_the_images_unattacked_are_refused(lenet, 
     ({"name": "apgd_ce", "steps": 0}, "steps must be >= 1"),
     ({"name": "square", "queries": 2.5}, "queries must be an int"),
     ({"name": "pgd", "early_stop": "yes"}, "early_stop must be a bool"),
+    # wrappers that pass **kwargs on are checked against the function that takes them
+    ({"name": "cw_linf", "foo": 1}, "attack 'cw_linf' has no parameter foo"),
+    ({"name": "cw_linf", "loss": "ce"}, "attack 'cw_linf' has no parameter loss"),  # it is PGD on the CW loss
+    ({"name": "mifgsm", "steps": 2.5}, "steps must be an int"),
+    ({"name": "autoattack", "bogus": 1}, "attack 'autoattack' has no parameter bogus"),
 ], ids=str)
 def test_make_attack_refuses_bad_parameters_before_attacking(spec, message):
     with pytest.raises(RobustlabError, match=re.escape(message)):

@@ -274,7 +274,10 @@ def load_foreign_checkpoint(path: str | Path, model: nn.Module) -> None:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as error:  # torch raises many types for corrupt or unsafe files
-        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {_torch_load_problem(error)}") from None
+        problem = _torch_load_problem(error)
+        if problem.endswith("refused"):  # a whole pickled model, most often: say what loads instead
+            problem += " (save the weights alone: torch.save(model.state_dict(), PATH))"
+        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {problem}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -298,8 +301,7 @@ def _load_tensors_only(path: str | Path) -> Any:
 def _torch_load_problem(error: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to load it unsafely."""
     if "Weights only load failed" in str(error):
-        return ("it holds Python objects, not only tensors, and unpickling them could run code; refused "
-                "(save the weights alone: torch.save(model.state_dict(), PATH))")
+        return "it holds Python objects, not only tensors, and unpickling them could run code; refused"
     return first_line(error)
 
 

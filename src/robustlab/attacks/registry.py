@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from robustlab.attacks.apgd import apgd
-from robustlab.attacks.autoattack import autoattack_x
+from robustlab.attacks.autoattack import autoattack, autoattack_x
 from robustlab.attacks.core import Model, fgsm, pgd
 from robustlab.attacks.cw import cw_l2
 from robustlab.attacks.fab import fab_t
@@ -68,6 +68,14 @@ register_attack("fab_t", fab_t)
 register_attack("square", square)
 register_attack("autoattack", autoattack_x)
 
+#: Registered attacks that pass their ``**kwargs`` on: the function that takes them, and the names the
+#: wrapper fixes itself (cw_linf's loss), so their parameters are checked like any other attack's.
+_FORWARDS: dict[str, tuple[Attack, frozenset[str]]] = {
+    "cw_linf": (pgd, frozenset({"loss"})),
+    "mifgsm": (pgd, frozenset()),
+    "autoattack": (autoattack, frozenset()),
+}
+
 
 def parse_attack_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """``"pgd-20"`` -> ("pgd", {"steps": 20}); ``{"name": "cw", "steps": 30}`` -> ("cw", {"steps": 30})."""
@@ -104,7 +112,7 @@ def make_attack(spec: str | dict[str, Any], *, eps: float, norm: str = "linf", *
         if key in merged:
             raise RobustlabError(f"attack '{name}': {key} belongs to the threat model, not to the attack's "
                                  "parameters (give it as --eps / --norm, or as make_attack's own argument)")
-    accepted = inspect.signature(fn).parameters
+    accepted = _parameters(name, fn)
     if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
         unknown = sorted(set(merged) - set(accepted))
         if unknown:
@@ -115,6 +123,16 @@ def make_attack(spec: str | dict[str, Any], *, eps: float, norm: str = "linf", *
     attack = functools.partial(fn, eps=eps, norm=norm, **merged)
     attack.__name__ = name  # type: ignore[attr-defined]
     return attack
+
+
+def _parameters(name: str, fn: Attack) -> dict[str, inspect.Parameter]:
+    """The keyword parameters ``name`` accepts, through to the function its ``**kwargs`` reach."""
+    own = dict(inspect.signature(fn).parameters)
+    if name not in _FORWARDS:
+        return own
+    target, fixed = _FORWARDS[name]
+    passed_on = {k: p for k, p in inspect.signature(target).parameters.items() if k not in fixed}
+    return {**passed_on, **{k: p for k, p in own.items() if p.kind is not p.VAR_KEYWORD}}
 
 
 def _check_parameter(attack: str, key: str, value: Any, parameter: inspect.Parameter | None) -> None:
