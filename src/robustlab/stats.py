@@ -1,7 +1,7 @@
 """Statistics for honest comparisons: bootstrap intervals, McNemar's paired test (also over several training
 seeds), Holm's correction for testing several defences at once, calibration error.
 
-The design notes (DESIGN.md, "Evaluation protocol") ask for bootstrap 95% confidence intervals over
+The evaluation protocol (docs/evaluation.md) asks for bootstrap 95% confidence intervals over
 test samples, a paired test between two defences on the *same* test samples (McNemar 1947), and the
 expected calibration error of Guo et al. (2017, "On Calibration of Modern Neural Networks", eq. 3).
 The paper being reproduced reports none of these; they are what make a one-point difference between

@@ -1,6 +1,6 @@
 """Checks for tensors crossing the public API.
 
-The library's contract (DESIGN.md, "Pixel space"): images are float NCHW in [0, 1], labels are int64
+The library's contract (docs/data-and-models.md): images are float NCHW in [0, 1], labels are int64
 in ``[0, num_classes)``, and perturbation budgets are finite and non-negative. These checks turn a
 violation into an :class:`~robustlab.errors.InputError` naming what is wrong, so an attack is never
 silently run on, say, [0, 255] images (where eps=0.3 would be meaningless).

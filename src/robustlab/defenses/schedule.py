@@ -18,7 +18,7 @@ def eps_schedule(
     step: float, ramp_steps: float, eps: float, start_fraction: float = 0.1, schedule: Schedule = "linear",
     plateaus: int = 4,
 ) -> float:
-    """The training budget after ``step`` iterations: the hybrid's ramp (paper §3.1, DESIGN.md item 1).
+    """The training budget after ``step`` iterations: the hybrid's ramp (paper §3.1; docs/defences.md).
 
     With ``p = min(1, step / ramp_steps)`` and ``e0 = eps * start_fraction``:
     linear ``e0 + (eps - e0) p``; cosine ``e0 + (eps - e0)(1 - cos(pi p)) / 2``; exponential (geometric)

@@ -1,4 +1,4 @@
-"""Honest, complete metrics of one model (DESIGN.md "Evaluation protocol").
+"""Honest, complete metrics of one model (the protocol of docs/evaluation.md).
 
 Modules: :mod:`~robustlab.evaluation.plan` (the attacks and suites), :mod:`~robustlab.evaluation.samples`
 (which test samples), :mod:`~robustlab.evaluation.measure` (:func:`evaluate_model`),

@@ -99,9 +99,9 @@ def evaluate_model(
             float32 model's (:func:`robustlab.attacks.core.float32_logits`); FAB and Square run wholly
             in float32, and AutoAttack, the reference, always crafts in float32. Recorded as
             ``model_info["attack_precision"]``.
-        state_dir: where AutoAttack saves its per-sample state after every stage
-            (:mod:`robustlab.stages`), so an interrupted evaluation resumes; the file is removed when
-            the evaluation finishes. None: no state is kept.
+        state_dir: where each finished attack's per-sample results, and AutoAttack's state after every
+            stage (:mod:`robustlab.stages`), are saved, so an interrupted evaluation resumes; the files are
+            removed when the evaluation finishes. None: no state is kept.
         fuse: the attacks differentiate a faster copy of the classifier (BatchNorm folded into its
             convolutions, channels_last: :func:`robustlab.models.fused.fused_copy`; the same function to
             float rounding); every verdict is still the model's own prediction. ``False``: the attacks

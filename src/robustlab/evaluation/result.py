@@ -100,7 +100,7 @@ class EvaluationResult:
 
     @property
     def gap(self) -> float:
-        """Robustness gap, clean - worst-case accuracy (DESIGN.md)."""
+        """Robustness gap, clean - worst-case accuracy (docs/evaluation.md)."""
         return self.clean.accuracy - self.worst_case.accuracy
 
     @property

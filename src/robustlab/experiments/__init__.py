@@ -16,7 +16,7 @@ An experiment file holds a *base* run config (the sections of :class:`robustlab.
     profiles:
       quick: {base: {data: {train_subset: 5000}}, evaluation: {attacks: [fgsm, pgd-10]}}
 
-Two profiles are built in (paper section 4.5 and the 2-core budget of this project): ``paper`` sets the
+Two profiles are built in (paper section 4.5, and one that fits a 2-core machine): ``paper`` sets the
 paper's hyper-parameters (SGD, lr 0.01, batch 128, 50 epochs; momentum 0.9 and weight decay 5e-4, the
 field's defaults, because the paper does not state its optimiser) and ``quick`` trains few epochs on
 data subsets and evaluates with cheap attacks. The file's own ``profiles`` section is merged on top.

@@ -112,7 +112,7 @@ class ExperimentConfig(_Strict):
 
 
 #: Paper section 4.5: "a learning rate of 0.01, batch size of 128, and 50 training epochs ... eps 0.03".
-#: ``quick`` is this project's 2-CPU-core budget: subsets, two epochs, cheap attacks, no AutoAttack (its
+#: ``quick`` fits a 2-CPU-core machine: subsets, two epochs, cheap attacks, no AutoAttack (its
 #: robust numbers are upper bounds, and say so).
 BUILTIN_PROFILES: dict[str, Profile] = {
     "paper": Profile(
