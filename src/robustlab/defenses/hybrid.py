@@ -1,6 +1,6 @@
 """The paper's hybrid defence (§3): dynamic adversarial augmentation + an adaptive clean/adversarial loss.
 
-Our reading (docs/defences.md, "The hybrid defence"), every free choice a parameter:
+Our reading (docs/defences.md, "The hybrid defence, made precise"), every free choice a parameter:
 
 1. Dynamic augmentation (§3.1): the training budget ``eps_t`` ramps from ``eps * start_fraction`` to the
    run's ``eps`` over ``ramp_epochs`` (default 40% of the epochs) following ``schedule``, recomputed
