@@ -1,6 +1,6 @@
 """``benchmarks/gpu/run.sh --smoke``: the accelerator script's every step, at toy size, on this machine.
 
-The script is the one command of a short accelerator window, so a broken step must show here, not
+The script is the one command of a short accelerator run, so a broken step must show here, not
 there. The smoke run (CPU, under 2 minutes on an idle 2-core machine) must finish every step within
 its limit and leave each step's results under $OUT. The budget is raised here so that a loaded
 machine slows the test down instead of failing it; the script's own default is 115 s.

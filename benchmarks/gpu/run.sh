@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One accelerator window, one command:   bash benchmarks/gpu/run.sh            (from the repository root)
+# One accelerator run, one command:     bash benchmarks/gpu/run.sh            (from the repository root)
 # The same steps at toy size on a CPU:   bash benchmarks/gpu/run.sh --smoke    (under 2 minutes)
-# A later window's share:                 bash benchmarks/gpu/run.sh --only c --runs hybrid
+# A later run's share:                  bash benchmarks/gpu/run.sh --only c --runs hybrid
 #
 # Hard-limited to 9 minutes of wall time (--smoke: 115 s); steps run in priority order, each under its
 # own time limit, and each writes its results under $OUT (default ./gpu-results) as soon as it finishes:
