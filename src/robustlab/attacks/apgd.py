@@ -80,7 +80,9 @@ def apgd(
     """APGD-CE / APGD-DLR (``targeted=False``) or APGD-T (``targeted=True``, targeted DLR loss).
 
     Restarts (and, for APGD-T, target classes) are run only on samples still correctly classified.
-    For samples never fooled, the point of highest loss is returned.
+    For samples never fooled, the point of highest loss of the last run (restart or target class) is
+    returned: the losses of different target classes do not compare, and accuracy does not depend on
+    which unsuccessful point is kept.
 
     Returns:
         x_adv with ``||x_adv - x||_norm <= eps`` and values in [0, 1].

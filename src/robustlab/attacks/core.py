@@ -214,7 +214,8 @@ def pgd(
 
     Args:
         step_size: defaults to ``2.5 * eps / steps`` (Madry et al.'s rule of thumb).
-        restarts: independent random restarts; a sample keeps the first restart that fools the model.
+        restarts: independent random restarts; a sample keeps the first restart that fools the model,
+            and one that none fools keeps the last restart's point.
         targeted: move towards ``target`` (required) instead of away from ``y``.
         momentum: MI-FGSM decay factor mu (Dong et al. 2018); 0 gives plain PGD.
         early_stop: stop updating a sample once it is misclassified (targeted: classified as target).
