@@ -56,6 +56,7 @@ def run_demo(out: str | Path, *, epochs: int = 15, eps: float = 0.1, seed: int =
             model, metrics = load_run(path).model, RunDir(path).read_metrics()
             print(f"{defense}: reusing the finished run in {path} (--overwrite trains it again)", flush=True)
         else:
+            print(f"{defense}: training ({epochs} epochs) into {path}", flush=True)  # its epoch lines follow
             result = train(config, path, overwrite=overwrite, progress=progress, data=data)
             model, metrics = result.model, result.metrics
         model = model.eval()
