@@ -204,10 +204,9 @@ def load_image_folder(path: Path, size: int | None = None, name: str | None = No
     train_dir = path / "train"
     test_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
-        raise DataError(
-            f"dataset '{name}': expected {path}/train/<class>/ and {path}/val/<class>/ (or test/); "
-            "pass --data-dir to the folder that holds it"
-        )
+        where = ("give folder: the directory that holds train/ and val/" if name.startswith("folder:")
+                 else "pass --data-dir to the folder that holds it")
+        raise DataError(f"dataset '{name}': expected {path}/train/<class>/ and {path}/val/<class>/ (or test/); {where}")
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
     unknown = sorted({d.name for d in test_dir.iterdir() if d.is_dir()} - set(classes))
     if unknown:  # its images would be dropped silently, and the test set would shrink unnoticed
@@ -251,7 +250,10 @@ def load_npz(path: Path) -> RawDataset:
                 raise DataError(f"{path} lacks arrays: {', '.join(sorted(missing))}")
             arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"cannot read {path} as .npz: {error}") from None
+        unsafe = "pickle" in str(error)  # numpy's own advice would be to load it unsafely
+        why = ("it is not a plain archive of arrays (numpy would have to unpickle it, which could run code); "
+               "save plain arrays with np.savez: uint8 images, integer labels") if unsafe else str(error)
+        raise DataError(f"cannot read {path} as .npz: {why}") from None
     for key in ("x_train", "x_test"):
         if arrays[key].dtype != np.uint8:
             raise DataError(f"{path}: {key} must be uint8 pixels in [0, 255], got {arrays[key].dtype}")
