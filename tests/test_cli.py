@@ -18,9 +18,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_train_then_evaluate_end_to_end(tmp_path):
     out = tmp_path / "run"
     done = run_cli("train", "--dataset", "digits", "--model", "lenet5", "--epochs", "2", "--set", "data.val_size=200",
-                   "--set", "train.optimizer=adam", "--set", "train.lr=0.003", "--out", str(out), "--no-progress")
+                   "--set", "train.optimizer=adam", "--set", "train.lr=0.003", "--deterministic", "--out", str(out),
+                   "--no-progress")
     assert done.returncode == 0, done.stderr
     assert "clean test accuracy" in done.stdout
+    assert "deterministic: true" in (out / "config.yaml").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     evaluated = run_cli("evaluate", str(out), "--device", "cpu", "--suite", "quick")
     assert evaluated.returncode == 0, evaluated.stderr

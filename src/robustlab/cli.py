@@ -57,9 +57,9 @@ def _flag_overrides(**flags: Any) -> list[str]:
     mapping = {
         "dataset": "data.dataset", "data_dir": "data.data_dir", "model": "model.name", "defense": "defense.name",
         "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "eps": "threat.eps",
-        "seed": "seed", "device": "train.device",
+        "seed": "seed", "device": "train.device", "deterministic": "train.deterministic",
     }
-    return [f"{mapping[k]}={v}" for k, v in flags.items() if v is not None]
+    return [f"{mapping[k]}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items() if v is not None]
 
 
 def _percent(value: float | None) -> str:
@@ -91,6 +91,9 @@ def train(
     lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
     batch_size: Annotated[int | None, typer.Option(help="batch size")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    deterministic: Annotated[bool | None, typer.Option(
+        "--deterministic/--no-deterministic", help="torch's deterministic algorithms (train.deterministic)"
+    )] = None,
     data_dir: DataDirOpt = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/DATASET-MODEL-DEFENSE-sSEED)")] = None,
@@ -111,7 +114,7 @@ def train(
 
     overrides = _flag_overrides(
         dataset=dataset, model=model, defense=defense, epochs=epochs, eps=eps, lr=lr, batch_size=batch_size,
-        seed=seed, data_dir=data_dir, device=device,
+        seed=seed, deterministic=deterministic, data_dir=data_dir, device=device,
     ) + list(set_ or [])
     cfg = load_config(config, overrides)
     dataset_tag = cfg.data.dataset.replace(":", "_").replace("/", "_")
