@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from robustlab.cli import main
+from robustlab.evaluation import subset
 
 
 def test_attack_command_saves_npz_and_figure(trained_digits, tmp_path, capsys):
@@ -38,6 +39,10 @@ def test_attack_command_saves_npz_and_figure(trained_digits, tmp_path, capsys):
     robust = 100 * float((saved["pred_adv"] == saved["y"]).mean())
     assert f"robust accuracy under pgd-5 (linf eps=0.2) on 40 test images: {robust:.2f}% (an upper bound" in printed
     assert str(saved["attack"]) == "pgd-5" and figure.read_bytes()[:4] == b"\x89PNG"
+    # the images are robustlab evaluate's fixed random sample, not the first 40 (class-sorted on ImageFolder data)
+    _, indices = subset(trained_digits.data.test, 40)
+    assert np.array_equal(saved["indices"], indices.numpy())
+    assert np.array_equal(saved["y"], trained_digits.data.test.labels[indices].numpy())
 
 
 @pytest.mark.parametrize(

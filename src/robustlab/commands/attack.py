@@ -1,9 +1,12 @@
-"""``robustlab attack RUN_DIR``: attack the first N test images of a run, save them, draw a figure grid.
+"""``robustlab attack RUN_DIR``: attack N test images of a run, save them, draw a figure grid.
 
-Saves ``x_adv``, ``x``, ``y`` and the clean and adversarial predictions to an ``.npz`` (written
-atomically) and prints the robust accuracy together with the name of the attack that produced it. A
-run with an input-transform defence is attacked adaptively (BPDA / EOT, see
-:func:`robustlab.attacks.wrappers.adaptive_model`); accuracy is always measured on the defended model.
+The N images are a fixed-seed random sample of the test split by default, the same ones ``robustlab
+evaluate --n N`` attacks (``--subset first``: the first N, which on an ImageFolder source sorted by class
+covers only its first classes). Saves ``x_adv``, ``x``, ``y``, the images' ``indices`` in the test split
+and the clean and adversarial predictions to an ``.npz`` (written atomically), and prints the robust
+accuracy together with the name of the attack that produced it. A run with an input-transform defence
+is attacked adaptively (BPDA / EOT, see :func:`robustlab.attacks.wrappers.adaptive_model`); accuracy is
+always measured on the defended model.
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def attack(
     eps: Annotated[str | None, typer.Option(help="budget in pixels, e.g. 0.3 or 8/255 (default: the run's)")] = None,
     norm: Annotated[str | None, typer.Option(help="linf or l2 (default: the run's threat norm)")] = None,
     out: Annotated[Path, typer.Option(help="where to save x_adv/x/y/predictions (.npz)")] = Path("adv.npz"),
-    n: Annotated[int, typer.Option(help="attack the first N test images")] = 256,
+    n: Annotated[int, typer.Option(help="attack N test images (see --subset)")] = 256,
+    subset: Annotated[str, typer.Option(help="which N: random (fixed seed, as evaluate) or first")] = "random",
     figure: Annotated[
         Path | None, typer.Option(help="also save a PNG grid: original / adversarial / perturbation")
     ] = None,
@@ -102,9 +106,10 @@ def attack(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out / --figure file")] = False,
 ) -> None:
-    """Attack a trained run's first N test images and save the adversarial examples."""
+    """Attack N of a trained run's test images (a fixed random sample) and save the adversarial examples."""
     from robustlab.attacks.registry import make_attack, parse_attack_spec
     from robustlab.config import parse_number
+    from robustlab.evaluation.samples import choose_samples
     from robustlab.metrics import iterate
     from robustlab.rundir import atomic_write_bytes
     from robustlab.runs import load_run, select_device
@@ -126,7 +131,7 @@ def attack(
     craft = make_attack(attack, eps=budget, norm=norm, **kwargs)
     model = run.model.eval()
     attacked, adaptation = adaptive_model(model, eot_samples=eot_samples)
-    test = run.data.test.head(n)
+    test, indices = choose_samples(run.data.test, n, subset)
     xs, advs, ys, clean, preds = [], [], [], [], []
     on = next(model.parameters()).device
     for x, y in iterate(test, batch_size, on):
@@ -145,6 +150,7 @@ def attack(
         x_adv=adv_all,
         x=x_all,
         y=y_all,
+        indices=indices.numpy(),
         pred_clean=clean_all,
         pred_adv=pred_all,
         attack=np.array(attack),
