@@ -1,4 +1,4 @@
-"""Small MNIST-scale networks: LeNet-5 (LeCun et al. 1998) and the Madry/TRADES MNIST CNN."""
+"""Small MNIST-scale networks: LeNet-5 (LeCun et al. 1998) and the MNIST CNN of Madry et al. (2018)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ class LeNet5(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """The MNIST CNN of Madry et al. (2018) / TRADES: conv32-conv64 (5x5, max-pool) - fc1024."""
+    """The MNIST CNN of Madry et al. (2018): conv32-conv64 (5x5, max-pool) - fc1024. (TRADES' MNIST
+    SmallCNN is another network: four 3x3 convolutions, then two fully connected layers of 200.)"""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
         super().__init__()
