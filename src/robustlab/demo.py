@@ -13,12 +13,13 @@ from typing import Any
 import torch
 
 from robustlab.attacks import fgsm, pgd
-from robustlab.config import RunConfig, build_config, trained_identity
+from robustlab.config import RunConfig, build_config
 from robustlab.defenses import DEFENSES
 from robustlab.metrics import accuracy, robust_accuracy
 from robustlab.rundir import RunDir
 from robustlab.runs import load_run, prepare_data
 from robustlab.training import train
+from robustlab.training_state import trains_the_same
 
 DEMO_DEFENSES = ("standard", "pgd_at", "hybrid")
 # PGD-3 training suffices on 8x8 digits and keeps the whole demo well under a minute on two cores.
@@ -75,6 +76,4 @@ def run_demo(out: str | Path, *, epochs: int = 15, eps: float = 0.1, seed: int =
 def _finished_with(path: Path, config: RunConfig) -> bool:
     """Whether ``path`` holds a finished run that trained exactly what ``config`` trains."""
     run = RunDir(path)
-    if not (run.exists() and run.is_finished()):
-        return False
-    return trained_identity(build_config(run.read_config_dict())) == trained_identity(config)
+    return run.exists() and run.is_finished() and trains_the_same(path, config)

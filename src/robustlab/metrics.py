@@ -36,25 +36,17 @@ def accuracy(model: nn.Module, split: Split, batch_size: int = 512) -> float:
     return float((predict(model, split, batch_size) == split.labels).float().mean())
 
 
-def near_chance(clean_accuracy: float, num_classes: int) -> bool:
-    """Whether clean accuracy is within a tenth of the way from chance (1 / classes) to 100%.
-
-    A verdict on a finished model; training's running check (``stalled_at_chance``) is stricter (below
-    1.5x chance for several epochs), since it interrupts a run that may still be leaving its plateau.
-    """
-    chance = 1.0 / max(num_classes, 1)
-    return clean_accuracy < chance + 0.1 * (1.0 - chance)
-
-
 def chance_warning(clean_accuracy: float, num_classes: int) -> str | None:
-    """A warning when clean accuracy is :func:`near_chance`, else None.
+    """A warning when clean accuracy is within a tenth of the way from chance (1 / classes) to 100%, else None.
 
     Such a model has not learned: its "robust accuracy" is small because its clean accuracy is, and a
-    near-constant model even defeats some checks of the audit.
+    near-constant model even defeats some checks of the audit. A verdict on a finished model; training's
+    running check (``stalled_at_chance``) is stricter (below 1.5x chance for several epochs), since it
+    interrupts a run that may still be leaving its plateau.
     """
-    if not near_chance(clean_accuracy, num_classes):
-        return None
     chance = 1.0 / max(num_classes, 1)
+    if clean_accuracy >= chance + 0.1 * (1.0 - chance):
+        return None
     return (f"warning: clean accuracy {100 * clean_accuracy:.2f}% is close to chance ({100 * chance:.1f}% for "
             f"{num_classes} classes): the model has barely learned, so its robustness numbers mean little; "
             "train longer, or with adam / a higher lr (configs/digits_lenet5.yaml trains digits)")

@@ -95,6 +95,16 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def trains_the_same(run_dir: str | Path, config: RunConfig) -> bool:
+    """Whether ``run_dir``'s config trains what ``config`` trains (:func:`trained_identity`); False when it
+    has no readable config."""
+    try:
+        previous = build_config(RunDir(run_dir).read_config_dict())
+    except RobustlabError:
+        return False
+    return trained_identity(previous) == trained_identity(config)
+
+
 def _prepare_run_dir(run: RunDir, config: RunConfig, overwrite: bool) -> bool:
     """Create or validate the run directory; returns True when an unfinished run should resume."""
     if run.path.exists() and any(run.path.iterdir()) and not run.exists():

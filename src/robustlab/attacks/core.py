@@ -339,6 +339,7 @@ def _pgd_run(
     else:  # written in place only under early stopping
         x_adv = x.clone() if early_stop else x
     velocity = torch.zeros_like(x) if momentum else x
+    judge = functools.partial(is_fooled, targeted=targeted)
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     active: torch.Tensor | slice = torch.arange(x.shape[0], device=x.device) if early_stop else slice(None)
     for step_index in range(steps):
@@ -346,7 +347,6 @@ def _pgd_run(
             model, x_adv[active], labels[active], loss_fn, check_labels if step_index == 0 else ()
         )
         if isinstance(active, torch.Tensor):
-            judge = functools.partial(is_fooled, targeted=targeted)
             y_now, labels_now = y[active], labels[active]
             hit = float32_confirmed(model, x_adv[active], judge(logits, y_now, labels_now), judge, y_now, labels_now)
             fooled[active] = hit  # every active sample was unfooled: an index write, no host read

@@ -154,6 +154,7 @@ def _optimise(
     previous = torch.full((x.shape[0],), float("inf"), device=x.device)
     check_every = max(1, steps // 10)
     sign = -1.0 if targeted else 1.0
+    judge = functools.partial(_succeeds, kappa=kappa, targeted=targeted)
     for step in range(1, steps + 1):
         w_a = w[active].requires_grad_(True)
         with torch.enable_grad():
@@ -164,7 +165,6 @@ def _optimise(
             objective = dist + const[active] * attack_term
             (grad,) = torch.autograd.grad(objective.sum(), w_a)
         with torch.no_grad():
-            judge = functools.partial(_succeeds, kappa=kappa, targeted=targeted)
             hit = float32_confirmed(model, x_adv, judge(logits, labels[active]), judge, labels[active])
             l2 = dist.sqrt()
             better = hit & (l2 < best_l2[active])

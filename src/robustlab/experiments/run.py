@@ -23,7 +23,7 @@ from typing import Any
 from filelock import Timeout
 from safetensors.torch import load_file
 
-from robustlab.config import LOCATION_SETTINGS, RunConfig, build_config, config_to_dict, trained_identity
+from robustlab.config import LOCATION_SETTINGS, RunConfig, build_config, config_to_dict
 from robustlab.data import DatasetSplits
 from robustlab.errors import ConfigError, RobustlabError
 from robustlab.experiments.collect import collect_results
@@ -39,6 +39,7 @@ from robustlab.experiments.locks import _lock, _twin_busy
 from robustlab.experiments.plan import Cell, ExperimentPlan, _read_state, plan_experiment, select_cells
 from robustlab.rundir import DIR_MODE, RunDir, save_resume_state, write_json
 from robustlab.runs import prepare_data
+from robustlab.training_state import trains_the_same
 
 
 class _Refused(RobustlabError):
@@ -76,11 +77,7 @@ def load_cell_data(cells: list[Cell]) -> dict[str, DatasetSplits]:
 
 
 def _config_matches(cell: Cell) -> bool:
-    try:
-        previous = build_config(RunDir(cell.run_dir).read_config_dict())
-    except RobustlabError:
-        return False
-    return trained_identity(previous) == trained_identity(cell.config)
+    return trains_the_same(cell.run_dir, cell.config)
 
 
 def _exit_with_parent(parent: int) -> None:
